@@ -1,0 +1,79 @@
+"""The `atelier` command: one entry point for every process and chore."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from storage.db import Database, SchemaOutOfDate
+from storage.settings import ConfigError, Settings, load_settings
+
+
+def _db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
+    db = Database(settings.database_url)
+    db.upgrade()
+    print(f"Database is at revision {db.current_revision()}.")
+    return 0
+
+
+def _db_check(settings: Settings, _args: argparse.Namespace) -> int:
+    Database(settings.database_url).check_current()
+    print("Database schema is current.")
+    return 0
+
+
+def _runner(_settings: Settings, args: argparse.Namespace) -> int:
+    # The runner lives in its own process with torch; the bot side never imports it.
+    command = [sys.executable, "-m", "gpu_runner", *args.runner_args]
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def _not_yet(what: str):  # type: ignore[no-untyped-def]
+    def run(_settings: Settings, _args: argparse.Namespace) -> int:
+        print(f"`atelier {what}` is not part of this build yet.", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atelier", description="Train and use your team's image styles from chat."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    db.add_parser("upgrade", help="apply pending migrations").set_defaults(run=_db_upgrade)
+    db.add_parser("check", help="fail unless the schema is current").set_defaults(run=_db_check)
+
+    runner = commands.add_parser("runner", help="run the GPU worker (claims and runs jobs)")
+    runner.add_argument("runner_args", nargs=argparse.REMAINDER, help="options for the runner")
+    runner.set_defaults(run=_runner)
+
+    bot = commands.add_parser("bot", help="run a chat front end")
+    bot.add_argument("platform", choices=["console", "discord", "slack"])
+    bot.set_defaults(run=lambda s, a: _not_yet(f"bot {a.platform}")(s, a))
+
+    commands.add_parser("demo", help="the whole story on the built-in tiny model").set_defaults(
+        run=_not_yet("demo")
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return int(args.run(settings, args))
+    except (ConfigError, SchemaOutOfDate) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
