@@ -65,14 +65,23 @@ class Database:
         return engine
 
     @contextmanager
-    def session(self, *, write: bool = False) -> Iterator[Session]:
-        """One transaction: commits when the block ends, rolls back on error."""
+    def transaction(self, *, write: bool = False) -> Iterator[Connection]:
+        """One Core transaction: commits when the block ends, rolls back on error."""
         with self.engine.connect() as conn:
             if write:
                 conn.execution_options(**{_WRITE_OPTION: True})
-            with conn.begin(), Session(bind=conn, expire_on_commit=False) as session:
-                yield session
-                session.flush()
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """One ORM transaction: commits when the block ends, rolls back on error."""
+        with (
+            self.transaction(write=write) as conn,
+            Session(bind=conn, expire_on_commit=False) as session,
+        ):
+            yield session
+            session.flush()
 
     @contextmanager
     def joined(self, session: Session | None) -> Iterator[Session]:

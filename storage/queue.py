@@ -9,17 +9,20 @@ round-robin through a virtual-time `fair_seq` assigned at enqueue.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import Connection, and_, func, or_, select, text, update
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.db import Database
 from storage.models import Job, JobEvent, JobStatus, utcnow
+from storage.queue_sql import queue_sql
 
 NOTIFY_CHANNEL = "atelier_jobs"
 
@@ -68,7 +71,7 @@ class JobView:
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, job: Job) -> JobView:
+    def of(cls, job: Job | Row[Any]) -> JobView:
         return cls(
             id=job.id,
             kind=job.kind,
@@ -117,6 +120,7 @@ class JobQueue:
         self.retry = retry or RetryPolicy()
         self._recover_every_s = recover_every_s
         self._last_recover = 0.0
+        self.sql = queue_sql(db.engine.dialect.name)
 
     # --- producer side ----------------------------------------------------
 
@@ -134,59 +138,49 @@ class JobQueue:
         run_after: datetime | None = None,
         session: Session | None = None,
     ) -> JobView:
-        """Add a job. The same idempotency key returns the job it first made."""
+        """Add a job. The same idempotency key returns the job it first made.
+
+        Pass `session` to enqueue inside the caller's transaction (all or nothing).
+        """
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        now = utcnow()
+        params = {
+            "kind": kind,
+            "payload": payload or {},
+            "priority": priority,
+            "requester": requester,
+            "team_id": team_id,
+            "base_model": base_model,
+            "idempotency_key": idempotency_key,
+            "max_attempts": max_attempts,
+            "run_after": run_after or now,
+            "now": now,
+        }
         try:
-            with self.db.joined(session) as s:
+            with self._connection(session) as conn:
                 if idempotency_key is not None:
-                    existing = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+                    existing = self._by_key(conn, idempotency_key)
                     if existing is not None:
-                        return JobView.of(existing)
-                job = Job(
-                    kind=kind,
-                    payload=payload or {},
-                    priority=priority,
-                    requester=requester,
-                    team_id=team_id,
-                    base_model=base_model,
-                    idempotency_key=idempotency_key,
-                    fair_seq=self._next_fair_seq(s, priority, requester),
-                    max_attempts=max_attempts,
-                    run_after=run_after or utcnow(),
-                )
-                s.add(job)
-                s.flush()
+                        return existing
+                row = conn.execute(self.sql.insert, params).one()
                 if not self.db.is_sqlite:
-                    s.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
-                return JobView.of(job)
+                    conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+                return JobView.of(row)
         except IntegrityError:
             # Two producers raced on one key (PostgreSQL); the other one won.
             if idempotency_key is None or session is not None:
                 raise
-            with self.db.session() as s:
-                found = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
-                if found is None:
-                    raise
-                return JobView.of(found)
+            with self.db.transaction() as conn:
+                found = self._by_key(conn, idempotency_key)
+            if found is None:
+                raise
+            return found
 
     @staticmethod
-    def _next_fair_seq(s: Session, priority: int, requester: str) -> int:
-        # Start-time fair queueing: a newcomer is placed at the head of the line, a requester
-        # with jobs waiting goes one step after its own last job.
-        head = s.scalar(
-            select(func.min(Job.fair_seq)).where(
-                Job.status == JobStatus.QUEUED, Job.priority == priority
-            )
-        )
-        if head is None:
-            head = s.scalar(select(func.max(Job.fair_seq)).where(Job.priority == priority)) or 0
-        own_last = s.scalar(
-            select(func.max(Job.fair_seq)).where(
-                Job.priority == priority, Job.requester == requester
-            )
-        )
-        return head if own_last is None else max(head, own_last + 1)
+    def _by_key(conn: Connection, key: str) -> JobView | None:
+        row = conn.execute(select(Job.__table__).where(Job.idempotency_key == key)).first()
+        return None if row is None else JobView.of(row)
 
     def cancel(self, job_id: int) -> JobView:
         """A queued job never runs; a running one sees the flag at its next heartbeat."""
@@ -215,58 +209,55 @@ class JobQueue:
         """
         self._maybe_recover()
         now = utcnow()
-        query = (
-            select(Job.id)
-            .where(Job.status == JobStatus.QUEUED, Job.run_after <= now)
-            .order_by(Job.priority.desc(), Job.fair_seq, Job.id)
-            .limit(1)
-        )
+        params: dict[str, Any] = {
+            "worker": worker_id,
+            "now": now,
+            "expires": now + timedelta(seconds=lease_seconds or self.lease_seconds),
+        }
         if kinds is not None:
-            query = query.where(Job.kind.in_(list(kinds)))
+            params["kinds"] = list(kinds)
         if base_models is not None:
-            query = query.where(or_(Job.base_model.is_(None), Job.base_model.in_(base_models)))
-        if not self.db.is_sqlite:
-            query = query.with_for_update(skip_locked=True)
-        lease = timedelta(seconds=lease_seconds or self.lease_seconds)
-        with self.db.session(write=True) as s:
-            job_id = s.scalar(query)
-            if job_id is None:
-                return None
-            s.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(
-                    status=JobStatus.RUNNING,
-                    lease_owner=worker_id,
-                    lease_expires_at=now + lease,
-                    attempts=Job.attempts + 1,
-                    started_at=func.coalesce(Job.started_at, now),
-                )
-            )
-            return JobView.of(self._get_job(s, job_id))
+            params["models"] = list(base_models)
+        statement = self.sql.claim(by_kind=kinds is not None, by_model=base_models is not None)
+        with self.db.transaction(write=True) as conn:
+            row = conn.execute(statement, params).first()
+        return None if row is None else JobView.of(row)
 
     def heartbeat(self, job_id: int, worker_id: str, *, lease_seconds: float | None = None) -> bool:
         """Renew the lease. Returns True when cancel was requested; raises LeaseLost."""
-        lease = timedelta(seconds=lease_seconds or self.lease_seconds)
-        with self.db.session(write=True) as s:
-            row = s.execute(
-                update(Job)
-                .where(self._held_by(job_id, worker_id))
-                .values(lease_expires_at=utcnow() + lease)
-                .returning(Job.cancel_requested)
+        expires = utcnow() + timedelta(seconds=lease_seconds or self.lease_seconds)
+        with self.db.transaction(write=True) as conn:
+            row = conn.execute(
+                self.sql.heartbeat, {"id": job_id, "worker": worker_id, "expires": expires}
             ).first()
         if row is None:
             raise LeaseLost(f"job {job_id} is no longer held by {worker_id}")
-        return bool(row[0])
+        return bool(row.cancel_requested)
 
     def complete(
         self, job_id: int, worker_id: str, result: dict[str, Any] | None = None
     ) -> JobView:
-        return self._finish(job_id, worker_id, JobStatus.SUCCEEDED, result=result)
+        return self._finish(job_id, worker_id, JobStatus.SUCCEEDED, result)
 
     def acknowledge_cancel(self, job_id: int, worker_id: str) -> JobView:
         """The runner stopped the job because cancel was requested."""
-        return self._finish(job_id, worker_id, JobStatus.CANCELED)
+        return self._finish(job_id, worker_id, JobStatus.CANCELED, None)
+
+    def _finish(
+        self, job_id: int, worker_id: str, status: JobStatus, result: dict[str, Any] | None
+    ) -> JobView:
+        params = {
+            "id": job_id,
+            "worker": worker_id,
+            "status": str(status),
+            "result": result,
+            "now": utcnow(),
+        }
+        with self.db.transaction(write=True) as conn:
+            row = conn.execute(self.sql.finish, params).first()
+        if row is None:
+            raise LeaseLost(f"job {job_id} is no longer held by {worker_id}")
+        return JobView.of(row)
 
     def fail(self, job_id: int, worker_id: str, error: str, *, retryable: bool = True) -> JobView:
         """Record a failure: queued again after a backoff while attempts remain, else failed."""
@@ -286,25 +277,6 @@ class JobQueue:
             else:
                 job.status = JobStatus.FAILED
                 job.finished_at = utcnow()
-            return JobView.of(job)
-
-    def _finish(
-        self,
-        job_id: int,
-        worker_id: str,
-        status: JobStatus,
-        *,
-        result: dict[str, Any] | None = None,
-    ) -> JobView:
-        with self.db.session(write=True) as s:
-            job = s.scalar(select(Job).where(self._held_by(job_id, worker_id)))
-            if job is None:
-                raise LeaseLost(f"job {job_id} is no longer held by {worker_id}")
-            job.status = status
-            job.result = result
-            job.finished_at = utcnow()
-            job.lease_owner = None
-            job.lease_expires_at = None
             return JobView.of(job)
 
     @staticmethod
@@ -421,6 +393,14 @@ class JobQueue:
             query = query.where(Job.status.in_([str(s) for s in statuses]))
         with self.db.session() as s:
             return [JobView.of(job) for job in s.scalars(query)]
+
+    @contextmanager
+    def _connection(self, session: Session | None) -> Iterator[Connection]:
+        if session is not None:
+            yield session.connection()
+        else:
+            with self.db.transaction(write=True) as conn:
+                yield conn
 
     @staticmethod
     def _get_job(s: Session, job_id: int) -> Job:

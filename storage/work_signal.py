@@ -55,9 +55,12 @@ class PostgresWorkSignal:
         self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
 
     def wait(self, timeout: float) -> bool:
-        for _ in self._conn.notifies(timeout=timeout, stop_after=1):
-            return True
-        return False
+        woken = any(True for _ in self._conn.notifies(timeout=timeout, stop_after=1))
+        if woken:
+            # One wake-up for a burst: drop the notifications that queued up meanwhile.
+            for _ in self._conn.notifies(timeout=0.0):
+                pass
+        return woken
 
     def close(self) -> None:
         self._conn.close()

@@ -120,7 +120,8 @@ def test_atelier_db_upgrade_command(tmp_path: Path) -> None:
 def test_storage_and_bot_import_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None\n"
-        "import storage.db, storage.models, storage.queue, storage.outbox, bot.cli\n"
+        "import storage.db, storage.models, storage.queue, storage.outbox, storage.blobs\n"
+        "import storage.ingest, storage.work_signal, bot.cli\n"
         "print('ok')"
     )
     run = subprocess.run(
