@@ -322,7 +322,11 @@ class OutboxMessage(Base):
     """A chat message to post, or to edit once posted; `key` names it for its whole life."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "platform", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "platform", "status", "next_attempt_at"),
+        # Reactions arrive naming the platform's message; find what we posted there.
+        Index("ix_outbox_posted", "platform", "platform_message_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     key: Mapped[str] = mapped_column(String(200), unique=True)

@@ -181,6 +181,17 @@ class Outbox:
             row = s.scalar(select(OutboxMessage).where(OutboxMessage.key == key))
             return None if row is None else OutboxItem.of(row)
 
+    def find_posted(self, platform: str, platform_message_id: str) -> OutboxItem | None:
+        """The message we posted as `platform_message_id` (e.g. to route a reaction on it)."""
+        with self.db.session() as s:
+            row = s.scalar(
+                select(OutboxMessage).where(
+                    OutboxMessage.platform == platform,
+                    OutboxMessage.platform_message_id == platform_message_id,
+                )
+            )
+            return None if row is None else OutboxItem.of(row)
+
     @staticmethod
     def _row(s: Session, item_id: int) -> OutboxMessage:
         row = s.get(OutboxMessage, item_id)

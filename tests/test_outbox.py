@@ -63,9 +63,7 @@ def test_failed_delivery_backs_off_then_gives_up(db: Database) -> None:
     assert after_first.status == OutboxStatus.PENDING and after_first.attempts == 1
     assert outbox.due("slack") == []  # waiting out its backoff
     with db.session(write=True) as s:
-        s.execute(
-            update(OutboxMessage).values(next_attempt_at=utcnow() - timedelta(seconds=1))
-        )
+        s.execute(update(OutboxMessage).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
     assert [d.id for d in outbox.due("slack")] == [item.id]
     outbox.mark_failed(item.id, "500")
     final = outbox.mark_failed(item.id, "500")
@@ -89,3 +87,13 @@ def test_put_joins_the_callers_transaction(db: Database) -> None:
     except RuntimeError:
         pass
     assert outbox.get("k") is None  # rolled back with it: nothing half-done
+
+
+def test_find_posted_routes_a_reaction_to_its_message(db: Database) -> None:
+    outbox = _outbox(db)
+    item = outbox.put("review:dataset:3", platform="slack", channel="C1", text="sheet")
+    assert outbox.find_posted("slack", "171.5") is None
+    outbox.mark_delivered(item.id, item.revision, "171.5")
+    found = outbox.find_posted("slack", "171.5")
+    assert found is not None and found.key == "review:dataset:3"
+    assert outbox.find_posted("discord", "171.5") is None

@@ -1,7 +1,7 @@
 """A runner stand-in for queue tests, run as its own process.
 
-  drain URL WORKER  claim and complete jobs until none is left; print each id as done
-  hold URL WORKER   claim one job, print its id, then block on stdin (to be SIGKILLed)
+drain URL WORKER  claim and complete jobs until none is left; print each id as done
+hold URL WORKER   claim one job, print its id, then block on stdin (to be SIGKILLed)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-21 19:04:30.238601
+Create Date: 2026-11-21 19:12:48.075076
 """
 
 from collections.abc import Sequence
@@ -122,6 +122,7 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_outbox_due", ["platform", "status", "next_attempt_at"], unique=False
         )
+        batch_op.create_index("ix_outbox_posted", ["platform", "platform_message_id"], unique=False)
 
     op.create_table(
         "styles",
@@ -372,6 +373,7 @@ def downgrade() -> None:
 
     op.drop_table("styles")
     with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.drop_index("ix_outbox_posted")
         batch_op.drop_index("ix_outbox_due")
 
     op.drop_table("outbox")

@@ -1,0 +1,107 @@
+"""Platform-neutral commands and replies: the contract between chat adapters and the core.
+
+Adapters (Discord, Slack, console) turn a platform payload into a `Command` or a
+`Reaction`, hand it to a `CommandHandler`, and show the `Reply`s it returns. Anything
+said later (progress, results, review sheets) goes through the outbox instead, so the
+core never talks to a platform directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class FileTooLarge(Exception):
+    """Raised by `IncomingFile.read` when the file is bigger than the limit asked for."""
+
+
+@dataclass(frozen=True)
+class TeamRef:
+    """A Discord guild or a Slack workspace (or the console's single team)."""
+
+    platform: str
+    external_id: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who did it. `roles` are Discord role names and ids, or Slack user-group ids."""
+
+    user_id: str
+    display_name: str = ""
+    roles: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class IncomingFile:
+    """An attachment, downloaded only when the core decides to take it.
+
+    `read(limit)` returns the bytes, or raises FileTooLarge past `limit` bytes (the adapter
+    must stop downloading there). `size` is the platform's declared size, if any.
+    """
+
+    filename: str
+    read: Callable[[int], bytes]
+    size: int | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    """A slash command (or an image posted in a style's thread: name "style add")."""
+
+    event_id: str
+    team: TeamRef
+    channel: str
+    user: Actor
+    name: str  # "style create", "style add", ..., "imagine", "jobs", "cancel"
+    args: Mapping[str, str] = field(default_factory=dict)
+    thread: str | None = None
+    attachments: Sequence[IncomingFile] = ()
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """An emoji added to (or removed from) a message the bot posted."""
+
+    event_id: str
+    team: TeamRef
+    channel: str
+    message_id: str  # the platform's id of the reacted-to message (Slack: its ts)
+    emoji: str  # the unicode character, e.g. "✅"; adapters map Slack names to it
+    user: Actor
+    added: bool = True
+
+
+@dataclass(frozen=True)
+class OutgoingFile:
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The immediate answer to a command. `private`: only the invoker sees it."""
+
+    text: str
+    private: bool = False
+    files: Sequence[OutgoingFile] = ()
+
+
+class CommandHandler(Protocol):
+    def handle(self, command: Command) -> list[Reply]: ...
+
+    def handle_reaction(self, reaction: Reaction) -> list[Reply]: ...
+
+
+@dataclass(frozen=True)
+class ParsedText:
+    name: str
+    args: dict[str, str]
+
+
+TextParser = Callable[[str, str], ParsedText]
+"""(slash command, its text) -> name and args, for platforms that send free text."""
