@@ -1,0 +1,87 @@
+"""Typed payloads of the jobs the bot enqueues and the runner runs.
+
+Both sides import these from storage, which is the only thing they share.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobKind(StrEnum):
+    TRAIN = "train"
+    GENERATE = "generate"
+    CAPTION = "caption"
+
+
+class Priority(IntEnum):
+    """Higher runs first: quick generations never wait behind an hour of training."""
+
+    TRAIN = 0
+    CAPTION = 5
+    GENERATE = 10
+
+
+class ReplyTarget(BaseModel):
+    """Where the runner's progress and results are posted (through the outbox)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    platform: str
+    channel: str
+    thread: str | None = None
+    team_id: int
+    requester: str
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reply: ReplyTarget
+
+
+class TrainPayload(_Payload):
+    training_run_id: int
+
+
+class CaptionPayload(_Payload):
+    dataset_version_id: int
+
+
+class AdapterChoice(BaseModel):
+    """A trained model version to apply, chosen by trigger word or `<lora:name:w>`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_version_id: int
+    name: str
+    trigger: str
+    weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class GeneratePayload(_Payload):
+    prompt: str
+    negative_prompt: str = ""
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    steps: int = Field(25, ge=1, le=150)
+    cfg: float = Field(7.0, ge=0.0, le=30.0)
+    width: int = Field(512, ge=64, le=2048, multiple_of=8)
+    height: int = Field(512, ge=64, le=2048, multiple_of=8)
+    count: int = Field(1, ge=1, le=8)
+    sampler: str = "euler_a"
+    compare: bool = False
+    base_model: str
+    adapters: list[AdapterChoice] = Field(default_factory=list)
+    # Set by a 🔁 reroll: the generation it repeats with a new seed.
+    reroll_of: int | None = None
+
+
+def progress_key(job_id: int) -> str:
+    """Outbox key of the one message a job's progress edits in place."""
+    return f"job:{job_id}:progress"
+
+
+def result_key(job_id: int) -> str:
+    return f"job:{job_id}:result"
