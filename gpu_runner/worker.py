@@ -1,0 +1,196 @@
+"""The runner loop: claim a job, keep its lease alive, run its handler, report the outcome.
+
+Handlers are plain callables `(JobContext) -> result dict`. Anything they raise ends that
+job (retried or failed, with a message to the requester) and never the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.job_payloads import ReplyTarget, progress_key, result_key
+from storage.outbox import Attachment, Outbox
+from storage.queue import JobQueue, JobView, LeaseLost
+from storage.work_signal import WorkSignal
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """A failure the requester can act on; the message says what to do. Not retried."""
+
+
+class JobStopped(Exception):
+    """Raised inside a handler when it noticed cancel (or a lost lease) between steps."""
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: its job, a way to report progress, and the stop flag."""
+
+    job: JobView
+    queue: JobQueue
+    outbox: Outbox
+    worker_id: str
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+    progress_every_s: float = 2.0
+    _last_progress_post: float = 0.0
+
+    @property
+    def reply(self) -> ReplyTarget | None:
+        raw = self.job.payload.get("reply")
+        return ReplyTarget.model_validate(raw) if raw else None
+
+    def should_stop(self) -> bool:
+        return self.cancel_requested.is_set() or self.lease_lost.is_set()
+
+    def check_stop(self) -> None:
+        if self.should_stop():
+            raise JobStopped("canceled" if self.cancel_requested.is_set() else "lease lost")
+
+    def progress(
+        self,
+        step: int | None,
+        total: int | None,
+        message: str,
+        *,
+        data: dict[str, Any] | None = None,
+        attachments: tuple[Attachment, ...] = (),
+        force: bool = False,
+    ) -> None:
+        """Record progress; edit the job's one progress message, at most every few seconds."""
+        self.queue.add_progress(self.job.id, step=step, total=total, message=message, data=data)
+        now = time.monotonic()
+        if not force and now - self._last_progress_post < self.progress_every_s:
+            return
+        self._last_progress_post = now
+        self.post(progress_key(self.job.id), message, attachments=attachments)
+
+    def post(
+        self, key: str, text: str, *, attachments: tuple[Attachment, ...] = (), **extra: Any
+    ) -> None:
+        reply = self.reply
+        if reply is None:
+            return
+        self.outbox.put(
+            key,
+            platform=reply.platform,
+            channel=reply.channel,
+            thread=reply.thread,
+            team_id=reply.team_id,
+            text=text,
+            attachments=attachments,
+            extra=extra or None,
+        )
+
+
+Handler = Callable[[JobContext], dict[str, Any]]
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        queue: JobQueue,
+        outbox: Outbox,
+        handlers: Mapping[str, Handler],
+        worker_id: str,
+        base_models: list[str] | None = None,
+        heartbeat_every_s: float | None = None,
+    ) -> None:
+        self.queue = queue
+        self.outbox = outbox
+        self.handlers = dict(handlers)
+        self.worker_id = worker_id
+        self.base_models = base_models
+        self.heartbeat_every_s = heartbeat_every_s or max(0.05, queue.lease_seconds / 3)
+
+    def run_forever(self, signal: WorkSignal, stop: threading.Event) -> None:
+        log.info("runner %s serving %s", self.worker_id, ", ".join(sorted(self.handlers)))
+        while not stop.is_set():
+            if not self.run_once():
+                signal.wait(1.0)
+
+    def run_once(self) -> bool:
+        """Claim and run one job. Returns False when there was nothing to do."""
+        job = self.queue.claim(
+            self.worker_id, kinds=list(self.handlers), base_models=self.base_models
+        )
+        if job is None:
+            return False
+        self.run_job(job)
+        return True
+
+    def run_job(self, job: JobView) -> None:
+        ctx = JobContext(job=job, queue=self.queue, outbox=self.outbox, worker_id=self.worker_id)
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(ctx, done), daemon=True)
+        beat.start()
+        try:
+            self._run_and_settle(ctx)
+        except Exception:  # even reporting failed (database gone): the lease will expire
+            log.exception("could not record the outcome of job %s", job.id)
+        finally:
+            done.set()
+            beat.join()
+
+    def _run_and_settle(self, ctx: JobContext) -> None:
+        job = ctx.job
+        try:
+            result = self.handlers[job.kind](ctx)
+        except JobStopped:
+            self._stopped(ctx)
+        except JobFailed as exc:
+            self._failed(ctx, str(exc), retryable=False)
+        except Exception as exc:  # a crashing job must not take the runner down
+            log.error("job %s (%s) raised:\n%s", job.id, job.kind, traceback.format_exc())
+            self._failed(ctx, _describe(exc), retryable=True)
+        else:
+            self._settle(lambda: self.queue.complete(job.id, self.worker_id, result))
+
+    def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_every_s):
+            try:
+                if self.queue.heartbeat(ctx.job.id, self.worker_id):
+                    ctx.cancel_requested.set()
+            except LeaseLost:
+                ctx.lease_lost.set()
+                return
+            except Exception:  # database briefly unreachable: try again next beat
+                log.warning("heartbeat for job %s failed", ctx.job.id, exc_info=True)
+
+    def _stopped(self, ctx: JobContext) -> None:
+        if ctx.lease_lost.is_set():
+            log.warning("job %s was taken over by another runner; dropped it", ctx.job.id)
+            return
+        self._settle(lambda: self.queue.acknowledge_cancel(ctx.job.id, self.worker_id))
+        ctx.post(progress_key(ctx.job.id), f"Job {ctx.job.id} was canceled.")
+
+    def _failed(self, ctx: JobContext, message: str, *, retryable: bool) -> None:
+        job = self._settle(
+            lambda: self.queue.fail(ctx.job.id, self.worker_id, message, retryable=retryable)
+        )
+        if job is None or not job.status.is_final:
+            return
+        if retryable:
+            message = f"{message} (after {job.attempts} tries; the runner's log has details)"
+        ctx.post(result_key(ctx.job.id), f"Job {ctx.job.id} ({ctx.job.kind}) failed: {message}")
+
+    def _settle(self, action: Callable[[], JobView]) -> JobView | None:
+        try:
+            return action()
+        except LeaseLost:
+            log.warning("lost the lease before recording the outcome; another runner has it")
+            return None
+
+
+def _describe(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
