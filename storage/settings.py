@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 ENV_PREFIX = "ATELIER_"
 
@@ -49,6 +50,27 @@ class Settings(BaseSettings):
     )
     slack_lead_group: str | None = Field(None, description="a Slack user group id (S...)")
 
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, mps or cuda[:N]"
+    )
+    base_models: dict[str, str | dict[str, str]] = Field(
+        default_factory=dict,
+        description=(
+            'JSON naming base models, e.g. {"sd15": "/models/sd15-diffusers", "sdxl": '
+            '{"source": "/models/sdxl.safetensors", "config": "/models/sdxl-config"}}; '
+            "tiny-sd15 and tiny-sdxl are always there"
+        ),
+    )
+    default_base_model: str = Field(
+        "tiny-sd15", description="the name of a base model new styles use"
+    )
+    caption_model: str | None = Field(
+        None, description="a local folder with a BLIP image-captioning model"
+    )
+    model_cache_bytes: int | None = Field(
+        None, gt=0, description="bytes of warm pipelines to keep (default: from device memory)"
+    )
+
     max_upload_bytes: int = Field(30_000_000, gt=0, description="a positive number of bytes")
     max_image_pixels: int = Field(40_000_000, gt=0, description="a positive number of pixels")
     min_image_side: int = Field(512, ge=0, description="a number of pixels (0 disables)")
@@ -85,6 +107,15 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:  # a structured value that is not valid JSON
+        match = re.search(r'field "(\w+)"', str(exc))
+        field = match.group(1) if match else "?"
+        info = Settings.model_fields.get(field)
+        expects = info.description if info and info.description else "valid JSON"
+        raise ConfigError(
+            f"Atelier's configuration is not valid:\n  {ENV_PREFIX}{field.upper()}: "
+            f"is not valid JSON; expected {expects}."
+        ) from None
 
 
 def _describe(exc: ValidationError) -> str:

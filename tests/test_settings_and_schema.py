@@ -132,3 +132,23 @@ def test_storage_and_bot_import_without_torch() -> None:
         check=False,
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_base_models_from_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "ATELIER_BASE_MODELS",
+        '{"sd15": "/m/sd15", "sdxl": {"source": "/m/x.safetensors", "config": "/m/cfg"}}',
+    )
+    settings = load_settings()
+    assert settings.base_models["sd15"] == "/m/sd15"
+    assert settings.base_models["sdxl"] == {"source": "/m/x.safetensors", "config": "/m/cfg"}
+
+
+def test_bad_base_models_json_and_device_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATELIER_DEVICE", "tpu")
+    with pytest.raises(ConfigError, match=r"ATELIER_DEVICE(.|\n)*auto, cpu, mps or cuda"):
+        load_settings()
+    monkeypatch.delenv("ATELIER_DEVICE")
+    monkeypatch.setenv("ATELIER_BASE_MODELS", "{not json")
+    with pytest.raises(ConfigError, match="ATELIER_BASE_MODELS"):
+        load_settings()
