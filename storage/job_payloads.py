@@ -78,6 +78,19 @@ class GeneratePayload(_Payload):
     reroll_of: int | None = None
 
 
+def batch_key(payload: GeneratePayload) -> str:
+    """Generations with equal keys can run in one pipeline call: same model, adapters,
+    size, steps, CFG and sampler (prompts and seeds may differ)."""
+    adapters = ",".join(
+        f"{a.model_version_id}:{a.weight:g}"
+        for a in sorted(payload.adapters, key=lambda a: a.model_version_id)
+    )
+    return (
+        f"{payload.base_model}|{adapters}|{payload.width}x{payload.height}|"
+        f"{payload.steps}|{payload.cfg:g}|{payload.sampler}|{int(payload.compare)}"
+    )
+
+
 def progress_key(job_id: int) -> str:
     """Outbox key of the one message a job's progress edits in place."""
     return f"job:{job_id}:progress"

@@ -277,6 +277,7 @@ class Job(Base):
         Index("ix_jobs_lease", "status", "lease_expires_at"),
         Index("ix_jobs_requester_seq", "priority", "requester", "fair_seq"),
         Index("ix_jobs_priority_seq", "priority", "fair_seq"),
+        Index("ix_jobs_batch", "status", "batch_key"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -288,6 +289,8 @@ class Job(Base):
     # Which base model the job needs; runners claim only what they can load.
     base_model: Mapped[str | None] = mapped_column(String(200))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # Jobs with the same key can share one pipeline call (same model, adapters, size...).
+    batch_key: Mapped[str | None] = mapped_column(String(500))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     # Virtual time for round-robin between requesters within a priority.
     fair_seq: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -57,6 +57,7 @@ class JobView:
     requester: str
     team_id: int | None
     base_model: str | None
+    batch_key: str | None
     status: JobStatus
     attempts: int
     max_attempts: int
@@ -80,6 +81,7 @@ class JobView:
             requester=job.requester,
             team_id=job.team_id,
             base_model=job.base_model,
+            batch_key=job.batch_key,
             status=JobStatus(job.status),
             attempts=job.attempts,
             max_attempts=job.max_attempts,
@@ -134,6 +136,7 @@ class JobQueue:
         idempotency_key: str | None = None,
         team_id: int | None = None,
         base_model: str | None = None,
+        batch_key: str | None = None,
         max_attempts: int = 3,
         run_after: datetime | None = None,
         session: Session | None = None,
@@ -153,6 +156,7 @@ class JobQueue:
             "team_id": team_id,
             "base_model": base_model,
             "idempotency_key": idempotency_key,
+            "batch_key": batch_key,
             "max_attempts": max_attempts,
             "run_after": run_after or now,
             "now": now,
@@ -222,6 +226,24 @@ class JobQueue:
         with self.db.transaction(write=True) as conn:
             row = conn.execute(statement, params).first()
         return None if row is None else JobView.of(row)
+
+    def claim_batch(
+        self, worker_id: str, batch_key: str, *, limit: int, lease_seconds: float | None = None
+    ) -> list[JobView]:
+        """Also take up to `limit` more queued jobs that can share one pipeline call."""
+        if limit < 1:
+            return []
+        now = utcnow()
+        params = {
+            "worker": worker_id,
+            "now": now,
+            "expires": now + timedelta(seconds=lease_seconds or self.lease_seconds),
+            "batch_key": batch_key,
+            "limit": limit,
+        }
+        with self.db.transaction(write=True) as conn:
+            rows = conn.execute(self.sql.claim_batch, params).all()
+        return sorted((JobView.of(row) for row in rows), key=lambda j: j.id)
 
     def heartbeat(self, job_id: int, worker_id: str, *, lease_seconds: float | None = None) -> bool:
         """Renew the lease. Returns True when cancel was requested; raises LeaseLost."""

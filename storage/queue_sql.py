@@ -33,6 +33,8 @@ _TYPES = {
     "base_model": String(),
     "idempotency_key": String(),
     "status": String(),
+    "batch_key": String(),
+    "limit": Integer(),
 }
 
 
@@ -46,6 +48,7 @@ def _prepare(sql: str, *expanding: str) -> TextClause:
 @dataclass(frozen=True)
 class QueueSQL:
     insert: TextClause
+    claim_batch: TextClause
     heartbeat: TextClause
     finish: TextClause
     skip_locked: str
@@ -65,13 +68,18 @@ def _claim(skip_locked: str, by_kind: bool, by_model: bool) -> TextClause:
         filters += " AND (base_model IS NULL OR base_model IN :models)"
         expanding.append("models")
     return _prepare(
-        "UPDATE jobs SET status = 'running', lease_owner = :worker, lease_expires_at = :expires,"
-        " attempts = attempts + 1, started_at = COALESCE(started_at, :now)"
-        " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND run_after <= :now"
-        f"{filters} ORDER BY priority DESC, fair_seq, id LIMIT 1{skip_locked})"
-        f" RETURNING {RETURNING}",
+        f"UPDATE jobs SET {_CLAIMED} WHERE id = (SELECT id FROM jobs WHERE {_NEXT}{filters}"
+        f" {_ORDER} LIMIT 1{skip_locked}) RETURNING {RETURNING}",
         *expanding,
     )
+
+
+_CLAIMED = (
+    "status = 'running', lease_owner = :worker, lease_expires_at = :expires,"
+    " attempts = attempts + 1, started_at = COALESCE(started_at, :now)"
+)
+_NEXT = "status = 'queued' AND run_after <= :now"
+_ORDER = "ORDER BY priority DESC, fair_seq, id"
 
 
 def _insert(greatest: str) -> TextClause:
@@ -88,9 +96,10 @@ def _insert(greatest: str) -> TextClause:
     )
     return _prepare(
         "INSERT INTO jobs (kind, payload, priority, requester, team_id, base_model,"
-        " idempotency_key, status, fair_seq, attempts, max_attempts, run_after,"
+        " idempotency_key, batch_key, status, fair_seq, attempts, max_attempts, run_after,"
         " cancel_requested, created_at) VALUES (:kind, :payload, :priority, :requester,"
-        f" :team_id, :base_model, :idempotency_key, 'queued', {greatest}({head}, {own_next}),"
+        " :team_id, :base_model, :idempotency_key, :batch_key, 'queued',"
+        f" {greatest}({head}, {own_next}),"
         f" 0, :max_attempts, :run_after, false, :now) RETURNING {RETURNING}"
     )
 
@@ -103,6 +112,11 @@ def queue_sql(dialect: str) -> QueueSQL:
     sqlite = dialect == "sqlite"
     return QueueSQL(
         insert=_insert("MAX" if sqlite else "GREATEST"),
+        claim_batch=_prepare(
+            f"UPDATE jobs SET {_CLAIMED} WHERE id IN (SELECT id FROM jobs WHERE {_NEXT}"
+            f" AND batch_key = :batch_key {_ORDER} LIMIT :limit"
+            f"{'' if sqlite else ' FOR UPDATE SKIP LOCKED'}) RETURNING {RETURNING}"
+        ),
         heartbeat=_prepare(
             f"UPDATE jobs SET lease_expires_at = :expires WHERE {_HELD} RETURNING {RETURNING}"
         ),

@@ -257,3 +257,15 @@ def test_sigkilled_claimer_loses_its_lease_and_job_completes_elsewhere(
         wake.close()
     assert claimed is not None and claimed.id == job.id and claimed.attempts == 2
     assert queue.complete(job.id, "survivor").status == JobStatus.SUCCEEDED
+
+
+def test_claim_batch_takes_compatible_jobs_only(queue: JobQueue) -> None:
+    first = queue.enqueue("generate", requester="a", batch_key="tiny|512x512|25")
+    same = [queue.enqueue("generate", requester=r, batch_key="tiny|512x512|25").id for r in "bc"]
+    queue.enqueue("generate", requester="d", batch_key="tiny|768x768|25")
+    claimed = queue.claim("w")
+    assert claimed is not None and claimed.id == first.id
+    extra = queue.claim_batch("w", claimed.batch_key or "", limit=3)
+    assert [j.id for j in extra] == same
+    assert all(j.status == JobStatus.RUNNING and j.lease_owner == "w" for j in extra)
+    assert queue.claim_batch("w", "tiny|512x512|25", limit=3) == []

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-21 19:12:48.075076
+Create Date: 2026-11-21 19:16:48.954745
 """
 
 from collections.abc import Sequence
@@ -66,6 +66,7 @@ def upgrade() -> None:
         sa.Column("team_id", sa.Integer(), nullable=True),
         sa.Column("base_model", sa.String(length=200), nullable=True),
         sa.Column("idempotency_key", sa.String(length=200), nullable=True),
+        sa.Column("batch_key", sa.String(length=500), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("fair_seq", sa.BigInteger(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
@@ -84,6 +85,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("idempotency_key", name=op.f("uq_jobs_idempotency_key")),
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.create_index("ix_jobs_batch", ["status", "batch_key"], unique=False)
         batch_op.create_index(
             "ix_jobs_claim", ["status", "priority", "fair_seq", "id"], unique=False
         )
@@ -382,6 +384,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_jobs_priority_seq")
         batch_op.drop_index("ix_jobs_lease")
         batch_op.drop_index("ix_jobs_claim")
+        batch_op.drop_index("ix_jobs_batch")
 
     op.drop_table("jobs")
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
