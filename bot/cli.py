@@ -31,6 +31,48 @@ def _runner(_settings: Settings, args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _bot(settings: Settings, args: argparse.Namespace) -> int:
+    if args.platform == "console":
+        from bot.console import main as console_main  # imported only when used
+
+        return console_main(settings)
+    if args.platform == "discord" and args.invite:
+        from bot.discord.run import print_invite_url
+
+        print_invite_url(settings)
+        return 0
+    return _serve_chat(settings, args.platform)
+
+
+def _serve_chat(settings: Settings, platform: str) -> int:
+    """Run the Discord or Slack bot: the command core, and outbox delivery beside it."""
+    from bot.core import CommandCore
+    from bot.delivery import MessageSender, OutboxDeliverer
+    from bot.scheduler import build_scheduler
+    from storage.blobs import BlobStore
+    from storage.outbox import Outbox
+    from storage.queue import JobQueue
+
+    db = Database(settings.database_url)
+    db.prepare(auto_migrate=settings.auto_migrate)
+    blobs = BlobStore(settings.blob_dir, settings.max_blob_bytes)
+    queue, outbox = JobQueue(db), Outbox(db)
+    core = CommandCore(db, blobs, settings, queue, outbox)
+
+    def background(sender: MessageSender):  # type: ignore[no-untyped-def]
+        deliverer = OutboxDeliverer(outbox, blobs, sender, platform)
+        return build_scheduler(deliverers=[deliverer], queue=queue, blobs=blobs, db=db)
+
+    if platform == "discord":
+        from bot.discord.run import run_discord
+
+        run_discord(settings, core, background)
+        return 0
+    from bot.slack.run import run_slack
+
+    return run_slack(settings, core, background)
+
+
 def _not_yet(what: str):  # type: ignore[no-untyped-def]
     def run(_settings: Settings, _args: argparse.Namespace) -> int:
         print(f"`atelier {what}` is not part of this build yet.", file=sys.stderr)
@@ -57,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bot = commands.add_parser("bot", help="run a chat front end")
     bot.add_argument("platform", choices=["console", "discord", "slack"])
-    bot.set_defaults(run=lambda s, a: _not_yet(f"bot {a.platform}")(s, a))
+    bot.add_argument(
+        "--invite", action="store_true", help="discord: print the link that adds the bot"
+    )
+    bot.set_defaults(run=_bot)
 
     commands.add_parser("demo", help="the whole story on the built-in tiny model").set_defaults(
         run=_not_yet("demo")

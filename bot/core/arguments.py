@@ -1,0 +1,298 @@
+"""Argument models per command: validated the same way whatever platform sent them.
+
+Adapters pass args as strings (Discord options, parsed Slack/console text). A problem comes
+back as a UserError naming what was wrong and showing the command's usage.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+from bot.core.errors import UserError
+from bot.core.parsing import PARSE_ERROR, usage
+from storage.models import StyleKind
+
+MAX_SEED = 2**32 - 1
+_NAME = re.compile(r"\w[\w-]{0,39}")
+_TRIGGER = re.compile(r"[\w-]{2,32}")
+_BASE = re.compile(r"[\w./:@-]{1,200}")
+
+
+# -- field parsers: each raises ValueError with the sentence a person should read ----------
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return str(value).strip()
+
+
+def style_name(value: Any) -> str:
+    name = unicodedata.normalize("NFC", _text(value)).lower()
+    if not name:
+        raise ValueError("the style name is empty")
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"style name '{name[:40]}' must be 1-40 letters, digits, _ or - (one word)"
+        )
+    return name
+
+
+def _is_emoji_like(ch: str) -> bool:
+    # Emoji and their joiners, variation selectors and skin tones.
+    return unicodedata.category(ch) in ("So", "Sk", "Cf", "Mn", "Me", "Cs")
+
+
+def trigger_word(value: Any) -> str:
+    word = unicodedata.normalize("NFC", _text(value))
+    if not word:
+        raise ValueError("the trigger word is empty")
+    if all(_is_emoji_like(c) for c in word):
+        raise ValueError(
+            "a trigger can't be only emoji (tokenizers split them unpredictably); "
+            "use a made-up word such as inkstyle"
+        )
+    if " " in word:
+        raise ValueError(f"trigger '{word[:32]}' must be one word without spaces")
+    if not _TRIGGER.fullmatch(word):
+        if len(word) < 2 or len(word) > 32:
+            raise ValueError(f"trigger '{word[:32]}' must be 2-32 characters long")
+        raise ValueError(f"trigger '{word[:32]}' may only hold letters, digits, _ or -")
+    if not any(c.isalpha() for c in word):
+        raise ValueError(f"trigger '{word}' needs at least one letter")
+    return word
+
+
+def _kind(value: Any) -> StyleKind:
+    text = _text(value).lower() or StyleKind.STYLE
+    try:
+        return StyleKind(text)
+    except ValueError:
+        raise ValueError(f"kind must be style or concept (got '{text[:20]}')") from None
+
+
+def _base(value: Any) -> str | None:
+    text = _text(value)
+    if not text:
+        return None
+    if not _BASE.fullmatch(text):
+        raise ValueError(f"base model '{text[:40]}' is not a model name")
+    return text
+
+
+def _whole(name: str, low: int, high: int) -> Any:
+    def parse(value: Any) -> int | None:
+        text = _text(value).lstrip("#")
+        if not text:
+            return None
+        try:
+            number = int(text.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number (got '{text[:20]}')") from None
+        if not low <= number <= high:
+            raise ValueError(f"{name} must be between {low} and {high} (got {number})")
+        return number
+
+    return BeforeValidator(parse)
+
+
+def _real(name: str, low: float, high: float) -> Any:
+    def parse(value: Any) -> float | None:
+        text = _text(value)
+        if not text:
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number such as 1e-4 (got '{text[:20]}')") from None
+        if not low <= number <= high:
+            raise ValueError(f"{name} must be between {low:g} and {high:g} (got {number:g})")
+        return number
+
+    return BeforeValidator(parse)
+
+
+def _choice(name: str, options: dict[str, str]) -> Any:
+    def parse(value: Any) -> str | None:
+        text = _text(value).lower()
+        if not text:
+            return None
+        if text not in options:
+            choices = ", ".join(sorted(set(options)))
+            raise ValueError(f"{name} must be one of {choices} (got '{text[:20]}')")
+        return options[text]
+
+    return BeforeValidator(parse)
+
+
+def _seed(value: Any) -> int | None:
+    text = _text(value).lower()
+    if text in ("", "random", "-1", "none"):
+        return None
+    try:
+        seed = int(text)
+    except ValueError:
+        raise ValueError(f"seed must be a whole number (got '{text[:20]}')") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED}")
+    return seed
+
+
+def _size(value: Any) -> tuple[int, int] | None:
+    text = _text(value).lower().replace("×", "x").replace("*", "x")
+    if not text:
+        return None
+    parts = text.split("x")
+    try:
+        width, height = (int(parts[0]), int(parts[0])) if len(parts) == 1 else map(int, parts)
+    except ValueError:
+        raise ValueError(f"size must look like 512x768 (got '{text[:20]}')") from None
+    for side in (width, height):
+        if not 64 <= side <= 2048 or side % 8:
+            raise ValueError(
+                f"size {width}x{height}: each side must be 64-2048 pixels and a multiple of 8"
+            )
+    return width, height
+
+
+def _flag(value: Any) -> bool:
+    text = _text(value).lower()
+    if text in ("", "no", "false", "off", "0"):
+        return False
+    if text in ("yes", "true", "on", "1", "y"):
+        return True
+    raise ValueError(f"compare must be yes or no (got '{text[:20]}')")
+
+
+def _bounded_text(name: str, low: int, high: int) -> Any:
+    def parse(value: Any) -> str:
+        text = _text(value)
+        if len(text) < low:
+            raise ValueError(f"{name} is empty")
+        if len(text) > high:
+            raise ValueError(f"{name} is {len(text)} characters; keep it under {high}")
+        return text
+
+    return BeforeValidator(parse)
+
+
+StyleName = Annotated[str, BeforeValidator(style_name)]
+OptionalStyleName = Annotated[
+    str | None, BeforeValidator(lambda v: style_name(v) if _text(v) else None)
+]
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class StyleCreateArgs(Args):
+    name: StyleName
+    trigger: Annotated[str, BeforeValidator(trigger_word)]
+    kind: Annotated[StyleKind, BeforeValidator(_kind)] = StyleKind.STYLE
+    base: Annotated[str | None, BeforeValidator(_base)] = None
+
+
+class StyleAddArgs(Args):
+    name: OptionalStyleName = None
+
+
+class StyleCaptionArgs(Args):
+    name: StyleName
+    number: Annotated[int, _whole("number", 1, 100_000)]
+    text: Annotated[str, _bounded_text("the caption", 1, 1000)]
+
+
+class StyleNameArgs(Args):
+    name: StyleName
+
+
+class StyleTrainArgs(Args):
+    name: StyleName
+    preset: Annotated[str | None, _choice("preset", {"style": "style", "concept": "concept"})] = (
+        None
+    )
+    steps: Annotated[int | None, _whole("steps", 1, 20_000)] = None
+    rank: Annotated[int | None, _whole("rank", 1, 128)] = None
+    lr: Annotated[float | None, _real("lr", 1e-6, 1e-2)] = None
+    method: Annotated[
+        str | None,
+        _choice(
+            "method",
+            {
+                "lora": "lora",
+                "dora": "dora",
+                "ti": "textual_inversion",
+                "textual_inversion": "textual_inversion",
+            },
+        ),
+    ] = None
+
+
+class NoArgs(Args):
+    pass
+
+
+class ImagineArgs(Args):
+    prompt: Annotated[str, _bounded_text("the prompt", 1, 2000)]
+    negative: Annotated[str, _bounded_text("the negative prompt", 0, 2000)] = ""
+    seed: Annotated[int | None, BeforeValidator(_seed)] = None
+    steps: Annotated[int | None, _whole("steps", 1, 150)] = None
+    cfg: Annotated[float | None, _real("cfg", 0.0, 30.0)] = None
+    size: Annotated[tuple[int, int] | None, BeforeValidator(_size)] = None
+    count: Annotated[int | None, _whole("count", 1, 8)] = None
+    compare: Annotated[bool, BeforeValidator(_flag)] = False
+
+
+class CancelArgs(Args):
+    job: Annotated[int, _whole("job", 1, 2**62)]
+
+
+ARG_MODELS: dict[str, type[Args]] = {
+    "style create": StyleCreateArgs,
+    "style add": StyleAddArgs,
+    "style caption": StyleCaptionArgs,
+    "style review": StyleNameArgs,
+    "style train": StyleTrainArgs,
+    "style list": NoArgs,
+    "style info": StyleNameArgs,
+    "style export": StyleNameArgs,
+    "imagine": ImagineArgs,
+    "jobs": NoArgs,
+    "cancel": CancelArgs,
+}
+
+
+def with_usage(problem: str, command: str) -> str:
+    """One line: the problem, then the right form."""
+    problem = problem.strip().rstrip(".")
+    text = problem[:1].upper() + problem[1:]
+    form = usage(command)
+    return f"{text}. Usage: `{form}`" if form else f"{text}."
+
+
+def validate_args(command: str, args: Mapping[str, str]) -> Args:
+    """Validated args for `command`, or UserError with what was wrong and the usage."""
+    if PARSE_ERROR in args:
+        raise UserError(with_usage(args[PARSE_ERROR], command))
+    model = ARG_MODELS[command]
+    try:
+        return model.model_validate(dict(args))
+    except ValidationError as exc:
+        raise UserError(with_usage(_describe(exc), command)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "missing":
+        return f"{field} is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "value_error":
+        return message
+    return f"{field}: {message}"

@@ -1,0 +1,265 @@
+"""`/imagine` and 🔁 rerolls: choose the styles' model versions and queue a `generate` job.
+
+A style's trigger word in the prompt (whole word, any case) applies its model at weight 1;
+A1111's `<lora:name:0.8>` applies a style by name or trigger with a weight. Each style uses
+its latest approved model version, else its latest one. The prompt goes to the runner as
+written; the adapter list is authoritative.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from bot.commands import Reply
+from bot.core import audit
+from bot.core.arguments import ImagineArgs
+from bot.core.context import Context
+from bot.core.errors import AuditNote, Refused, UserError
+from bot.core.policy import CorePolicy
+from bot.core.teams import team_styles
+from bot.core.training import ordinal
+from storage.job_payloads import (
+    AdapterChoice,
+    GeneratePayload,
+    JobKind,
+    Priority,
+    ReplyTarget,
+    batch_key,
+)
+from storage.models import Generation, Job, ModelVersion, Style
+
+REROLL = "🔁"
+_LORA_TAG = re.compile(r"<\s*lora\s*:\s*([^:>]+?)\s*(?::\s*([^>]*?))?\s*>", re.IGNORECASE)
+_RESULT_KEY = re.compile(r"job:(\d+):result")
+
+
+@dataclass(frozen=True)
+class Selection:
+    adapters: list[AdapterChoice]
+    base_model: str
+
+
+def imagine(ctx: Context, args: ImagineArgs) -> list[Reply]:
+    services = ctx.services
+    _check_blocklist(ctx, args.prompt)
+    with ctx.write() as tx:
+        s, team = tx.session, tx.team
+        chosen = select_adapters(s, team.id, args.prompt, services.policy)
+        if args.compare and not chosen.adapters:
+            raise UserError(
+                "compare puts the base model and a style side by side: put a style's trigger "
+                "word in the prompt (`/style list` shows them)."
+            )
+        options: dict[str, object] = {
+            "seed": args.seed,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "count": args.count,
+        }
+        if args.size is not None:
+            options["width"], options["height"] = args.size
+        try:
+            payload = GeneratePayload(
+                reply=ctx.reply_target(team.id),
+                prompt=args.prompt,
+                negative_prompt=args.negative,
+                base_model=chosen.base_model,
+                adapters=chosen.adapters,
+                compare=args.compare,
+                **{k: v for k, v in options.items() if v is not None},
+            )
+        except ValidationError as exc:
+            raise UserError(f"That request can't run: {exc.errors()[0]['msg']}.") from None
+        job = _enqueue(ctx, s, team.id, payload, ctx.idempotency_key)
+        audit.record(
+            s,
+            team_id=team.id,
+            actor=ctx.actor.user_id,
+            action="generate.request",
+            object_type="job",
+            object_id=job,
+            detail={"prompt": args.prompt[:500], "adapters": [a.name for a in chosen.adapters]},
+        )
+    return [Reply(_queued_text(ctx, job, payload))]
+
+
+def _enqueue(ctx: Context, s: Session, team_id: int, payload: GeneratePayload, key: str) -> int:
+    job = ctx.services.queue.enqueue(
+        JobKind.GENERATE,
+        payload.model_dump(mode="json"),
+        requester=ctx.actor.user_id,
+        priority=Priority.GENERATE,
+        idempotency_key=key,
+        team_id=team_id,
+        base_model=payload.base_model,
+        batch_key=batch_key(payload),
+        session=s,
+    )
+    return job.id
+
+
+def _queued_text(ctx: Context, job_id: int, payload: GeneratePayload) -> str:
+    position = ctx.services.queue.position(job_id)
+    where = f", {ordinal(position)} in line" if position else ""
+    styles = ", ".join(f"{a.name} ×{a.weight:g}" for a in payload.adapters) or "no style"
+    images = "1 image" if payload.count == 1 else f"{payload.count} images"
+    seed = "random seed" if payload.seed is None else f"seed {payload.seed}"
+    prompt = payload.prompt if len(payload.prompt) <= 80 else payload.prompt[:79] + "…"
+    return (
+        f"🎨 Queued {images} of “{prompt}” ({styles}; {payload.base_model}, {seed}): "
+        f"job #{job_id}{where}. Results are posted here with their seed and settings."
+    )
+
+
+def _check_blocklist(ctx: Context, prompt: str) -> None:
+    term = ctx.services.blocklist.find(prompt)
+    if term is not None:
+        raise Refused(
+            f"That prompt uses “{term}”, which this team's blocklist does not allow; "
+            "rephrase it and try again.",
+            AuditNote("generate.refused", "prompt", None, {"term": term, "prompt": prompt[:500]}),
+        )
+
+
+def _trigger_in(trigger: str, text: str) -> bool:
+    # Whole word, any case: "inkstyle" must not fire inside "inkstyles".
+    return re.search(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", text, re.IGNORECASE) is not None
+
+
+def select_adapters(s: Session, team_id: int, prompt: str, policy: CorePolicy) -> Selection:
+    """The team's styles the prompt asks for, with their model versions and the base model."""
+    styles = team_styles(s, team_id)
+    weights: dict[int, float] = {}
+    for match in _LORA_TAG.finditer(prompt):
+        wanted = match.group(1).casefold()
+        style = next(
+            (x for x in styles if wanted in (x.name.casefold(), x.trigger.casefold())), None
+        )
+        if style is None:
+            raise UserError(
+                f"<lora:{match.group(1)}> names no style in this team; `/style list` shows them."
+            )
+        weights[style.id] = _weight(match.group(2), match.group(0))
+    plain = _LORA_TAG.sub(" ", prompt)
+    for style in styles:
+        if style.id not in weights and _trigger_in(style.trigger, plain):
+            weights[style.id] = 1.0
+    if len(weights) > policy.max_adapters:
+        raise UserError(
+            f"That prompt selects {len(weights)} styles; combine at most {policy.max_adapters}."
+        )
+    by_id = {style.id: style for style in styles}
+    adapters: list[AdapterChoice] = []
+    bases: dict[str, str] = {}
+    for style_id, weight in weights.items():
+        style = by_id[style_id]
+        model = model_for(s, style)
+        if model is None:
+            raise UserError(
+                f"`{style.trigger}` is the trigger of {style.name}, which has no trained model "
+                f"yet; train it with `/style train {style.name}` (once its dataset is approved), "
+                "or leave the word out."
+            )
+        adapters.append(
+            AdapterChoice(
+                model_version_id=model.id, name=style.name, trigger=style.trigger, weight=weight
+            )
+        )
+        bases[style.name] = model.base_model
+    if len(set(bases.values())) > 1:
+        detail = ", ".join(f"{name} on {base}" for name, base in bases.items())
+        raise UserError(
+            f"Those styles were trained on different base models ({detail}); combine styles "
+            "trained on the same one."
+        )
+    base = next(iter(bases.values())) if bases else policy.default_base_model
+    return Selection(adapters, base)
+
+
+def _weight(raw: str | None, tag: str) -> float:
+    if raw is None or not raw.strip():
+        return 1.0
+    try:
+        weight = float(raw)
+    except ValueError:
+        raise UserError(
+            f"{tag} has weight '{raw}', which is not a number; write e.g. <lora:ink:0.8>."
+        ) from None
+    if not -4.0 <= weight <= 4.0:
+        raise UserError(f"{tag} has weight {weight:g}; use a weight between -4 and 4.")
+    return weight
+
+
+def model_for(s: Session, style: Style) -> ModelVersion | None:
+    """The style's latest approved model version, else its latest one."""
+    newest_first = (ModelVersion.version.desc(),)
+    approved = s.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.style_id == style.id, ModelVersion.approved_at.is_not(None))
+        .order_by(*newest_first)
+        .limit(1)
+    )
+    if approved is not None:
+        return approved
+    return s.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.style_id == style.id)
+        .order_by(*newest_first)
+        .limit(1)
+    )
+
+
+# -- 🔁 on a result ----------------------------------------------------------------------------
+
+
+def result_job_id(key: str) -> int | None:
+    match = _RESULT_KEY.fullmatch(key)
+    return int(match.group(1)) if match else None
+
+
+def reroll(ctx: Context, job_id: int) -> list[Reply]:
+    """The same request with a new seed, recorded as a reroll of the first generation."""
+    with ctx.write() as tx:
+        s, team = tx.session, tx.team
+        job = s.get(Job, job_id)
+        if job is None or job.team_id != team.id or job.kind != JobKind.GENERATE:
+            return []
+        original = GeneratePayload.model_validate(job.payload)
+        _check_blocklist(ctx, original.prompt)
+        generation_id = s.scalar(
+            select(Generation.id)
+            .where(Generation.job_id == job.id, Generation.team_id == team.id)
+            .order_by(Generation.id)
+            .limit(1)
+        )
+        reply = ReplyTarget(
+            platform=ctx.platform,
+            channel=original.reply.channel,
+            thread=original.reply.thread,
+            team_id=team.id,
+            requester=ctx.actor.user_id,
+        )
+        payload = GeneratePayload.model_validate(
+            {
+                **original.model_dump(),
+                "seed": None,
+                "reroll_of": generation_id,
+                "reply": reply.model_dump(),
+            }
+        )
+        new_job = _enqueue(ctx, s, team.id, payload, ctx.idempotency_key)
+        audit.record(
+            s,
+            team_id=team.id,
+            actor=ctx.actor.user_id,
+            action="generate.reroll",
+            object_type="job",
+            object_id=new_job,
+            detail={"of_job": job.id, "of_generation": generation_id},
+        )
+    return [Reply("🔁 " + _queued_text(ctx, new_job, payload).removeprefix("🎨 "))]

@@ -1,0 +1,98 @@
+"""Download files people share in Slack (`url_private`), with the bot token and a size cap."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+
+from bot.commands import FileTooLarge, IncomingFile
+
+_CHUNK = 64 * 1024
+
+
+class SlackFileError(Exception):
+    """A shared file could not be fetched; the message says what to do about it."""
+
+
+class SlackFiles:
+    """Turns a Slack file object into an IncomingFile that downloads only when read."""
+
+    def __init__(self, client: WebClient, *, timeout: float = 30.0) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    def incoming(self, file: Mapping[str, Any]) -> IncomingFile:
+        name = str(file.get("name") or file.get("title") or file.get("id") or "file")
+        size = str(file.get("size", ""))
+        return IncomingFile(
+            filename=name,
+            read=partial(self._read, dict(file), name),
+            size=int(size) if size.isdigit() else None,
+            content_type=file.get("mimetype") or None,
+        )
+
+    def _read(self, file: dict[str, Any], name: str, limit: int) -> bytes:
+        url = file.get("url_private") or file.get("url_private_download")
+        if not url:
+            # Slack Connect shares arrive with file_access=check_file_info and no URL.
+            url = self._lookup_url(file, name)
+        return self.download(str(url), name, limit)
+
+    def _lookup_url(self, file: Mapping[str, Any], name: str) -> str:
+        try:
+            info = self._client.files_info(file=str(file.get("id") or ""))["file"]
+        except SlackApiError as exc:
+            raise SlackFileError(
+                f"Slack would not show {name} to the bot ({exc.response.get('error')}); "
+                "give the app the files:read scope, or post the image again."
+            ) from None
+        url = info.get("url_private") or info.get("url_private_download")
+        if not url:
+            raise SlackFileError(f"Slack gave no download address for {name}; post it again.")
+        return str(url)
+
+    def download(self, url: str, name: str, limit: int) -> bytes:
+        """GET `url` with the bot token, stopping (FileTooLarge) once past `limit` bytes."""
+        token = self._client.token or ""
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                if response.headers.get_content_type() == "text/html":
+                    # Slack answers a request it does not accept with its sign-in page.
+                    raise SlackFileError(
+                        f"Slack sent a sign-in page instead of {name}: give the app the "
+                        "files:read scope and reinstall it."
+                    )
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > limit:
+                    raise FileTooLarge(_too_large(name, limit))
+                return _read_capped(response, name, limit)
+        except urllib.error.HTTPError as exc:
+            raise SlackFileError(
+                f"Slack refused to send {name} (HTTP {exc.code}); post the image again."
+            ) from None
+        except urllib.error.URLError as exc:
+            raise SlackFileError(
+                f"Could not reach Slack to fetch {name} ({exc.reason}); try again shortly."
+            ) from None
+
+
+def _read_capped(response: Any, name: str, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while chunk := response.read(_CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise FileTooLarge(_too_large(name, limit))
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(name: str, limit: int) -> str:
+    return f"{name} is larger than {limit / 1_000_000:.1f} MB; post a smaller image."

@@ -1,0 +1,76 @@
+"""Show the core's immediate Replies in Slack."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from slack_bolt.context.respond import Respond
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+
+from bot.commands import OutgoingFile, Reply
+from bot.slack.text import to_mrkdwn
+
+log = logging.getLogger(__name__)
+
+
+class ReplyPoster:
+    """Slash commands answer through their response_url (`respond`): ephemeral for private
+    replies, in_channel otherwise. Events (thread uploads, reactions) have no response_url,
+    so their replies use chat.postEphemeral / chat.postMessage in the same thread."""
+
+    def __init__(self, client: WebClient) -> None:
+        self._client = client
+
+    def answer_command(self, respond: Respond, channel: str, replies: Sequence[Reply]) -> None:
+        for reply in replies:
+            try:
+                if reply.files and not reply.private:
+                    self._upload(channel, None, reply.text, reply.files)
+                    continue
+                response_type = "ephemeral" if reply.private else "in_channel"
+                respond(text=_text(reply), response_type=response_type)
+            except Exception:
+                log.exception("Could not show a reply in Slack channel %s.", channel)
+
+    def answer_event(
+        self, channel: str, user: str, thread: str | None, replies: Sequence[Reply]
+    ) -> None:
+        for reply in replies:
+            try:
+                if reply.private:
+                    self._client.chat_postEphemeral(
+                        channel=channel, user=user, text=_text(reply), thread_ts=thread
+                    )
+                elif reply.files:
+                    self._upload(channel, thread, reply.text, reply.files)
+                else:
+                    self._client.chat_postMessage(
+                        channel=channel, text=to_mrkdwn(reply.text), thread_ts=thread
+                    )
+            except SlackApiError as exc:
+                log.warning(
+                    "Could not show a reply in Slack channel %s: %s",
+                    channel,
+                    exc.response.get("error"),
+                )
+
+    def _upload(
+        self, channel: str, thread: str | None, text: str, files: Sequence[OutgoingFile]
+    ) -> None:
+        self._client.files_upload_v2(
+            channel=channel,
+            thread_ts=thread,
+            initial_comment=to_mrkdwn(text),
+            file_uploads=[{"file": f.data, "filename": f.filename} for f in files],
+        )
+
+
+def _text(reply: Reply) -> str:
+    text = reply.text
+    if reply.private and reply.files:
+        # Slack cannot attach files to a message only one person sees.
+        names = ", ".join(f.filename for f in reply.files)
+        text += f"\n(Not shown here: {names}; Slack has no private attachments.)"
+    return to_mrkdwn(text)
