@@ -38,6 +38,9 @@ class JobContext:
     queue: JobQueue
     outbox: Outbox
     worker_id: str
+    # Jobs the handler claimed on top of `job` to share its pipeline call (generation
+    # batches); the heartbeat keeps them leased and the handler settles each itself.
+    extra_jobs: list[JobView] = field(default_factory=list)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
     progress_every_s: float = 2.0
@@ -165,6 +168,11 @@ class Runner:
                 return
             except Exception:  # database briefly unreachable: try again next beat
                 log.warning("heartbeat for job %s failed", ctx.job.id, exc_info=True)
+            for extra in list(ctx.extra_jobs):
+                try:
+                    self.queue.heartbeat(extra.id, self.worker_id)
+                except Exception:  # its outcome is recorded (or refused) by the handler
+                    log.debug("heartbeat for batched job %s failed", extra.id, exc_info=True)
 
     def _stopped(self, ctx: JobContext) -> None:
         if ctx.lease_lost.is_set():

@@ -14,19 +14,18 @@ from bot.commands import Reply
 from bot.core import audit
 from bot.core.arguments import StyleNameArgs
 from bot.core.context import Context, Services
-from bot.core.datasets import (
-    content_hash,
-    editable_draft,
-    effective_captions,
-    image_by_number,
-    images_of,
-    latest_version,
-    plural,
-)
+from bot.core.datasets import editable_draft, plural
 from bot.core.errors import AuditNote, Refused, UserError
 from bot.core.previews import CARD_SIDE
 from bot.core.sheet import SheetEntry, render_contact_sheet
 from bot.core.teams import get_style
+from storage.datasets import (
+    content_hash,
+    effective_captions,
+    image_by_number,
+    images_of,
+    latest_version,
+)
 from storage.models import (
     DatasetStatus,
     DatasetVersion,

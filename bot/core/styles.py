@@ -9,19 +9,13 @@ from bot.commands import OutgoingFile, Reply
 from bot.core import audit
 from bot.core.arguments import StyleCaptionArgs, StyleCreateArgs, StyleNameArgs
 from bot.core.context import Context
-from bot.core.datasets import (
-    describe_version,
-    editable_draft,
-    effective_captions,
-    image_by_number,
-    images_of,
-    latest_version,
-)
+from bot.core.datasets import describe_version, editable_draft
 from bot.core.errors import UserError
 from bot.core.policy import known_base_models
 from bot.core.teams import find_style, get_style, team_styles
 from bot.core.wordlist import is_common_word
 from storage.blobs import BlobNotFound
+from storage.datasets import effective_captions, image_by_number, images_of, latest_version
 from storage.models import (
     Caption,
     CaptionSource,

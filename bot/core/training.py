@@ -10,9 +10,10 @@ from bot.commands import Reply
 from bot.core import audit
 from bot.core.arguments import StyleTrainArgs
 from bot.core.context import Context
-from bot.core.datasets import images_of, latest_approved, latest_version, plural
+from bot.core.datasets import plural
 from bot.core.errors import UserError
 from bot.core.teams import get_style
+from storage.datasets import images_of, latest_approved, latest_version
 from storage.job_payloads import JobKind, Priority, TrainPayload
 from storage.models import (
     DatasetStatus,

@@ -19,17 +19,11 @@ from bot.commands import FileTooLarge, IncomingFile, Reply
 from bot.core import audit
 from bot.core.arguments import StyleAddArgs, with_usage
 from bot.core.context import Context
-from bot.core.datasets import (
-    Editable,
-    editable_draft,
-    images_of,
-    latest_version,
-    next_number,
-    plural,
-)
+from bot.core.datasets import Editable, editable_draft, next_number, plural
 from bot.core.errors import UserError
 from bot.core.teams import find_team, get_style
 from storage.blobs import BlobRef, BlobTooLarge
+from storage.datasets import images_of, latest_version
 from storage.ingest import (
     ImageRefused,
     IngestLimits,
