@@ -46,11 +46,6 @@ class JobContext:
     progress_every_s: float = 2.0
     _last_progress_post: float = 0.0
 
-    @property
-    def reply(self) -> ReplyTarget | None:
-        raw = self.job.payload.get("reply")
-        return ReplyTarget.model_validate(raw) if raw else None
-
     def should_stop(self) -> bool:
         return self.cancel_requested.is_set() or self.lease_lost.is_set()
 
@@ -79,9 +74,22 @@ class JobContext:
     def post(
         self, key: str, text: str, *, attachments: tuple[Attachment, ...] = (), **extra: Any
     ) -> None:
-        reply = self.reply
-        if reply is None:
+        """Queue a chat message to this job's requester (a later `post` with the key edits it)."""
+        self.post_for(self.job, key, text, attachments=attachments, **extra)
+
+    def post_for(
+        self,
+        job: JobView,
+        key: str,
+        text: str,
+        *,
+        attachments: tuple[Attachment, ...] = (),
+        **extra: Any,
+    ) -> None:
+        raw = job.payload.get("reply")
+        if not raw:
             return
+        reply = ReplyTarget.model_validate(raw)
         self.outbox.put(
             key,
             platform=reply.platform,

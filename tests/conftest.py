@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+
+# Tiny models gain nothing from 2 threads, and OpenMP threads spinning on 2 shared cores
+# made the suite several times slower (measured by the runner work): one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 import shutil
 import uuid
 from collections.abc import Iterator

@@ -1,0 +1,131 @@
+"""Which device the runner uses and in what precision.
+
+One runner serves one device: CUDA when present, then Apple's MPS, else the CPU; a config
+value or ATELIER_DEVICE overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+DeviceName = Literal["cuda", "mps", "cpu"]
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class DeviceError(ValueError):
+    """A device or dtype that cannot be used here; str() says which ones can."""
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str  # "cuda", "cuda:1", "mps" or "cpu"
+    dtype: torch.dtype
+
+    @property
+    def kind(self) -> DeviceName:
+        kind = self.device.split(":")[0]
+        assert kind in ("cuda", "mps", "cpu")
+        return kind  # type: ignore[return-value]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def pick_device(override: str | None = None) -> str:
+    """`override` (or ATELIER_DEVICE) if given and usable, else cuda > mps > cpu."""
+    wanted = (override or os.environ.get("ATELIER_DEVICE") or "").strip().lower()
+    if not wanted or wanted == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if _mps_available() else "cpu"
+    kind = wanted.split(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device '{wanted}' was asked for but this torch has no CUDA GPU; "
+                "use 'cpu' or install a CUDA build of torch"
+            )
+        index = int(wanted.split(":")[1]) if ":" in wanted else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device '{wanted}' does not exist; this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+        return wanted
+    if kind == "mps":
+        if not _mps_available():
+            raise DeviceError("device 'mps' was asked for but MPS is not available; use 'cpu'")
+        return "mps"
+    if kind == "cpu":
+        return "cpu"
+    raise DeviceError(f"unknown device '{wanted}'; use auto, cuda, cuda:N, mps or cpu")
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on CUDA cards that have it (fp16 otherwise); fp32 on CPU and MPS.
+
+    MPS gets fp32 because SD's VAE overflows in fp16 there (black or NaN images) and bf16
+    needs recent macOS; fp16 is an explicit opt-in.
+    """
+    if device.startswith("cuda"):
+        return torch.float16 if not torch.cuda.is_bf16_supported() else torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.strip().lower()]
+    except KeyError:
+        raise DeviceError(f"unknown dtype '{name}'; use fp32, fp16 or bf16") from None
+
+
+def resolve_device(device: str | None = None, dtype: str | None = None) -> DeviceChoice:
+    """The runner's device and dtype from config (None or 'auto' picks automatically)."""
+    chosen = pick_device(device)
+    wanted = dtype or os.environ.get("ATELIER_DTYPE")
+    torch_dtype = parse_dtype(wanted) if wanted and wanted != "auto" else default_dtype(chosen)
+    if chosen == "cpu" and torch_dtype == torch.float16:
+        raise DeviceError("fp16 is not supported on the CPU here; use fp32 or bf16")
+    return DeviceChoice(device=chosen, dtype=torch_dtype)
+
+
+def memory_budget_bytes(choice: DeviceChoice, fraction: float = 0.6) -> int:
+    """Default memory for warm pipelines: a share of GPU memory, or of RAM on CPU/MPS."""
+    if choice.kind == "cuda":
+        total = torch.cuda.get_device_properties(choice.torch_device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * fraction)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the RuntimeError MPS/CPU allocators raise."""
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    if isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_cached_memory(choice: DeviceChoice) -> None:
+    """Give freed blocks back to the driver (after eviction or an OOM)."""
+    if choice.kind == "cuda":
+        torch.cuda.empty_cache()
+    elif choice.kind == "mps":
+        torch.mps.empty_cache()

@@ -1,0 +1,663 @@
+"""Text-to-image generation on warm pipelines.
+
+Requests that share base model, adapters, size, steps, CFG and sampler run as one batched
+pipeline call; each image has its own CPU `torch.Generator`, so a seed gives the same image
+on any device and in any batch (batched vs alone differ by at most 1/255, DESIGN.md).
+LoRAs load once per pipeline under distinctive adapter names and are switched with
+`set_adapters`; the base model is never reloaded for a style change.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import diffusers
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from gpu_runner.devices import DeviceError, is_out_of_memory, release_cached_memory
+from gpu_runner.lora_import import (
+    FAMILY_LABELS,
+    LoraFileInfo,
+    LoraImportError,
+    addnet_hash,
+    file_sha256,
+    import_adapter,
+    inspect_adapter_file,
+)
+from gpu_runner.pipelines import (
+    BaseModelError,
+    LoadedPipeline,
+    PipelineCache,
+    estimate_pipeline_bytes,
+)
+from gpu_runner.png_metadata import A1111Parameters, encode_png, format_parameters, side_by_side
+from gpu_runner.prompts import (
+    DEFAULT_LIMITS,
+    MAX_WEIGHT,
+    MIN_WEIGHT,
+    AdapterInfo,
+    AdapterUse,
+    InvalidRequestError,
+    Limits,
+    check_prompt_length,
+    parse_prompt,
+    strip_lora_tags,
+    validate_settings,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _NoTextEncoderLoraNotice(logging.Filter):
+    """Drop diffusers' warning that a UNet-only LoRA has no text-encoder keys: Atelier's
+    LoRAs are UNet-only, so it would fire on every adapter load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+logging.getLogger("diffusers.loaders.lora_base").addFilter(_NoTextEncoderLoraNotice())
+
+RECORD_VERSION = 1
+Variant = Literal["style", "base", "compare"]
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str  # A1111's name, written into the `parameters` chunk
+    scheduler: str  # diffusers class
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+_SAMPLER_LIST = (
+    SamplerSpec("DPM++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    SamplerSpec("DPM++ 2M", "DPMSolverMultistepScheduler"),
+    SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler"),
+    SamplerSpec("Euler", "EulerDiscreteScheduler"),
+    SamplerSpec("DDIM", "DDIMScheduler"),
+    SamplerSpec("UniPC", "UniPCMultistepScheduler"),
+)
+SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in _SAMPLER_LIST}
+DEFAULT_SAMPLER = "DPM++ 2M Karras"
+
+
+def _sampler_key(name: str) -> str:
+    return "".join(ch for ch in name.lower().replace("++", "pp") if ch.isalnum())
+
+
+# A1111 names plus ComfyUI-style spellings (dpmpp_2m_karras, euler_ancestral, ...).
+_SAMPLER_ALIASES: dict[str, str] = {_sampler_key(s.name): s.name for s in _SAMPLER_LIST}
+_SAMPLER_ALIASES.update({"eulerancestral": "Euler a", "dpmpp2mkarras": "DPM++ 2M Karras"})
+
+
+def resolve_sampler(name: str) -> SamplerSpec:
+    canonical = _SAMPLER_ALIASES.get(_sampler_key(name))
+    if canonical is None:
+        raise InvalidRequestError(f"unknown sampler '{name}'; use one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[canonical]
+
+
+class GenerationError(Exception):
+    """Generation failed in a way the requester should hear about; str() is one line."""
+
+
+class GenerationOutOfMemoryError(GenerationError):
+    pass
+
+
+# Everything the runner should report to the requester rather than treat as a crash.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    GenerationError,
+    InvalidRequestError,
+    BaseModelError,
+    LoraImportError,
+    DeviceError,
+)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One /imagine. `prompt` is as typed (tags included; they are stripped before the model
+    sees it); `adapters` are already resolved, e.g. by `from_prompt`. Image i uses seed+i."""
+
+    prompt: str
+    base_model: str = "tiny-sd15"
+    negative_prompt: str = ""
+    seed: int | None = None
+    steps: int = 20
+    cfg: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler: str = DEFAULT_SAMPLER
+    count: int = 1
+    adapters: tuple[AdapterUse, ...] = ()
+    compare: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)  # copied into the JSON record
+
+    @classmethod
+    def from_prompt(
+        cls, prompt: str, known: Mapping[str, AdapterInfo], **settings: Any
+    ) -> GenerationRequest:
+        """Adapters from trigger words (`known`: trigger -> adapter) and `<lora:name:w>` tags."""
+        parsed = parse_prompt(prompt, known)
+        return cls(prompt=prompt, adapters=parsed.adapters, **settings)
+
+    @property
+    def seeds(self) -> list[int]:
+        if self.seed is None:
+            raise ValueError("seed is not drawn yet; call with_seed() first")
+        return [(self.seed + i) % (DEFAULT_LIMITS.max_seed + 1) for i in range(self.count)]
+
+    def with_seed(self) -> GenerationRequest:
+        """This request with a seed: its own, or a fresh random one (always recorded)."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=secrets.randbelow(DEFAULT_LIMITS.max_seed + 1))
+
+    def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        validate_settings(
+            steps=self.steps,
+            cfg=self.cfg,
+            width=self.width,
+            height=self.height,
+            count=self.count,
+            seed=self.seed,
+            limits=limits,
+        )
+        resolve_sampler(self.sampler)
+        names = [use.adapter.name for use in self.adapters]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("the same style is selected twice; name each style once")
+        for use in self.adapters:
+            if not MIN_WEIGHT <= use.weight <= MAX_WEIGHT:
+                raise InvalidRequestError(
+                    f"style '{use.adapter.name}' has weight {use.weight}; use {MIN_WEIGHT} to "
+                    f"{MAX_WEIGHT}"
+                )
+        if self.compare and not self.adapters:
+            raise InvalidRequestError(
+                "compare needs a style: put a style's trigger word or <lora:name:1> in the prompt"
+            )
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    png: bytes
+    seed: int
+    variant: Variant
+    width: int
+    height: int
+    infotext: str  # A1111 `parameters` text (also in the PNG)
+    record: dict[str, Any]  # Atelier's JSON record (also in the PNG)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request: GenerationRequest  # seed filled in
+    images: list[GeneratedImage]  # with the request's adapters, one per seed
+    base_images: list[GeneratedImage] = field(default_factory=list)  # compare: no adapters
+    comparisons: list[GeneratedImage] = field(default_factory=list)  # compare: base | style
+
+    @property
+    def seeds(self) -> list[int]:
+        return [img.seed for img in self.images]
+
+
+# --- internals --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _FileKey:
+    """Content identity of an adapter file, memoized by path, size and mtime."""
+
+    sha256: str
+    addnet: str
+
+
+_file_keys: dict[tuple[str, int, int], _FileKey] = {}
+
+
+def _file_key(info: AdapterInfo) -> _FileKey:
+    path = Path(info.path)
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _file_keys:
+        _file_keys[memo] = _FileKey(info.sha256 or file_sha256(path), addnet_hash(path))
+    return _file_keys[memo]
+
+
+@dataclass
+class _Render:
+    """One variant of one request: what a batch slot needs."""
+
+    index: int  # position in the caller's list
+    request: GenerationRequest
+    variant: Literal["style", "base"]
+    adapters: tuple[AdapterUse, ...]
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+    loaded: LoadedPipeline | None = None  # the pipeline that rendered it
+
+
+def _group_key(render: _Render) -> tuple[Any, ...]:
+    r = render.request
+    adapters = tuple((u.adapter.path, u.adapter.kind, u.weight) for u in render.adapters)
+    return (
+        r.base_model,
+        adapters,
+        r.width,
+        r.height,
+        r.steps,
+        r.cfg,
+        resolve_sampler(r.sampler).name,
+    )
+
+
+class Generator:
+    """Generates images for requests on a PipelineCache's warm pipelines."""
+
+    def __init__(
+        self,
+        cache: PipelineCache,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        max_batch: int = 8,
+        max_loras_per_pipeline: int = 16,
+    ) -> None:
+        self.cache = cache
+        self.limits = limits
+        self.max_batch = max_batch
+        self.max_loras = max_loras_per_pipeline
+
+    # -- public --------------------------------------------------------------------------
+
+    def generate(
+        self, request: GenerationRequest, on_step: StepCallback | None = None
+    ) -> GenerationResult:
+        """One request; raises a USER_ERRORS exception with a clear message on failure."""
+        (outcome,) = self.generate_many([request], on_step=on_step)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def generate_many(
+        self, requests: Sequence[GenerationRequest], on_step: StepCallback | None = None
+    ) -> list[GenerationResult | Exception]:
+        """Several requests, batched where they share settings. Each slot of the returned
+        list is the request's result or the USER_ERRORS exception that ended it (one bad
+        request does not fail the others). Anything else (a bug, or a cancel raised from
+        `on_step`) propagates for the runner to handle."""
+        outcomes: list[Any] = [None] * len(requests)
+        renders: list[_Render] = []
+        for i, raw in enumerate(requests):
+            try:
+                request = raw.with_seed()
+                request.validate(self.limits)
+                loaded = self.cache.get(request.base_model)
+                self._check_adapters(loaded, request.adapters)
+                text = strip_lora_tags(request.prompt)
+                self._sync_embeddings(loaded, request.adapters, [text])
+                check_prompt_length(loaded.tokenizers, self._expand(loaded, text), "prompt")
+                check_prompt_length(
+                    loaded.tokenizers,
+                    self._expand(loaded, request.negative_prompt),
+                    "negative prompt",
+                )
+            except USER_ERRORS as exc:
+                outcomes[i] = exc
+                continue
+            renders.append(_Render(i, request, "style", request.adapters, text))
+            if request.compare:
+                renders.append(_Render(i, request, "base", (), text))
+
+        groups: OrderedDict[tuple[Any, ...], list[_Render]] = OrderedDict()
+        for render in renders:
+            groups.setdefault(_group_key(render), []).append(render)
+        failed: dict[int, BaseException] = {}
+        for members in groups.values():
+            try:
+                self._run_group(members, on_step)
+            except USER_ERRORS as exc:
+                for render in members:
+                    failed.setdefault(render.index, exc)
+
+        for render in renders:
+            if render.index in failed:
+                outcomes[render.index] = failed[render.index]
+        by_request: dict[int, list[_Render]] = {}
+        for render in renders:
+            by_request.setdefault(render.index, []).append(render)
+        for index, parts in by_request.items():
+            if outcomes[index] is None:
+                outcomes[index] = self._result(parts)
+        return outcomes
+
+    # -- adapters ------------------------------------------------------------------------
+
+    def import_adapter(self, path: str | Path, base_model: str) -> LoraFileInfo:
+        """Check an uploaded LoRA/embedding against a configured base model (loading it if
+        needed); raises LoraImportError with the reason when it does not fit."""
+        loaded = self.cache.get(base_model)
+        return import_adapter(path, loaded.pipe, loaded.name)
+
+    def _check_adapters(self, loaded: LoadedPipeline, adapters: Sequence[AdapterUse]) -> None:
+        loras = sum(1 for use in adapters if use.adapter.kind == "lora")
+        if loras > self.max_loras:
+            raise InvalidRequestError(
+                f"{loras} LoRAs in one prompt is more than this runner combines "
+                f"({self.max_loras}); use fewer styles"
+            )
+        for use in adapters:
+            path = Path(use.adapter.path)
+            if not path.is_file():
+                raise GenerationError(
+                    f"style '{use.adapter.name}': its file {path.name} is missing on this runner"
+                )
+            info = inspect_adapter_file(path, with_hashes=False)  # header only: cheap
+            if info.kind != use.adapter.kind:
+                raise GenerationError(
+                    f"style '{use.adapter.name}' is registered as a {use.adapter.kind} but its "
+                    f"file holds a {info.kind}"
+                )
+            if info.family and info.family != loaded.family:
+                raise GenerationError(
+                    f"style '{use.adapter.name}' was made for {FAMILY_LABELS[info.family]}; base "
+                    f"model '{loaded.name}' is {FAMILY_LABELS[loaded.family]}"
+                )
+
+    @staticmethod
+    def adapter_name(info: AdapterInfo) -> str:
+        # Distinctive: short names that are substrings of module names confuse peft.
+        return f"atelier_{_file_key(info).sha256[:16]}"
+
+    def _ensure_lora(self, loaded: LoadedPipeline, info: AdapterInfo) -> str:
+        name = self.adapter_name(info)
+        if name in loaded.lora_adapters.values():
+            loaded.lora_adapters.move_to_end(name)
+            return name
+        loaded.active_loras = None  # loading or deleting adapters changes what is active
+        while len(loaded.lora_adapters) >= self.max_loras:
+            _, oldest = loaded.lora_adapters.popitem(last=False)
+            loaded.pipe.delete_adapters(oldest)
+        # Our own safetensors read: diffusers would fall back to pickles for other files.
+        state = load_file(info.path)
+        try:
+            loaded.pipe.load_lora_weights(state, adapter_name=name)
+        except Exception as exc:  # peft/diffusers raise assorted errors for bad files
+            raise GenerationError(
+                f"style '{info.name}': its LoRA could not be applied to '{loaded.name}' ({exc})"
+            ) from exc
+        loaded.lora_adapters[name] = name
+        loaded.nbytes = estimate_pipeline_bytes(loaded.pipe)
+        return name
+
+    def _activate_loras(self, loaded: LoadedPipeline, adapters: Sequence[AdapterUse]) -> None:
+        # Each peft call walks every module (~10 ms on the tiny UNet): skip what is already set.
+        loras = [u for u in adapters if u.adapter.kind == "lora"]
+        pipe = loaded.pipe
+        if not loras:
+            if loaded.lora_adapters and loaded.active_loras != ():
+                pipe.disable_lora()
+            loaded.active_loras = ()
+            return
+        names = [self._ensure_lora(loaded, u.adapter) for u in loras]
+        wanted = tuple((name, u.weight) for name, u in zip(names, loras, strict=True))
+        if wanted == loaded.active_loras:
+            return
+        if not loaded.active_loras:  # off, or unknown after a load
+            pipe.enable_lora()
+        pipe.set_adapters(names, adapter_weights=[u.weight for u in loras])
+        loaded.active_loras = wanted
+
+    def _embedding_tokens(self, info: AdapterInfo) -> str:
+        return info.trigger or info.name
+
+    def _sync_embeddings(
+        self, loaded: LoadedPipeline, adapters: Sequence[AdapterUse], texts: Sequence[str]
+    ) -> None:
+        """Load the requested embeddings; unload others whose token the texts use (so the
+        base side of a compare reads the trigger as plain words)."""
+        wanted = {
+            self.adapter_name(u.adapter): u.adapter
+            for u in adapters
+            if u.adapter.kind == "embedding"
+        }
+        for key in list(loaded.embeddings):
+            tokens = loaded.embeddings[key]
+            used = re.compile(rf"(?<!\w){re.escape(tokens[0])}(?!\w)", re.IGNORECASE)
+            if key not in wanted and any(used.search(t) for t in texts):
+                self._unload_embedding(loaded, tokens)
+                del loaded.embeddings[key]
+        for key, info in wanted.items():
+            if key not in loaded.embeddings:
+                loaded.embeddings[key] = self._load_embedding(loaded, info)
+
+    def _load_embedding(self, loaded: LoadedPipeline, info: AdapterInfo) -> list[str]:
+        token = self._embedding_tokens(info)
+        pipe = loaded.pipe
+        state = load_file(info.path)
+        try:
+            if loaded.family == "sdxl":
+                pipe.load_textual_inversion(
+                    state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                    tokenizer=pipe.tokenizer_2,
+                )  # fmt: skip
+                pipe.load_textual_inversion(
+                    state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                    tokenizer=pipe.tokenizer,
+                )  # fmt: skip
+            else:
+                pipe.load_textual_inversion(state, token=token)
+        except (KeyError, ValueError) as exc:
+            raise GenerationError(
+                f"embedding '{info.name}' could not be loaded into '{loaded.name}' ({exc})"
+            ) from exc
+        # Multi-vector embeddings add token, token_1, token_2, ...
+        vocab = pipe.tokenizer.get_vocab()
+        extra = sorted(
+            (t for t in vocab if t.startswith(f"{token}_") and t[len(token) + 1 :].isdigit()),
+            key=lambda t: int(t[len(token) + 1 :]),
+        )
+        return [token, *extra]
+
+    def _unload_embedding(self, loaded: LoadedPipeline, tokens: list[str]) -> None:
+        pipe = loaded.pipe
+        pipe.unload_textual_inversion(
+            tokens=tokens, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
+        )
+        if loaded.family == "sdxl":
+            pipe.unload_textual_inversion(
+                tokens=tokens, tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2
+            )
+
+    @staticmethod
+    def _expand(loaded: LoadedPipeline, text: str) -> str:
+        # Multi-vector embeddings expand one token into several; count what the encoder sees.
+        return str(loaded.pipe.maybe_convert_prompt(text, loaded.pipe.tokenizer))
+
+    # -- running -------------------------------------------------------------------------
+
+    def _scheduler(self, loaded: LoadedPipeline, sampler: str) -> Any:
+        spec = resolve_sampler(sampler)
+        cls = getattr(diffusers, spec.scheduler)
+        # A fresh scheduler per call: they keep per-run state between steps.
+        return cls.from_config(loaded.scheduler_config, **spec.options)
+
+    def _run_group(self, members: list[_Render], on_step: StepCallback | None) -> None:
+        first = members[0]
+        request = first.request
+        loaded = self.cache.get(request.base_model)
+        for member in members:
+            member.loaded = loaded
+        self._activate_loras(loaded, first.adapters)
+        self._sync_embeddings(loaded, first.adapters, [m.text for m in members])
+        slots: list[tuple[_Render, int]] = [(m, s) for m in members for s in m.request.seeds]
+        for start in range(0, len(slots), self.max_batch):
+            chunk = slots[start : start + self.max_batch]
+            images = self._call_with_oom_retry(loaded, chunk, on_step)
+            for (render, _), image in zip(chunk, images, strict=True):
+                render.images.append(image)
+
+    def _call_with_oom_retry(
+        self,
+        loaded: LoadedPipeline,
+        chunk: list[tuple[_Render, int]],
+        on_step: StepCallback | None,
+    ) -> list[Image.Image]:
+        try:
+            return self._call(loaded, chunk, on_step)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            release_cached_memory(self.cache.choice)
+            request = chunk[0][0].request
+            if len(chunk) == 1:
+                raise GenerationOutOfMemoryError(
+                    f"the GPU ran out of memory at {request.width}x{request.height}; try a smaller "
+                    "size, or again when training is not running"
+                ) from None
+        log.warning("out of memory on a batch of %d; retrying one at a time", len(chunk))
+        return [img for slot in chunk for img in self._call_with_oom_retry(loaded, [slot], on_step)]
+
+    def _call(
+        self,
+        loaded: LoadedPipeline,
+        chunk: list[tuple[_Render, int]],
+        on_step: StepCallback | None,
+    ) -> list[Image.Image]:
+        request = chunk[0][0].request
+        pipe = loaded.pipe
+        pipe.scheduler = self._scheduler(loaded, request.sampler)
+        kwargs: dict[str, Any] = {}
+        if on_step is not None:
+            total = request.steps
+
+            def _step_end(
+                _pipe: Any, step: int, _t: Any, tensors: dict[str, Any]
+            ) -> dict[str, Any]:
+                on_step(step + 1, total)
+                return tensors
+
+            kwargs["callback_on_step_end"] = _step_end
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+        with torch.inference_mode():
+            out = pipe(
+                prompt=[render.text for render, _ in chunk],
+                negative_prompt=[render.request.negative_prompt for render, _ in chunk],
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg,
+                width=request.width,
+                height=request.height,
+                generator=generators,
+                output_type="pil",
+                **kwargs,
+            )
+        return list(out.images)
+
+    # -- results -------------------------------------------------------------------------
+
+    def _record(
+        self, loaded: LoadedPipeline, render: _Render, seed: int, variant: Variant
+    ) -> tuple[str, dict[str, Any]]:
+        r = render.request
+        sampler = resolve_sampler(r.sampler).name
+        loras = [u for u in render.adapters if u.adapter.kind == "lora"]
+        # A1111 applies LoRAs from prompt tags: write one for each LoRA actually used.
+        tags = " ".join(f"<lora:{u.adapter.name}:{u.weight:g}>" for u in loras)
+        infotext = format_parameters(
+            A1111Parameters(
+                prompt=f"{render.text} {tags}".strip(),
+                negative_prompt=r.negative_prompt,
+                steps=r.steps,
+                sampler=sampler,
+                cfg=r.cfg,
+                seed=seed,
+                width=r.width,
+                height=r.height,
+                model=loaded.name,
+                model_hash=loaded.short_hash,
+                lora_hashes={u.adapter.name: _file_key(u.adapter).addnet[:12] for u in loras},
+            )
+        )
+        record: dict[str, Any] = {
+            "atelier_record": RECORD_VERSION,
+            "variant": variant,
+            "prompt": r.prompt,
+            "prompt_sent": render.text,
+            "negative_prompt": r.negative_prompt,
+            "seed": seed,
+            "steps": r.steps,
+            "cfg": r.cfg,
+            "width": r.width,
+            "height": r.height,
+            "sampler": sampler,
+            "base_model": {
+                "name": loaded.name,
+                "family": loaded.family,
+                "sha256": loaded.model_hash,
+            },
+            "adapters": [
+                {
+                    "name": u.adapter.name,
+                    "kind": u.adapter.kind,
+                    "trigger": u.adapter.trigger,
+                    "weight": u.weight,
+                    "sha256": _file_key(u.adapter).sha256,
+                }
+                for u in render.adapters
+            ],
+            "extra": dict(r.extra),
+        }
+        return infotext, record
+
+    def _encode(
+        self,
+        loaded: LoadedPipeline,
+        render: _Render,
+        seed: int,
+        image: Image.Image,
+        variant: Variant,
+    ) -> GeneratedImage:
+        infotext, record = self._record(loaded, render, seed, variant)
+        return GeneratedImage(
+            png=encode_png(image, infotext, record),
+            seed=seed,
+            variant=variant,
+            width=image.width,
+            height=image.height,
+            infotext=infotext,
+            record=record,
+        )
+
+    def _result(self, parts: list[_Render]) -> GenerationResult:
+        style = next(p for p in parts if p.variant == "style")
+        base = next((p for p in parts if p.variant == "base"), None)
+        request = style.request
+        loaded = style.loaded
+        assert loaded is not None
+        seeds = request.seeds
+        images = [
+            self._encode(loaded, style, s, im, "style")
+            for s, im in zip(seeds, style.images, strict=True)
+        ]
+        if base is None:
+            return GenerationResult(request=request, images=images)
+        base_images = [
+            self._encode(loaded, base, s, im, "base")
+            for s, im in zip(seeds, base.images, strict=True)
+        ]
+        comparisons = [
+            self._encode(loaded, style, s, side_by_side([b, st]), "compare")
+            for s, b, st in zip(seeds, base.images, style.images, strict=True)
+        ]
+        return GenerationResult(request, images, base_images, comparisons)

@@ -1,0 +1,220 @@
+"""The `generate` job: render a /imagine request (plus compatible queued ones, batched)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+
+from gpu_runner.generation import USER_ERRORS, GeneratedImage, GenerationRequest, GenerationResult
+from gpu_runner.prompts import AdapterInfo, AdapterUse
+from gpu_runner.services import RunnerServices
+from gpu_runner.worker import JobContext, JobFailed, JobStopped
+from storage.job_payloads import GeneratePayload, result_key
+from storage.models import Generation, ModelVersion, Style
+from storage.outbox import Attachment
+from storage.queue import JobView, LeaseLost
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_JOBS = 4
+
+
+def run_generate(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
+    jobs = [ctx.job]
+    if ctx.job.batch_key:
+        ctx.extra_jobs = services.queue.claim_batch(
+            ctx.worker_id, ctx.job.batch_key, limit=MAX_BATCH_JOBS - 1
+        )
+        jobs += ctx.extra_jobs
+    requests: list[GenerationRequest | Exception] = []
+    for job in jobs:
+        try:
+            requests.append(_request(services, job))
+        except JobFailed as exc:
+            requests.append(exc)
+
+    def on_step(step: int, total: int) -> None:
+        if ctx.should_stop():
+            raise JobStopped("canceled")
+
+    valid = [r for r in requests if isinstance(r, GenerationRequest)]
+    outcomes = iter(services.generator.generate_many(valid, on_step=on_step) if valid else [])
+    results = [r if isinstance(r, Exception) else next(outcomes) for r in requests]
+
+    for job, outcome in zip(jobs[1:], results[1:], strict=True):
+        _settle_extra(services, ctx, job, outcome)
+    own = results[0]
+    if isinstance(own, Exception):
+        raise JobFailed(_user_message(own))
+    return _record(services, ctx.job, own)
+
+
+def _request(services: RunnerServices, job: JobView) -> GenerationRequest:
+    payload = GeneratePayload.model_validate(job.payload)
+    team_id = payload.reply.team_id
+    uses = tuple(
+        AdapterUse(_adapter(services, team_id, choice.model_version_id), choice.weight)
+        for choice in payload.adapters
+    )
+    return GenerationRequest(
+        prompt=payload.prompt,
+        base_model=payload.base_model,
+        negative_prompt=payload.negative_prompt,
+        seed=payload.seed,
+        steps=payload.steps,
+        cfg=payload.cfg,
+        width=payload.width,
+        height=payload.height,
+        sampler=payload.sampler,
+        count=payload.count,
+        adapters=uses,
+        compare=payload.compare,
+        extra={"job_id": job.id, "requester": payload.reply.requester},
+    )
+
+
+def _adapter(services: RunnerServices, team_id: int, model_version_id: int) -> AdapterInfo:
+    with services.db.session() as s:
+        row = s.execute(
+            select(ModelVersion, Style)
+            .join(Style, ModelVersion.style_id == Style.id)
+            .where(ModelVersion.id == model_version_id, Style.team_id == team_id)
+        ).first()
+    if row is None:  # gone, or another team's: never reachable from here
+        raise JobFailed(
+            f"model version {model_version_id} is not available to this team; "
+            "check `/style info` for the style's current model"
+        )
+    version, style = row
+    blob = version.embedding_blob or version.kohya_blob
+    if blob is None or not services.blobs.exists(blob):
+        raise JobFailed(
+            f"the trained files of style '{style.name}' are missing from the data folder; "
+            f"train it again with `/style train {style.name}`"
+        )
+    return AdapterInfo(
+        name=style.name,
+        path=str(services.adapter_file(blob)),
+        trigger=style.trigger,
+        kind="embedding" if version.embedding_blob else "lora",
+        sha256=blob,
+    )
+
+
+def _user_message(exc: Exception) -> str:
+    if isinstance(exc, (JobFailed, *USER_ERRORS)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _settle_extra(
+    services: RunnerServices,
+    ctx: JobContext,
+    job: JobView,
+    outcome: GenerationResult | Exception,
+) -> None:
+    try:
+        if isinstance(outcome, Exception):
+            message = _user_message(outcome)
+            services.queue.fail(job.id, ctx.worker_id, message, retryable=False)
+            ctx.post_for(job, result_key(job.id), f"Job {job.id} (generate) failed: {message}")
+        else:
+            services.queue.complete(job.id, ctx.worker_id, _record(services, job, outcome))
+    except LeaseLost:
+        log.warning("batched job %s was taken over before it was recorded", job.id)
+    finally:
+        ctx.extra_jobs.remove(job)
+
+
+def _record(services: RunnerServices, job: JobView, result: GenerationResult) -> dict[str, Any]:
+    """Store the images, the Generation row and the result message; return the job result."""
+    payload = GeneratePayload.model_validate(job.payload)
+    request = result.request
+    shown = result.comparisons or result.images
+    stored = [_store(services, image) for image in result.images]
+    compared = bool(result.comparisons)
+    attachments = tuple(
+        Attachment(_store(services, image), _filename(job.id, image, compared=compared))
+        for image in shown
+    )
+    record = dict(result.images[0].record) if result.images else {}
+    with services.db.session(write=True) as s:
+        generation = Generation(
+            team_id=payload.reply.team_id,
+            job_id=job.id,
+            requester=payload.reply.requester,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=request.seed or 0,
+            steps=request.steps,
+            cfg=request.cfg,
+            width=request.width,
+            height=request.height,
+            sampler=request.sampler,
+            base_model=request.base_model,
+            adapters=[a.model_dump() for a in payload.adapters],
+            image_blobs=stored,
+            record=record,
+        )
+        s.add(generation)
+        s.flush()
+        generation_id = generation.id
+        services.outbox.put(
+            result_key(job.id),
+            platform=payload.reply.platform,
+            channel=payload.reply.channel,
+            thread=payload.reply.thread,
+            team_id=payload.reply.team_id,
+            text=_result_text(payload, result),
+            attachments=attachments,
+            extra={
+                "seed": result.seeds,
+                "parameters": _parameters(payload, result),
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "generation_id": generation_id,
+            },
+            session=s,
+        )
+    return {"generation_id": generation_id, "seeds": result.seeds, "images": stored}
+
+
+def _store(services: RunnerServices, image: GeneratedImage) -> str:
+    return services.blobs.put_bytes(image.png).sha256
+
+
+def _filename(job_id: int, image: GeneratedImage, *, compared: bool) -> str:
+    suffix = "-base-vs-style" if compared else ""
+    return f"atelier-{job_id}-seed{image.seed}{suffix}.png"
+
+
+def _parameters(payload: GeneratePayload, result: GenerationResult) -> dict[str, Any]:
+    request = result.request
+    return {
+        "steps": request.steps,
+        "cfg": request.cfg,
+        "size": f"{request.width}x{request.height}",
+        "sampler": request.sampler,
+        "model": request.base_model,
+        "loras": ", ".join(f"{a.name}:{a.weight:g}" for a in payload.adapters) or "none",
+    }
+
+
+def _result_text(payload: GeneratePayload, result: GenerationResult) -> str:
+    request = result.request
+    seeds = ", ".join(str(seed) for seed in result.seeds)
+    styles = ", ".join(f"{a.name} ({a.weight:g})" for a in payload.adapters) or "none"
+    lines = [
+        f"**{request.prompt}**",
+        f"Seed {seeds} · {request.steps} steps · CFG {request.cfg:g} · "
+        f"{request.width}x{request.height} · {request.sampler} · model {request.base_model}",
+        f"Styles: {styles}",
+    ]
+    if request.negative_prompt:
+        lines.insert(1, f"Negative: {request.negative_prompt}")
+    if result.comparisons:
+        lines.append("Left: base model, right: with the style, same seed.")
+    lines.append("React 🔁 for another seed.")
+    return "\n".join(lines)

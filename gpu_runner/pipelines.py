@@ -1,0 +1,418 @@
+"""Base models: where they come from, how they load offline, and which stay warm.
+
+A base model is named in config by a spec whose source is one of:
+- `tiny-sd15` / `tiny-sdxl`: built in code (tests, CI, the demo; random weights),
+- a diffusers folder (`model_index.json` inside),
+- a single `.safetensors` checkpoint plus a local diffusers config folder (offline),
+- a hub id (`org/name`) already in the local Hugging Face cache (never downloaded here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from gpu_runner.devices import DeviceChoice, memory_budget_bytes, release_cached_memory
+from gpu_runner.lora_import import (
+    FAMILY_LABELS,
+    Family,
+    LoraImportError,
+    file_sha256,
+    pipeline_family,
+    read_safetensors_header,
+)
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["builtin", "folder", "single_file", "hub"]
+BUILTIN_MODELS = ("tiny-sd15", "tiny-sdxl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
+# diffusers renamed `torch_dtype` to `dtype` (the old name warns); older ones know only it.
+try:
+    from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+
+    _DTYPE_KW = "dtype"
+except ImportError:
+    _DTYPE_KW = "torch_dtype"
+# Files from_pretrained loads for a component (no dtype variants such as `.fp16.`).
+_WEIGHT_FILE = re.compile(r"^(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+
+
+class BaseModelError(ValueError):
+    """A base model that cannot be used; str() says what to change."""
+
+
+class UnknownBaseModelError(BaseModelError):
+    pass
+
+
+class BaseModelLoadError(BaseModelError):
+    pass
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """One configured base model. `config` is the diffusers config folder that a single
+    checkpoint file needs to load offline; `family` overrides detection."""
+
+    name: str
+    source: str
+    config: str | None = None
+    family: Family | None = None
+
+    @classmethod
+    def from_config(cls, name: str, value: str | Mapping[str, Any]) -> BaseModelSpec:
+        """`name: source` or `name: {source: ..., config: ..., family: ...}` from config."""
+        if isinstance(value, str):
+            return cls(name=name, source=value)
+        source = value.get("source") or value.get("path")
+        if not source:
+            raise BaseModelError(
+                f"base model '{name}' has no source; give a folder, file or hub id"
+            )
+        family = value.get("family")
+        if family is not None and family not in FAMILY_LABELS:
+            raise BaseModelError(
+                f"base model '{name}' has family '{family}'; use one of {', '.join(FAMILY_LABELS)}"
+            )
+        return cls(name=name, source=str(source), config=value.get("config"), family=family)
+
+    @property
+    def kind(self) -> SourceKind:
+        if self.source in BUILTIN_MODELS:
+            return "builtin"
+        path = Path(self.source).expanduser()
+        if path.is_dir():
+            return "folder"
+        if path.suffix:
+            return "single_file"  # existence and format are checked when it loads
+        if _HUB_ID.match(self.source):
+            return "hub"
+        raise BaseModelError(
+            f"base model '{self.name}': '{self.source}' is not a built-in model, an existing "
+            "folder, a .safetensors file or a hub id like org/name"
+        )
+
+
+@dataclass
+class LoadedPipeline:
+    """A warm pipeline plus what the generator keeps on it (loaded adapters die with it)."""
+
+    spec: BaseModelSpec
+    pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline
+    family: Family
+    model_hash: str  # sha256 hex of the weights
+    nbytes: int
+    scheduler_config: dict[str, Any]
+    lora_adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)  # key -> name
+    embeddings: dict[str, list[str]] = field(default_factory=dict)  # key -> tokens
+    # LoRAs now active as (adapter name, weight); () = LoRAs off; None = unknown (re-apply).
+    active_loras: tuple[tuple[str, float], ...] | None = ()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def short_hash(self) -> str:
+        """A1111's "Model hash" (first 10 hex digits; for a single file, the same as A1111's)."""
+        return self.model_hash[:10]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t]
+
+
+def estimate_pipeline_bytes(pipe: DiffusionPipeline) -> int:
+    """Parameter and buffer bytes of every torch module in the pipeline."""
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in (*component.parameters(), *component.buffers()):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _state_hash(pipe: DiffusionPipeline) -> str:
+    # Built-in models have no files: hash their weights (fast; they are tiny).
+    digest = hashlib.sha256()
+    for name, component in sorted(pipe.components.items()):
+        if isinstance(component, torch.nn.Module):
+            for key, tensor in sorted(component.state_dict().items()):
+                digest.update(f"{name}.{key}".encode())
+                digest.update(
+                    tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+                )
+    return digest.hexdigest()
+
+
+_hash_memo: dict[tuple[str, int, int], str] = {}
+
+
+def _memo_file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hash_memo:
+        _hash_memo[key] = file_sha256(path)
+    return _hash_memo[key]
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over the weight files from_pretrained loads (name and content hash of each)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and _WEIGHT_FILE.match(p.name))
+    by_dir: dict[Path, list[Path]] = {}
+    for p in files:
+        by_dir.setdefault(p.parent, []).append(p)
+    for parent in sorted(by_dir):
+        group = by_dir[parent]
+        # from_pretrained prefers safetensors when both exist.
+        chosen = [p for p in group if p.suffix == ".safetensors"] or group
+        for p in chosen:
+            digest.update(str(p.relative_to(folder)).encode())
+            digest.update(_memo_file_sha256(p).encode())
+    return digest.hexdigest()
+
+
+def _class_from_index(folder: Path) -> type[DiffusionPipeline] | None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return None
+    class_name = json.loads(index.read_text()).get("_class_name", "")
+    return _PIPELINE_CLASSES.get(class_name)
+
+
+def _unsupported(spec: BaseModelSpec, what: str) -> BaseModelLoadError:
+    return BaseModelLoadError(
+        f"base model '{spec.name}' is {what}; Atelier runs SD1.5/SD2 and SDXL text-to-image "
+        "pipelines"
+    )
+
+
+def _extra_kwargs(cls: type[DiffusionPipeline]) -> dict[str, Any]:
+    # No safety checker (as in A1111, ComfyUI): a team's own tool on its own data.
+    if cls is StableDiffusionPipeline:
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
+
+
+def _load_folder(spec: BaseModelSpec, folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    cls = _class_from_index(folder)
+    if cls is None:
+        if not (folder / "model_index.json").is_file():
+            raise BaseModelLoadError(
+                f"base model '{spec.name}': '{folder}' has no model_index.json, so it is not a "
+                "diffusers folder; save the model with save_pretrained or name a .safetensors file"
+            )
+        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        raise _unsupported(spec, f"a {class_name or 'pipeline of unknown type'}")
+    return cls.from_pretrained(
+        str(folder), local_files_only=True, **{_DTYPE_KW: dtype}, **_extra_kwargs(cls)
+    )
+
+
+def _load_single_file(spec: BaseModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
+    path = Path(spec.source).expanduser()
+    if not path.is_file():
+        raise BaseModelLoadError(f"base model '{spec.name}': file '{path}' does not exist")
+    try:
+        header = read_safetensors_header(path, max_file_bytes=64 * 1024**3)
+    except LoraImportError as exc:
+        raise BaseModelLoadError(f"base model '{spec.name}': {exc}") from None
+    if not spec.config:
+        raise BaseModelLoadError(
+            f"base model '{spec.name}' is a single file; to load it offline also set `config` to "
+            "a local diffusers folder of the same architecture (its model_index.json and "
+            "component configs)"
+        )
+    config = Path(spec.config).expanduser()
+    cls = _class_from_index(config)
+    if spec.family:
+        cls = StableDiffusionXLPipeline if spec.family == "sdxl" else StableDiffusionPipeline
+    elif cls is None:
+        is_xl = any(k.startswith("conditioner.embedders.1.") for k in header.tensors)
+        cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    return cls.from_single_file(
+        str(path),
+        config=str(config),
+        local_files_only=True,
+        **{_DTYPE_KW: dtype},
+        **_extra_kwargs(cls),
+    )
+
+
+def _hub_snapshot(spec: BaseModelSpec) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(spec.source, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        raise BaseModelLoadError(
+            f"base model '{spec.name}' is the hub id '{spec.source}', which is not in this "
+            f"machine's Hugging Face cache and Atelier never downloads; fetch it once with "
+            f"`hf download {spec.source}` (or copy a cache that has it), or set the source to a "
+            "local folder"
+        ) from None
+
+
+def _quiet_progress_bars() -> None:
+    # A runner's log is not a terminal: no tqdm bars for loading components.
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def load_pipeline(spec: BaseModelSpec, choice: DeviceChoice) -> LoadedPipeline:
+    """Load a base model on the CPU in the device's dtype (the cache moves it to the device)."""
+    dtype = choice.dtype
+    _quiet_progress_bars()
+    try:
+        kind = spec.kind
+        if kind == "builtin":
+            from gpu_runner import tiny_models
+
+            build = {
+                "tiny-sd15": tiny_models.build_tiny_sd15_pipeline,
+                "tiny-sdxl": tiny_models.build_tiny_sdxl_pipeline,
+            }[spec.source]
+            pipe = build(seed=0)
+            model_hash = _state_hash(pipe)  # of the fp32 weights, whatever the device dtype
+            if dtype != torch.float32:
+                for component in pipe.components.values():
+                    if isinstance(component, torch.nn.Module):
+                        torch.nn.Module.to(component, dtype=dtype)
+        elif kind == "folder":
+            folder = Path(spec.source).expanduser()
+            pipe = _load_folder(spec, folder, dtype)
+            model_hash = folder_hash(folder)
+        elif kind == "single_file":
+            pipe = _load_single_file(spec, dtype)
+            model_hash = _memo_file_sha256(Path(spec.source).expanduser())
+        else:
+            folder = _hub_snapshot(spec)
+            pipe = _load_folder(spec, folder, dtype)
+            model_hash = folder_hash(folder)
+    except BaseModelError:
+        raise
+    except Exception as exc:  # diffusers/transformers raise many types; name the model
+        raise BaseModelLoadError(
+            f"base model '{spec.name}' ({spec.source}) failed to load: {exc}"
+        ) from exc
+    if type(pipe) not in _PIPELINE_CLASSES.values():
+        raise _unsupported(spec, f"a {type(pipe).__name__}")
+    family = pipeline_family(pipe)
+    if spec.family and spec.family != family:
+        raise BaseModelLoadError(
+            f"base model '{spec.name}' is configured as {FAMILY_LABELS[spec.family]} but loads "
+            f"as {FAMILY_LABELS[family]}; fix `family` in the config"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(
+        spec=spec,
+        pipe=pipe,
+        family=family,
+        model_hash=model_hash,
+        nbytes=estimate_pipeline_bytes(pipe),
+        scheduler_config=dict(pipe.scheduler.config),
+    )
+
+
+Loader = Callable[[BaseModelSpec, DeviceChoice], LoadedPipeline]
+
+
+class PipelineCache:
+    """Warm pipelines, least recently used evicted first when a new one would not fit in
+    `budget_bytes` (estimated from parameter bytes). A model larger than the whole budget
+    still loads, alone."""
+
+    def __init__(
+        self,
+        specs: Iterable[BaseModelSpec],
+        choice: DeviceChoice,
+        budget_bytes: int | None = None,
+        loader: Loader = load_pipeline,
+    ) -> None:
+        self.specs: dict[str, BaseModelSpec] = {s.name: s for s in specs}
+        self.choice = choice
+        self.budget_bytes = (
+            budget_bytes if budget_bytes is not None else memory_budget_bytes(choice)
+        )
+        self._loader = loader
+        self._loaded: OrderedDict[str, LoadedPipeline] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def loaded_names(self) -> list[str]:
+        """Warm models, least recently used first."""
+        return list(self._loaded)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(p.nbytes for p in self._loaded.values())
+
+    def spec(self, name: str) -> BaseModelSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            known = ", ".join(self.specs) or "none"
+            raise UnknownBaseModelError(
+                f"unknown base model '{name}'; the runner is configured with: {known}. "
+                "Pick one of those or add it to the runner's config"
+            ) from None
+
+    def get(self, name: str) -> LoadedPipeline:
+        with self._lock:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return self._loaded[name]
+            spec = self.spec(name)
+            loaded = self._loader(spec, self.choice)  # on the CPU: nothing evicted yet
+            while self._loaded and self.used_bytes + loaded.nbytes > self.budget_bytes:
+                self.evict(next(iter(self._loaded)))
+            if loaded.nbytes > self.budget_bytes:
+                log.warning(
+                    "base model %s (%d MiB) is larger than the cache budget (%d MiB)",
+                    name, loaded.nbytes >> 20, self.budget_bytes >> 20,
+                )  # fmt: skip
+            loaded.pipe.to(self.choice.torch_device)
+            self._loaded[name] = loaded
+            return loaded
+
+    def evict(self, name: str) -> bool:
+        with self._lock:
+            loaded = self._loaded.pop(name, None)
+            if loaded is None:
+                return False
+            log.info("evicting base model %s (%d MiB)", name, loaded.nbytes >> 20)
+            del loaded
+            release_cached_memory(self.choice)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            for name in list(self._loaded):
+                self.evict(name)

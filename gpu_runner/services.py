@@ -1,0 +1,72 @@
+"""Everything a runner process holds for its lifetime, built once from settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpu_runner.devices import DeviceChoice, resolve_device
+from gpu_runner.generation import Generator
+from gpu_runner.pipelines import BUILTIN_MODELS, BaseModelSpec, PipelineCache
+from storage.blobs import BlobStore
+from storage.db import Database
+from storage.outbox import Outbox
+from storage.queue import JobQueue
+from storage.settings import Settings
+
+
+@dataclass
+class RunnerServices:
+    settings: Settings
+    db: Database
+    queue: JobQueue
+    outbox: Outbox
+    blobs: BlobStore
+    device: DeviceChoice
+    models: PipelineCache
+    generator: Generator
+
+    @property
+    def runs_dir(self) -> Path:
+        """Checkpoints and training outputs, one folder per training run."""
+        return self.settings.data_dir / "runs"
+
+    def adapter_file(self, sha256: str) -> Path:
+        """A `.safetensors` name for a stored adapter blob (loaders go by the suffix)."""
+        target = self.settings.data_dir / "adapters" / f"{sha256}.safetensors"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = self.blobs.path(sha256)
+            try:
+                os.link(source, target)  # same bytes, no copy
+            except FileExistsError:
+                pass
+            except OSError:
+                shutil.copyfile(source, target)
+        return target
+
+
+def base_model_specs(settings: Settings) -> list[BaseModelSpec]:
+    specs = {name: BaseModelSpec(name=name, source=name) for name in BUILTIN_MODELS}
+    for name, value in settings.base_models.items():
+        specs[name] = BaseModelSpec.from_config(name, value)
+    return list(specs.values())
+
+
+def open_services(settings: Settings, *, device: str | None = None) -> RunnerServices:
+    db = Database(settings.database_url)
+    db.prepare(auto_migrate=settings.auto_migrate)
+    choice = resolve_device(device or settings.device)
+    models = PipelineCache(base_model_specs(settings), choice, settings.model_cache_bytes)
+    return RunnerServices(
+        settings=settings,
+        db=db,
+        queue=JobQueue(db),
+        outbox=Outbox(db),
+        blobs=BlobStore(settings.blob_dir, settings.max_blob_bytes),
+        device=choice,
+        models=models,
+        generator=Generator(models),
+    )

@@ -1,0 +1,324 @@
+"""Typed training configs (one per method), presets per family, and bounded per-run overrides.
+
+Imports only pydantic, so the bot can validate `/style train ... rank=...` without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Family = Literal["sd15", "sdxl"]
+Preset = Literal["style", "concept"]
+Method = Literal["lora", "dora", "textual_inversion"]
+LrSchedule = Literal["constant_with_warmup", "cosine"]
+Precision = Literal["auto", "no", "fp16", "bf16"]
+
+METHODS: tuple[str, ...] = ("lora", "dora", "textual_inversion")
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
+PRESETS: tuple[str, ...] = ("style", "concept")
+
+# Safe bounds for anything a person may override: (low, high), both inclusive.
+# Wide enough for real use, narrow enough that a typo cannot OOM a GPU or run for days.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "rank": (1, 128),
+    "alpha": (0.5, 256),
+    "learning_rate": (1e-6, 1e-2),
+    "steps": (1, 20_000),
+    "resolution": (64, 2048),
+    "batch_size": (1, 64),
+    "caption_dropout": (0.0, 0.5),
+    "min_snr_gamma": (0.0, 20.0),  # 0 turns min-SNR weighting off
+    "warmup_steps": (0, 5_000),
+    "checkpoint_every": (1, 20_000),
+    "validate_every": (1, 20_000),
+    "val_fraction": (0.05, 0.5),
+    "max_grad_norm": (0.01, 100.0),
+    "weight_decay": (0.0, 0.5),
+    "sample_steps": (1, 100),
+    "num_vectors": (1, 16),
+    "keep_checkpoints": (1, 100),
+}
+_WHOLE = {
+    "rank",
+    "steps",
+    "resolution",
+    "batch_size",
+    "warmup_steps",
+    "checkpoint_every",
+    "validate_every",
+    "sample_steps",
+    "num_vectors",
+    "keep_checkpoints",
+}
+
+
+class ConfigError(ValueError):
+    """A training setting is out of bounds or unknown; the message is one line for people."""
+
+
+class TrainConfigBase(BaseModel):
+    """Settings shared by every method. Prefer `make_config` to building this directly."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: Method
+    family: Family = "sd15"
+    preset: Preset = "style"
+    trigger: str = Field(min_length=1, max_length=64)
+    steps: int
+    learning_rate: float
+    resolution: int
+    batch_size: int
+    caption_dropout: float = 0.0
+    min_snr_gamma: float | None = 5.0
+    lr_scheduler: LrSchedule = "constant_with_warmup"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2  # diffusers training scripts' --adam_weight_decay default
+    max_grad_norm: float = 1.0  # diffusers training scripts' --max_grad_norm default
+    seed: int = 0
+    # None: take the base model scheduler's prediction type (epsilon for SD1.5/SDXL base).
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    val_fraction: float = 0.15
+    validate_every: int = 100
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    sample_prompts: list[str] = Field(default_factory=lambda: ["[trigger]"])
+    sample_seeds: list[int] = Field(default_factory=lambda: [1, 2])
+    sample_steps: int = 20
+    cache_latents: bool = True  # VAE latents + text embeddings once per run (exact)
+    mixed_precision: Precision = "auto"  # auto: bf16 if the GPU has it, else fp16; fp32 on CPU
+    gradient_checkpointing: bool = True  # CUDA only; saves memory at ~20% speed
+    output_name: str = "lora"
+    base_model_name: str = ""
+    base_model_hash: str = ""
+    dataset_hash: str = ""
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> TrainConfigBase:
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            if not low <= value <= high:
+                lo, hi = (int(low), int(high)) if name in _WHOLE else (low, high)
+                raise ValueError(f"{name} must be between {lo:g} and {hi:g} (got {value:g})")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (got {self.resolution})")
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})"
+            )
+        if any(c.isspace() for c in self.trigger):
+            raise ValueError(f"trigger must be one word without spaces (got {self.trigger!r})")
+        if not self.sample_seeds or not self.sample_prompts:
+            raise ValueError("sample_prompts and sample_seeds must each hold at least one entry")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that shape the trained weights (resume must match it)."""
+        cosmetic = {
+            "output_name",
+            "base_model_name",
+            "sample_prompts",
+            "sample_seeds",
+            "sample_steps",
+            "validate_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        }
+        data = self.model_dump(mode="json", exclude=cosmetic)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LoraConfig(TrainConfigBase):
+    """LoRA on the UNet's attention projections (peft)."""
+
+    method: Literal["lora"] = "lora"
+    rank: int
+    alpha: float
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class DoraConfig(LoraConfig):
+    """Weight-decomposed LoRA (peft `use_dora=True`); exported with kohya `dora_scale` keys."""
+
+    method: Literal["dora"] = "dora"  # type: ignore[assignment]
+
+
+class TextualInversionConfig(TrainConfigBase):
+    """Trains only the embedding row(s) of the trigger token in the text encoder(s)."""
+
+    method: Literal["textual_inversion"] = "textual_inversion"
+    num_vectors: int = 1
+    # The new token's embedding starts from this word's (diffusers textual_inversion example's
+    # --initializer_token); must tokenize to one token.
+    initializer_token: str = "style"
+
+
+TrainConfig = Annotated[
+    LoraConfig | DoraConfig | TextualInversionConfig, Field(discriminator="method")
+]
+AnyTrainConfig = LoraConfig | DoraConfig | TextualInversionConfig
+
+# Presets: well-trodden defaults. Sources:
+#  [kohya]  kohya-ss/sd-scripts docs/train_network.md example: network_dim 16, network_alpha 8,
+#           learning_rate 1e-4, cosine schedule, 100 warmup steps; caption_dropout_rate in
+#           docs/config_README (0.05-0.1 is the usual community range for styles).
+#  [dlora]  diffusers examples/text_to_image/README (train_text_to_image_lora.py): lr 1e-4,
+#           resolution 512, ~1500 steps, batch 1 with grad accumulation 4; SDXL README
+#           (train_text_to_image_lora_sdxl.py): resolution 1024, lr 1e-4, batch 1.
+#  [dbooth] diffusers examples/dreambooth README_sdxl (train_dreambooth_lora_sdxl.py): a
+#           subject/concept in ~500 steps at lr 1e-4, constant schedule.
+#  [minsnr] Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting": gamma = 5.
+#  [dora]   Liu et al. 2024, "DoRA": matches LoRA at about half the rank, same lr.
+#  [ti]     diffusers examples/textual_inversion README: lr 5e-4, 3000 steps, batch 1 x 4
+#           accumulation, 512 px (SDXL script: 1024 px).
+_LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    # Styles want more capacity (rank 32/alpha 16 is the common kohya style setting) and a
+    # little caption dropout so the look also leaks into untriggered text.
+    ("sd15", "style"): {
+        "rank": 32,  # [kohya] community style setting (docs example uses 16 for subjects)
+        "alpha": 16,  # [kohya] alpha = rank / 2
+        "learning_rate": 1e-4,  # [kohya] [dlora]
+        "steps": 1500,  # [dlora]
+        "resolution": 512,  # [dlora] SD1.5 native
+        "batch_size": 4,  # [dlora] 1 x 4 accumulation, as one batch
+        "caption_dropout": 0.05,  # [kohya]
+        "min_snr_gamma": 5.0,  # [minsnr]
+        "lr_scheduler": "cosine",  # [kohya]
+        "warmup_steps": 100,  # [kohya]
+    },
+    ("sd15", "concept"): {
+        "rank": 16,  # [kohya] docs example
+        "alpha": 8,  # [kohya]
+        "learning_rate": 1e-4,  # [kohya] [dbooth]
+        "steps": 800,  # [dbooth] ~500 for one subject; more for a few views
+        "resolution": 512,
+        "batch_size": 2,
+        "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "min_snr_gamma": 5.0,  # [minsnr]
+        "lr_scheduler": "constant_with_warmup",  # [dbooth] constant
+        "warmup_steps": 0,  # [dbooth]
+    },
+    ("sdxl", "style"): {
+        "rank": 32,
+        "alpha": 16,
+        "learning_rate": 1e-4,  # [dlora] SDXL README
+        "steps": 2000,
+        "resolution": 1024,  # [dlora] SDXL native
+        "batch_size": 1,  # [dlora] SDXL README; 24 GB cards
+        "caption_dropout": 0.05,  # [kohya]
+        "min_snr_gamma": 5.0,  # [minsnr]
+        "lr_scheduler": "cosine",
+        "warmup_steps": 100,
+    },
+    ("sdxl", "concept"): {
+        "rank": 16,
+        "alpha": 8,
+        "learning_rate": 1e-4,  # [dbooth]
+        "steps": 1000,  # [dbooth] 500 at batch 1, doubled for several views
+        "resolution": 1024,
+        "batch_size": 1,
+        "caption_dropout": 0.0,
+        "min_snr_gamma": 5.0,
+        "lr_scheduler": "constant_with_warmup",
+        "warmup_steps": 0,
+    },
+}
+_TI_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    (family, preset): {
+        "learning_rate": 5e-4,  # [ti]
+        "steps": 3000 if preset == "style" else 2000,  # [ti]; objects converge sooner
+        "resolution": 512 if family == "sd15" else 1024,  # [ti]
+        "batch_size": 4,  # [ti] 1 x 4 accumulation
+        "caption_dropout": 0.0,  # the caption must hold the token being learnt
+        "min_snr_gamma": None,  # [ti] the example uses plain MSE
+        "lr_scheduler": "constant_with_warmup",  # [ti]
+        "warmup_steps": 0,
+        "initializer_token": "style" if preset == "style" else "object",
+    }
+    for family in FAMILIES
+    for preset in PRESETS
+}
+
+
+def preset_defaults(method: str, family: str, preset: str) -> dict[str, Any]:
+    """The preset's settings as a plain dict (for `/style info` and the report)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r}: use one of {', '.join(FAMILIES)}")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    if method == "textual_inversion":
+        return dict(_TI_PRESETS[(family, preset)])
+    values = dict(_LORA_PRESETS[(family, preset)])
+    if method == "dora":
+        values["rank"] = max(1, values["rank"] // 2)  # [dora]
+        values["alpha"] = values["rank"] / 2
+    return values
+
+
+def make_config(
+    method: str = "lora",
+    family: str = "sd15",
+    preset: str = "style",
+    *,
+    trigger: str,
+    **overrides: Any,
+) -> AnyTrainConfig:
+    """Preset defaults + per-run overrides, validated. Raises ConfigError with one clear line.
+
+    None-valued overrides are ignored, so optional chat arguments can be passed straight in.
+    """
+    values = preset_defaults(method, family, preset)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    # A rank override without an alpha override keeps the preset's alpha/rank ratio.
+    base = preset_defaults(method, family, preset)
+    rank = overrides.get("rank")
+    if isinstance(rank, int) and overrides.get("alpha") is None and "rank" in base:
+        values["alpha"] = rank * base["alpha"] / base["rank"]
+    cls: type[AnyTrainConfig] = {
+        "lora": LoraConfig,
+        "dora": DoraConfig,
+        "textual_inversion": TextualInversionConfig,
+    }[method]
+    try:
+        return cls(method=method, family=family, preset=preset, trigger=trigger, **values)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> AnyTrainConfig:
+    """Rebuild a config saved with `model_dump()` (e.g. from a TrainingRun row)."""
+    method = data.get("method", "lora")
+    cls = {"lora": LoraConfig, "dora": DoraConfig, "textual_inversion": TextualInversionConfig}.get(
+        method
+    )
+    if cls is None:
+        raise ConfigError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts: list[str] = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown setting {field!r}")
+        elif err["type"] == "value_error" or not field:
+            parts.append(msg)
+        elif err["type"].startswith(("int_", "float_")) and field in BOUNDS:
+            kind = "a whole number" if field in _WHOLE else "a number"
+            parts.append(f"{field} must be {kind} (got {err.get('input')!r})")
+        else:
+            parts.append(f"{field}: {msg[:1].lower()}{msg[1:]}")
+    return "; ".join(parts)

@@ -1,0 +1,231 @@
+"""Training data: captions with the trigger, image preprocessing, the validation split,
+and the per-run cache of VAE latent distributions and text embeddings."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+TRIGGER_PLACEHOLDER = "[trigger]"
+ImageLike = Image.Image | str | Path
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as given; the message is one line for people."""
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    image: ImageLike
+    caption: str = ""
+
+
+def as_items(items: Sequence[TrainItem | tuple[ImageLike, str]]) -> list[TrainItem]:
+    return [it if isinstance(it, TrainItem) else TrainItem(it[0], it[1]) for it in items]
+
+
+def insert_trigger(caption: str, trigger: str) -> str:
+    """`[trigger]` placeholders become the trigger; otherwise it is prefixed kohya-style
+    ("trigger, caption") unless the caption already names it."""
+    caption = caption.strip()
+    if TRIGGER_PLACEHOLDER in caption:
+        return caption.replace(TRIGGER_PLACEHOLDER, trigger)
+    if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def caption_dropout_mask(batch: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """True where a caption is dropped (trained unconditionally, as for CFG's empty prompt).
+
+    Always draws from the generator, even at rate 0, so the RNG stream is the same either way.
+    """
+    return torch.rand(batch, generator=generator) < rate
+
+
+def load_image(image: ImageLike, index: int) -> Image.Image:
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        try:
+            img = Image.open(image)
+            img.load()
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            name = Path(image).name
+            raise DatasetError(
+                f"image {index + 1} ({name}) cannot be read ({type(exc).__name__}): "
+                "remove it from the dataset or upload it again"
+            ) from None
+    img = ImageOps.exif_transpose(img)  # phone photos: honour the rotation flag
+    return img.convert("RGB")
+
+
+def preprocess(img: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Shortest side to `resolution` (bicubic), center crop, to a CHW tensor in [-1, 1].
+
+    Also returns SDXL's size/crop conditioning: (orig_h, orig_w, crop_top, crop_left, R, R)."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    img = img.resize(size, Image.Resampling.BICUBIC)
+    left = (size[0] - resolution) // 2
+    top = (size[1] - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    time_ids = (h, w, top, left, resolution, resolution)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), time_ids
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic held-out split: ~val_fraction of images, at least 1, never all."""
+    if n < 2:
+        raise DatasetError(
+            f"the dataset has {n} image(s): add at least 2 (one is held out for validation)"
+        )
+    n_val = min(n - 1, max(1, math.floor(n * val_fraction + 0.5)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+class BatchSampler:
+    """Shuffled epochs from its own generator; its state goes into checkpoints."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n = n
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed + 104729)
+        self.order: list[int] = []
+        self.pos = 0
+
+    def next_batch(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            if self.pos >= len(self.order):
+                self.order = torch.randperm(self.n, generator=self.generator).tolist()
+                self.pos = 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = list(state["order"])
+        self.pos = int(state["pos"])
+
+
+@dataclass
+class TextCond:
+    """What the UNet is conditioned on; SDXL adds pooled text and size/crop ids."""
+
+    hidden: torch.Tensor  # (N, tokens, dim)
+    pooled: torch.Tensor | None = None  # SDXL: (N, dim)
+
+    def select(self, idx: torch.Tensor) -> TextCond:
+        pooled = None if self.pooled is None else self.pooled[idx]
+        return TextCond(self.hidden[idx], pooled)
+
+    def where(self, mask: torch.Tensor, other: TextCond) -> TextCond:
+        """Per sample: `other` (e.g. the empty caption) where mask is True, else self."""
+        m = mask.to(self.hidden.device)
+        hidden = torch.where(m[:, None, None], other.hidden.expand_as(self.hidden), self.hidden)
+        pooled = None
+        if self.pooled is not None and other.pooled is not None:
+            pooled = torch.where(m[:, None], other.pooled.expand_as(self.pooled), self.pooled)
+        return TextCond(hidden, pooled)
+
+
+def encode_text(
+    pipeline: Any, prompts: list[str], device: torch.device, *, grad: bool = False
+) -> TextCond:
+    """The pipeline's own prompt encoding, so training sees what generation will feed.
+
+    `grad=True` keeps autograd on (textual inversion trains the embedding row)."""
+    with torch.set_grad_enabled(grad):
+        if hasattr(pipeline, "text_encoder_2"):
+            hidden, _, pooled, _ = pipeline.encode_prompt(
+                prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return TextCond(hidden, pooled)
+        hidden, _ = pipeline.encode_prompt(
+            prompts, device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return TextCond(hidden)
+
+
+def encode_latent_dist(
+    vae: Any, pixels: torch.Tensor, batch: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std for each image (fp32, on the pixels' device)."""
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, pixels.shape[0], batch):
+            chunk = pixels[start : start + batch].to(vae.device, vae.dtype)
+            dist = vae.encode(chunk).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def sample_latents(
+    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, vae_config: Any
+) -> torch.Tensor:
+    """Draw z ~ N(mean, std) with a CPU generator (same draw on any device), then scale."""
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    z = mean + std * eps
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (z - shift) * vae_config.scaling_factor
+
+
+@dataclass
+class PreparedData:
+    """Everything the loop needs about the images, built once per run."""
+
+    pixels: torch.Tensor  # (N, 3, R, R) in [-1, 1], CPU
+    time_ids: torch.Tensor  # (N, 6) SDXL size/crop ids (unused for SD1.5)
+    captions: list[str]  # with the trigger inserted
+    train_idx: list[int]
+    val_idx: list[int]
+    latent_mean: torch.Tensor | None = None  # (N, 4, R/8, R/8), on the training device
+    latent_std: torch.Tensor | None = None
+    text: TextCond | None = None  # per image caption
+    empty_text: TextCond | None = None  # caption dropout target
+
+
+def prepare_data(
+    items: Sequence[TrainItem | tuple[ImageLike, str]],
+    trigger: str,
+    resolution: int,
+    val_fraction: float,
+    seed: int,
+) -> PreparedData:
+    items = as_items(items)
+    done = [preprocess(load_image(it.image, i), resolution) for i, it in enumerate(items)]
+    pixels = torch.stack([p for p, _ in done])
+    time_ids = torch.tensor([t for _, t in done], dtype=torch.float32)
+    captions = [insert_trigger(it.caption, trigger) for it in items]
+    train_idx, val_idx = split_indices(len(items), val_fraction, seed)
+    return PreparedData(pixels, time_ids, captions, train_idx, val_idx)
+
+
+def dataset_hash(items: Sequence[TrainItem | tuple[ImageLike, str]]) -> str:
+    """Content hash of images (decoded pixels) and captions, for the export's metadata."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i, it in enumerate(as_items(items)):
+        img = load_image(it.image, i)
+        h.update(f"{img.size}".encode())
+        h.update(img.tobytes())
+        h.update(it.caption.encode())
+    return h.hexdigest()

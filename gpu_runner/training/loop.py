@@ -1,0 +1,618 @@
+"""The training loop: LoRA / DoRA on the UNet attention projections, or textual inversion.
+
+`train(...)` is a library call with no database or queue: the runner passes callbacks for
+progress and cancellation, and a checkpoint folder that makes a crashed run resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpu_runner.training import checkpoint as ckpt
+from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
+from gpu_runner.training.dataset import (
+    BatchSampler,
+    ImageLike,
+    PreparedData,
+    TextCond,
+    TrainItem,
+    caption_dropout_mask,
+    encode_latent_dist,
+    encode_text,
+    insert_trigger,
+    prepare_data,
+    sample_latents,
+)
+from gpu_runner.training.export import (
+    build_metadata,
+    export_diffusers,
+    export_kohya,
+    now_utc,
+)
+from gpu_runner.training.objective import (
+    ValidationBatch,
+    make_validation_batch,
+    min_snr_weights,
+    target_for,
+    weighted_mse,
+)
+from gpu_runner.training.precision import Precision, choose_precision
+from gpu_runner.training.report import ReportFiles, write_report
+from gpu_runner.training.textual_inversion import TokenEmbedding, attach_token
+
+# Distinctive: a name that is a substring of module names ("b" in "blocks") makes peft
+# report false missing keys (DESIGN.md).
+ADAPTER_NAME = "atelier_train"
+
+ProgressFn = Callable[[int, int, float, dict[str, Any]], None]
+StopFn = Callable[[], bool]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message is one line for people."""
+
+
+@dataclass
+class TrainResult:
+    method: str
+    final_step: int
+    total_steps: int
+    stopped: bool  # should_stop() ended the run early; a checkpoint holds its state
+    resumed_from: int | None  # checkpoint step this call started from (None: from scratch)
+    base_val_loss: float
+    val_loss: float | None  # last held-out loss of the trained weights
+    val_history: list[tuple[int, float]]
+    loss_history: list[float]
+    checkpoint: Path | None  # latest checkpoint folder
+    kohya_path: Path | None = None
+    diffusers_path: Path | None = None
+    embedding_path: Path | None = None
+    report: ReportFiles | None = None
+    sample_images: list[Path] = field(default_factory=list)
+
+    @property
+    def val_improvement(self) -> float | None:
+        """Relative drop of held-out loss against the base (0.4 = 40% lower)."""
+        if self.val_loss is None or self.base_val_loss <= 0:
+            return None
+        return 1.0 - self.val_loss / self.base_val_loss
+
+
+def train(
+    config: AnyTrainConfig,
+    items: Sequence[TrainItem | tuple[ImageLike, str]],
+    pipeline: Any,
+    out_dir: Path,
+    *,
+    checkpoint_dir: Path,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    device: str | torch.device = "cpu",
+) -> TrainResult:
+    """Train, or resume from the newest checkpoint in `checkpoint_dir`, then export + report.
+
+    The pipeline is borrowed: its UNet gets a temporary adapter that is removed before
+    returning, and textual inversion works on private copies of the tokenizer/text encoder.
+    """
+    trainer = _Trainer(config, items, pipeline, Path(out_dir), Path(checkpoint_dir), device)
+    try:
+        return trainer.run(progress, should_stop)
+    except torch.OutOfMemoryError:
+        raise TrainingError(
+            f"out of GPU memory at batch size {config.batch_size} and resolution "
+            f"{config.resolution}: lower batch_size or resolution and train again"
+        ) from None
+    finally:
+        trainer.cleanup()
+
+
+class _Trainer:
+    def __init__(
+        self,
+        config: AnyTrainConfig,
+        items: Sequence[TrainItem | tuple[ImageLike, str]],
+        pipeline: Any,
+        out_dir: Path,
+        checkpoint_dir: Path,
+        device: str | torch.device,
+    ) -> None:
+        from diffusers import DDPMScheduler
+
+        self.config = config
+        self.pipeline = pipeline
+        self.out_dir = out_dir
+        self.checkpoint_dir = checkpoint_dir
+        self.device = torch.device(device)
+        self.is_ti = isinstance(config, TextualInversionConfig)
+        self.is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+        if (config.family == "sdxl") != self.is_sdxl:
+            have = "SDXL" if self.is_sdxl else "SD1.5"
+            raise TrainingError(
+                f"the settings are for {config.family} but the base model is {have}: "
+                f"choose a {have} preset or another base model"
+            )
+        self.unet = pipeline.unet
+        self.precision: Precision = choose_precision(self.device, config.mixed_precision)
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.prediction_type = config.prediction_type or self.noise_scheduler.config.prediction_type
+        self.num_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.vae_cfg = pipeline.vae.config
+        self.train_pipe: Any = pipeline
+        self.token: TokenEmbedding | None = None
+        self.adapter_added = False
+        self.prior_adapters: list[str] = []
+        self.checkpointing_on = False
+        self.items = items
+        self.data: PreparedData | None = None
+
+    # ----- set-up -------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.config
+        self.pipeline.to(self.device)
+        self.unet.requires_grad_(False)
+        self.pipeline.vae.requires_grad_(False)
+        self._isolate_unet()
+        self.data = prepare_data(
+            self.items, cfg.trigger, cfg.resolution, cfg.val_fraction, cfg.seed
+        )
+        if self.is_ti:
+            assert isinstance(cfg, TextualInversionConfig)
+            self.train_pipe, self.token = attach_token(
+                self.pipeline, cfg.trigger, cfg.initializer_token, cfg.num_vectors
+            )
+        if cfg.cache_latents:
+            self._encode_vae_all()
+            if not self.is_ti:  # TI's text changes every step: never cached
+                self.data.text = encode_text(self.pipeline, self.data.captions, self.device)
+                self.data.empty_text = encode_text(self.pipeline, [""], self.device)
+        self.val_batch = self._make_val_batch()
+        self.base_val_loss = self.validation_loss()  # before any adapter: the base model
+        self.trainable = self._make_trainable()
+        self.optimizer = torch.optim.AdamW(
+            list(self.trainable.values()),
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+        )
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=cfg.steps,
+        )
+        self.scaler = self.precision.grad_scaler()
+        self.sampler = BatchSampler(len(self.data.train_idx), cfg.batch_size, cfg.seed)
+        self.noise_gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.loss_history: list[float] = []
+        self.val_history: list[tuple[int, float]] = []
+        self.sample_paths: list[Path] = []
+        self.resumed_from: int | None = None
+        self.last_checkpoint: Path | None = None
+        if self.device.type == "cuda" and cfg.gradient_checkpointing and not self.is_ti:
+            self.unet.enable_gradient_checkpointing()
+            self.checkpointing_on = True
+
+    def _isolate_unet(self) -> None:
+        """Adapters a warm pipeline already carries must not leak into training."""
+        if getattr(self.unet, "peft_config", None):
+            self.prior_adapters = list(self.unet.active_adapters())
+            self.unet.disable_adapters()
+
+    def _encode_vae_all(self) -> None:
+        assert self.data is not None
+        self.data.latent_mean, self.data.latent_std = self._encode_pixels(
+            list(range(len(self.data.captions)))
+        )
+
+    def _encode_pixels(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.data is not None
+        vae = self.pipeline.vae
+        # fp16 VAEs that ask for it (SDXL's) overflow: encode in fp32, then put it back.
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            return encode_latent_dist(vae, self.data.pixels[idx].to(self.device))
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+
+    def _make_val_batch(self) -> ValidationBatch:
+        assert self.data is not None
+        val_idx = self.data.val_idx
+        if self.data.latent_mean is not None:
+            mean, std = self.data.latent_mean, self.data.latent_std
+            assert std is not None
+        else:  # uncached run: encode only the held-out images, once, into a full-size table
+            m, s = self._encode_pixels(val_idx)
+            shape = (len(self.data.captions), *m.shape[1:])
+            mean = torch.zeros(shape, device=m.device)
+            std = torch.zeros(shape, device=m.device)
+            mean[val_idx], std[val_idx] = m, s
+        return make_validation_batch(
+            val_idx,
+            mean,
+            std,
+            float(self.vae_cfg.scaling_factor),
+            float(getattr(self.vae_cfg, "shift_factor", None) or 0.0),
+            self.num_timesteps,
+            self.config.seed,
+        )
+
+    def _make_trainable(self) -> dict[str, torch.nn.Parameter]:
+        cfg = self.config
+        if self.token is not None:
+            return {f"vectors.{i}": p for i, p in enumerate(self.token.parameters())}
+        from peft import LoraConfig as PeftLoraConfig
+
+        peft_config = PeftLoraConfig(
+            r=cfg.rank,  # type: ignore[union-attr]
+            lora_alpha=cfg.alpha,  # type: ignore[union-attr]
+            init_lora_weights="gaussian",  # diffusers' LoRA scripts: A ~ N(0, 1/r), B = 0
+            target_modules=list(cfg.target_modules),  # type: ignore[union-attr]
+            use_dora=cfg.method == "dora",
+        )
+        # peft draws lora_A from the global RNG: seed it so a run is reproducible per seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.unet.add_adapter(peft_config, adapter_name=ADAPTER_NAME)
+        self.adapter_added = True
+        if self.prior_adapters:
+            self.unet.enable_adapters()
+        self.unet.set_adapter(ADAPTER_NAME)  # only ours is active while training
+        params = {n: p for n, p in self.unet.named_parameters() if ADAPTER_NAME in n}
+        for p in params.values():
+            p.requires_grad_(True)
+            p.data = p.data.float()  # fp32 master weights even on an fp16 base
+        return params
+
+    # ----- conditioning -------------------------------------------------------------------
+
+    def _text(self, idx: list[int], drop: torch.Tensor | None, grad: bool) -> TextCond:
+        data = self.data
+        assert data is not None
+        if data.text is not None and data.empty_text is not None:
+            cond = data.text.select(torch.tensor(idx, device=data.text.hidden.device))
+            return cond if drop is None else cond.where(drop, data.empty_text)
+        captions = [data.captions[i] for i in idx]
+        if drop is not None:
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        return encode_text(self.train_pipe, captions, self.device, grad=grad)
+
+    def _unet(self, noisy: torch.Tensor, t: torch.Tensor, cond: TextCond, idx: list[int]) -> Any:
+        kwargs: dict[str, Any] = {}
+        if self.is_sdxl:
+            assert self.data is not None and cond.pooled is not None
+            time_ids = self.data.time_ids[idx].to(self.device, cond.pooled.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        dtype = self.unet.dtype
+        return self.unet(
+            noisy.to(dtype), t, encoder_hidden_states=cond.hidden.to(dtype), **kwargs
+        ).sample
+
+    # ----- steps --------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        cfg, data, gen = self.config, self.data, self.noise_gen
+        assert data is not None
+        batch = [data.train_idx[i] for i in self.sampler.next_batch()]
+        if data.latent_mean is not None and data.latent_std is not None:
+            mean, std = data.latent_mean[batch], data.latent_std[batch]
+        else:
+            mean, std = self._encode_pixels(batch)
+        # Fixed draw order on a CPU generator: latents, noise, timesteps, dropout. The same
+        # stream whether or not latents are cached, and on any device.
+        latents = sample_latents(mean, std, gen, self.vae_cfg)
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        t = torch.randint(0, self.num_timesteps, (len(batch),), generator=gen).to(self.device)
+        drop = caption_dropout_mask(len(batch), cfg.caption_dropout, gen)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = target_for(self.noise_scheduler, latents, noise, t, self.prediction_type)
+        weights = None
+        if cfg.min_snr_gamma:
+            weights = min_snr_weights(
+                self.alphas_cumprod, t, cfg.min_snr_gamma, self.prediction_type
+            )
+        with self.precision.autocast():
+            cond = self._text(batch, drop if cfg.caption_dropout > 0 else None, grad=self.is_ti)
+            pred = self._unet(noisy, t, cond, batch)
+        loss = weighted_mse(pred, target, weights)
+        params = list(self.trainable.values())
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def validation_loss(self) -> float:
+        """Plain MSE against the target on the fixed validation batch (no SNR weighting,
+        so numbers compare across settings)."""
+        vb, data = self.val_batch, self.data
+        assert data is not None
+        was_training = self.unet.training
+        self.unet.eval()
+        total, count, chunk = 0.0, 0, max(1, self.config.batch_size * 2)
+        with torch.no_grad(), self.precision.autocast():
+            for start in range(0, len(vb.timesteps), chunk):
+                sl = slice(start, start + chunk)
+                idx = vb.image_idx[sl].tolist()
+                t = vb.timesteps[sl]
+                noisy = self.noise_scheduler.add_noise(vb.latents[sl], vb.noise[sl], t)
+                target = target_for(
+                    self.noise_scheduler, vb.latents[sl], vb.noise[sl], t, self.prediction_type
+                )
+                pred = self._unet(noisy, t, self._text(idx, None, grad=False), idx)
+                total += float(weighted_mse(pred, target, None)) * len(idx)
+                count += len(idx)
+        self.unet.train(was_training)
+        return total / count
+
+    # ----- samples ------------------------------------------------------------------------
+
+    def sample_prompts(self) -> list[str]:
+        return [insert_trigger(p, self.config.trigger) for p in self.config.sample_prompts]
+
+    def render(self, pipe: Any) -> list[Any]:
+        """Fixed prompts x fixed seeds, CPU generators (same images on any device)."""
+        cfg = self.config
+        prompts = [p for p in self.sample_prompts() for _ in cfg.sample_seeds]
+        gens = [
+            torch.Generator("cpu").manual_seed(s)
+            for _ in cfg.sample_prompts
+            for s in cfg.sample_seeds
+        ]
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            with self.precision.autocast():
+                out = pipe(
+                    prompt=prompts,
+                    num_inference_steps=cfg.sample_steps,
+                    generator=gens,
+                    height=cfg.resolution,
+                    width=cfg.resolution,
+                )
+        finally:
+            self.unet.train(was_training)
+        return list(out.images)
+
+    def save_samples(self, step: int) -> list[Path]:
+        folder = self.out_dir / "samples" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        labels = self.sample_labels()
+        for image, label in zip(self.render(self.train_pipe), labels, strict=True):
+            path = folder / f"{label}.png"
+            image.save(path)
+            paths.append(path)
+        return paths
+
+    def sample_labels(self) -> list[str]:
+        cfg = self.config
+        return [f"p{i}-seed{s}" for i in range(len(cfg.sample_prompts)) for s in cfg.sample_seeds]
+
+    def base_images(self) -> list[Any]:
+        if self.token is not None:
+            return self.render(self.pipeline)  # original tokenizer: trigger is plain text
+        self.unet.disable_adapters()
+        try:
+            return self.render(self.pipeline)
+        finally:
+            self.unet.enable_adapters()
+
+    # ----- checkpoints --------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "fingerprint": self.config.fingerprint(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "noise_generator": self.noise_gen.get_state(),
+            "rng": ckpt.capture_rng(),
+            "loss_history": list(self.loss_history),
+            "val_steps": [s for s, _ in self.val_history],
+            "val_losses": [v for _, v in self.val_history],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+        }
+        weights = {k: p.detach() for k, p in self.trainable.items()}
+        path = ckpt.save_checkpoint(
+            self.checkpoint_dir, self.step, weights, state, self.config.keep_checkpoints
+        )
+        self.last_checkpoint = path
+        return path
+
+    def maybe_resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return
+        weights, state = ckpt.load_checkpoint(path)
+        if state.get("fingerprint") != self.config.fingerprint():
+            raise ckpt.CheckpointError(
+                f"the checkpoints in {self.checkpoint_dir} were made with other settings: "
+                "resume with the same settings or use a new checkpoint folder"
+            )
+        if set(weights) != set(self.trainable):
+            raise ckpt.CheckpointError(
+                f"checkpoint {path.name} does not match this model's trainable weights: "
+                "use a new checkpoint folder"
+            )
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise_gen.set_state(state["noise_generator"])
+        ckpt.restore_rng(state["rng"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.loss_history = list(state["loss_history"])
+        self.val_history = list(zip(state["val_steps"], state["val_losses"], strict=True))
+        self.step = int(state["step"])
+        self.resumed_from = self.step
+        self.last_checkpoint = path
+
+    # ----- the run ------------------------------------------------------------------------
+
+    def run(self, progress: ProgressFn | None, should_stop: StopFn | None) -> TrainResult:
+        cfg = self.config
+        started = now_utc()
+        self._setup()
+        self.maybe_resume()
+        self.unet.train()
+        t0, first = time.perf_counter(), self.step
+        stopped = False
+        while self.step < cfg.steps:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            loss = self.train_step()
+            self.step += 1
+            self.loss_history.append(loss)
+            extras: dict[str, Any] = {"lr": self.lr_scheduler.get_last_lr()[0]}
+            done = self.step == cfg.steps
+            if self.step % cfg.validate_every == 0 or done:
+                val = self.validation_loss()
+                self.val_history.append((self.step, val))
+                extras.update(val_loss=val, base_val_loss=self.base_val_loss)
+            if self.step % cfg.checkpoint_every == 0 or done:
+                if not done:  # the final images go to the report instead
+                    extras["samples"] = self.save_samples(self.step)
+                    self.sample_paths += extras["samples"]
+                extras["checkpoint"] = self.save_checkpoint()
+            elapsed = time.perf_counter() - t0
+            extras["steps_per_s"] = (self.step - first) / elapsed if elapsed > 0 else 0.0
+            if progress is not None:
+                progress(self.step, cfg.steps, loss, extras)
+        if stopped:
+            if self.step > 0 and (
+                self.last_checkpoint is None
+                or ckpt.checkpoint_step(self.last_checkpoint) != self.step
+            ):
+                self.save_checkpoint()
+            return self._result(stopped=True)
+        return self._finish(started)
+
+    def _result(self, stopped: bool) -> TrainResult:
+        return TrainResult(
+            method=self.config.method,
+            final_step=self.step,
+            total_steps=self.config.steps,
+            stopped=stopped,
+            resumed_from=self.resumed_from,
+            base_val_loss=self.base_val_loss,
+            val_loss=self.val_history[-1][1] if self.val_history else None,
+            val_history=list(self.val_history),
+            loss_history=list(self.loss_history),
+            checkpoint=self.last_checkpoint,
+            sample_images=list(self.sample_paths),
+        )
+
+    def _finish(self, started: Any) -> TrainResult:
+        cfg, data = self.config, self.data
+        assert data is not None
+        result = self._result(stopped=False)
+        if not result.val_history or result.val_history[-1][0] != self.step:
+            # Resumed from the final checkpoint: measure once more for the report.
+            result.val_history.append((self.step, self.validation_loss()))
+            result.val_loss = result.val_history[-1][1]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        train_captions = [data.captions[i] for i in data.train_idx]
+        metadata = build_metadata(
+            cfg,
+            num_train_images=len(data.train_idx),
+            captions=train_captions,
+            started_at=started,
+            finished_at=now_utc(),
+            steps_done=self.step,
+        )
+        if self.token is not None:
+            result.embedding_path = self.token.save(
+                self.out_dir / f"{cfg.output_name}.safetensors", metadata
+            )
+        else:
+            from peft.utils import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME)
+            result.kohya_path = export_kohya(
+                self.out_dir / f"{cfg.output_name}.safetensors",
+                state,
+                cfg.alpha,  # type: ignore[union-attr]
+                metadata,
+            )
+            result.diffusers_path = export_diffusers(
+                self.out_dir / "diffusers",
+                type(self.pipeline),
+                state,
+                self.unet.peft_config[ADAPTER_NAME].to_dict(),
+            )
+        trained = self.render(self.train_pipe)
+        base = self.base_images()
+        labels = [f"seed {s}: {p}" for p in self.sample_prompts() for s in cfg.sample_seeds]
+        payload = {
+            "config": cfg.model_dump(mode="json"),
+            "method": cfg.method,
+            "device": str(self.device),
+            "precision": self.precision.label,
+            "prediction_type": self.prediction_type,
+            "num_images": len(data.captions),
+            "train_images": len(data.train_idx),
+            "val_images": len(data.val_idx),
+            "captions": data.captions,
+            "val_indices": data.val_idx,
+            "final_step": self.step,
+            "resumed_from": self.resumed_from,
+            "base_val_loss": self.base_val_loss,
+            "val_loss": result.val_loss,
+            "val_improvement": result.val_improvement,
+            "val_history": result.val_history,
+            "loss_history": result.loss_history,
+            "sample_prompts": self.sample_prompts(),
+            "sample_seeds": cfg.sample_seeds,
+            "header": metadata,
+        }
+        result.report = write_report(
+            self.out_dir / "report",
+            payload=payload,
+            loss_history=result.loss_history,
+            val_history=result.val_history,
+            base_val_loss=self.base_val_loss,
+            base_images=base,
+            trained_images=trained,
+            labels=labels,
+        )
+        return result
+
+    def cleanup(self) -> None:
+        """Hand the pipeline back as it came: no training adapter, no checkpointing."""
+        if self.checkpointing_on:
+            self.unet.disable_gradient_checkpointing()
+        if self.adapter_added:
+            self.unet.delete_adapters(ADAPTER_NAME)
+            if self.prior_adapters:
+                self.unet.set_adapter(self.prior_adapters)
+        elif self.prior_adapters:
+            self.unet.enable_adapters()
+        if self.token is not None:
+            self.token.remove_hooks()
+        self.unet.eval()
+        self.unet.requires_grad_(False)

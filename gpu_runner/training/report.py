@@ -1,0 +1,106 @@
+"""The training report: loss curve PNG, base-vs-trained grid PNG, and a JSON of everything."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    loss_curve: Path
+    grid: Path
+    json: Path
+
+
+def plot_loss_curve(
+    path: Path,
+    loss_history: list[float],
+    val_history: list[tuple[int, float]],
+    base_val_loss: float | None,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a runner
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        steps = list(range(1, len(loss_history) + 1))
+        ax.plot(steps, loss_history, color="#9db4d6", linewidth=0.8, label="training loss")
+        if len(loss_history) >= 10:  # a moving average reads better than raw noisy steps
+            window = max(5, len(loss_history) // 20)
+            smooth = [
+                sum(loss_history[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+                for i in range(len(loss_history))
+            ]
+            ax.plot(steps, smooth, color="#1f4e96", linewidth=1.6, label=f"training ({window}-avg)")
+        if val_history:
+            vs, vl = zip(*val_history, strict=True)
+            ax.plot(vs, vl, "o-", color="#d1495b", label="validation (held out)")
+        if base_val_loss is not None:
+            ax.axhline(base_val_loss, color="#666666", linestyle="--", label="validation, base")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def comparison_grid(
+    path: Path,
+    base: list[Image.Image],
+    trained: list[Image.Image],
+    labels: list[str],
+    row_names: tuple[str, str] = ("base", "trained"),
+) -> Path:
+    """Two rows (base on top, trained below), one column per (prompt, seed)."""
+    if not base or len(base) != len(trained) or len(labels) != len(base):
+        raise ValueError("comparison grid needs as many base and trained images as labels")
+    w, h = base[0].size
+    pad, head, side = 4, 16, 60
+    grid = Image.new("RGB", (side + len(base) * (w + pad), head + 2 * (h + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, (b, t, label) in enumerate(zip(base, trained, labels, strict=True)):
+        x = side + col * (w + pad)
+        draw.text((x, 2), label[: max(4, w // 6)], fill="black")
+        grid.paste(b.convert("RGB").resize((w, h)), (x, head))
+        grid.paste(t.convert("RGB").resize((w, h)), (x, head + h + pad))
+    draw.text((2, head + h // 2), row_names[0], fill="black")
+    draw.text((2, head + h + pad + h // 2), row_names[1], fill="black")
+    grid.save(path)
+    return path
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def write_report(
+    directory: Path,
+    *,
+    payload: dict[str, Any],
+    loss_history: list[float],
+    val_history: list[tuple[int, float]],
+    base_val_loss: float | None,
+    base_images: list[Image.Image],
+    trained_images: list[Image.Image],
+    labels: list[str],
+) -> ReportFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    return ReportFiles(
+        loss_curve=plot_loss_curve(
+            directory / "loss_curve.png", loss_history, val_history, base_val_loss
+        ),
+        grid=comparison_grid(directory / "comparison.png", base_images, trained_images, labels),
+        json=write_json(directory / "report.json", payload),
+    )

@@ -1,0 +1,129 @@
+"""Textual inversion: a new token for the trigger whose embedding row(s) alone are trained.
+
+Only the new vectors are parameters (a forward hook writes them into the embedding output),
+so the optimizer state and checkpoints stay a few KB instead of the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+class TextualInversionError(ValueError):
+    """The trigger cannot become a new token; the message is one line for people."""
+
+
+def token_strings(trigger: str, num_vectors: int) -> list[str]:
+    """diffusers' multi-vector naming: "trig", "trig_1", ... The pipelines' own
+    `maybe_convert_prompt` expands "trig" in a prompt to all of them."""
+    return [trigger] + [f"{trigger}_{i}" for i in range(1, num_vectors)]
+
+
+@dataclass
+class _Slot:
+    """One text encoder's new vectors and the hook that injects them."""
+
+    encoder: Any
+    token_ids: list[int]
+    vectors: torch.nn.Parameter
+    handle: Any = None
+
+
+@dataclass
+class TokenEmbedding:
+    """The trainable vectors for one trigger across the pipeline's text encoder(s)."""
+
+    trigger: str
+    num_vectors: int
+    slots: list[_Slot] = field(default_factory=list)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [s.vectors for s in self.slots]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"vectors.{i}": s.vectors.detach() for i, s in enumerate(self.slots)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, s in enumerate(self.slots):
+                s.vectors.copy_(state[f"vectors.{i}"])
+
+    def save(self, path: Path, metadata: dict[str, str]) -> Path:
+        """A1111/ComfyUI/diffusers-loadable embedding: `emb_params` (SD1.5) or
+        `clip_l`/`clip_g` (SDXL), each (num_vectors, dim)."""
+        vectors = [s.vectors.detach().float().cpu().contiguous() for s in self.slots]
+        tensors = {"emb_params": vectors[0]}
+        if len(vectors) == 2:
+            tensors = {"clip_l": vectors[0], "clip_g": vectors[1]}
+        save_file(tensors, path, metadata=metadata)
+        return path
+
+    def remove_hooks(self) -> None:
+        for s in self.slots:
+            if s.handle is not None:
+                s.handle.remove()
+                s.handle = None
+
+
+def _inject_hook(slot: _Slot) -> Any:
+    ids = torch.tensor(slot.token_ids)
+
+    def hook(_module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        input_ids = inputs[0]
+        out = output
+        for j, tid in enumerate(ids.tolist()):
+            mask = (input_ids == tid).unsqueeze(-1)
+            if mask.any():
+                vec = slot.vectors[j].to(out.dtype)
+                out = torch.where(mask, vec, out)
+        return out
+
+    return slot.encoder.get_input_embeddings().register_forward_hook(hook)
+
+
+def attach_token(
+    pipeline: Any, trigger: str, initializer_token: str, num_vectors: int
+) -> tuple[Any, TokenEmbedding]:
+    """A shallow copy of `pipeline` whose tokenizer(s)/text encoder(s) are private copies that
+    know the trigger token. The caller's (possibly warm, shared) pipeline is left untouched."""
+    tuned = copy.copy(pipeline)
+    emb = TokenEmbedding(trigger, num_vectors)
+    pairs = [("tokenizer", "text_encoder")]
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        pairs.append(("tokenizer_2", "text_encoder_2"))
+    tokens = token_strings(trigger, num_vectors)
+    for tok_name, enc_name in pairs:
+        tokenizer = copy.deepcopy(getattr(pipeline, tok_name))
+        encoder = copy.deepcopy(getattr(pipeline, enc_name))
+        added = tokenizer.add_tokens(tokens)
+        if added != len(tokens):
+            raise TextualInversionError(
+                f"the trigger {trigger!r} is already a word the tokenizer knows: "
+                "pick a made-up word (e.g. 'zxstyle') for textual inversion"
+            )
+        init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+        if len(init_ids) != 1:
+            raise TextualInversionError(
+                f"initializer_token {initializer_token!r} is not a single token: pick a common "
+                "one-token word such as 'style' or 'object'"
+            )
+        encoder.resize_token_embeddings(len(tokenizer))
+        table = encoder.get_input_embeddings().weight
+        token_ids = tokenizer.convert_tokens_to_ids(tokens)
+        init = table[init_ids[0]].detach().float().clone()
+        vectors = torch.nn.Parameter(init.repeat(num_vectors, 1).to(table.device))
+        with torch.no_grad():  # the table's rows too, so a hook-less copy still starts sane
+            table[token_ids] = init.to(table.dtype)
+        encoder.requires_grad_(False)
+        slot = _Slot(encoder, token_ids, vectors)
+        slot.handle = _inject_hook(slot)
+        emb.slots.append(slot)
+        setattr(tuned, tok_name, tokenizer)
+        setattr(tuned, enc_name, encoder)
+    return tuned, emb

@@ -1,0 +1,299 @@
+"""The runner's jobs end to end on the tiny pipeline: train -> model version -> generate."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from sqlalchemy import select, update
+
+from storage.datasets import content_hash, effective_captions, images_of
+from storage.job_payloads import (
+    AdapterChoice,
+    GeneratePayload,
+    JobKind,
+    Priority,
+    ReplyTarget,
+    TrainPayload,
+    batch_key,
+    progress_key,
+    result_key,
+)
+from storage.models import (
+    Caption,
+    DatasetStatus,
+    DatasetVersion,
+    Generation,
+    Job,
+    JobStatus,
+    ModelVersion,
+    ReferenceImage,
+    Style,
+    Team,
+    TrainingRun,
+    utcnow,
+)
+from storage.settings import load_settings
+
+pytest_plugins = ("runner_fixtures",)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, sqlite_template: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "atelier.db").write_bytes(sqlite_template.read_bytes())
+    return data
+
+
+@pytest.fixture
+def services(data_dir: Path, tiny_builders: Any) -> Any:
+    from gpu_runner.services import open_services
+
+    return open_services(load_settings(data_dir=data_dir, device="cpu"))
+
+
+def _runner(services: Any) -> Any:
+    from gpu_runner.jobs import handlers
+    from gpu_runner.worker import Runner
+
+    return Runner(
+        queue=services.queue,
+        outbox=services.outbox,
+        handlers={kind: partial(handler, services) for kind, handler in handlers.items()},
+        worker_id="test-runner",
+    )
+
+
+def _reply(team_id: int) -> ReplyTarget:
+    return ReplyTarget(platform="console", channel="c", team_id=team_id, requester="ana")
+
+
+def _approved_style(services: Any, demo_items: list[tuple[Any, str]], team: str = "t1") -> int:
+    """A team with style 'ink' (trigger inkstyle) and an approved 12-image dataset."""
+    with services.db.session(write=True) as s:
+        team_row = Team(platform="console", external_id=team)
+        s.add(team_row)
+        s.flush()
+        style = Style(
+            team_id=team_row.id, name="ink", trigger="inkstyle", base_model="tiny-sd15", owner="ana"
+        )
+        s.add(style)
+        s.flush()
+        dataset = DatasetVersion(style_id=style.id, version=1, created_by="ana")
+        s.add(dataset)
+        s.flush()
+        for number, (image, caption) in enumerate(demo_items, start=1):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            blob = services.blobs.put_bytes(buffer.getvalue())
+            ref = ReferenceImage(
+                dataset_version_id=dataset.id,
+                position=number,
+                blob_sha256=blob.sha256,
+                source_sha256=blob.sha256,
+                phash="0" * 16,
+                original_name=f"{number}.png",
+                byte_size=blob.size,
+                width=64,
+                height=64,
+                uploader="ana",
+            )
+            s.add(ref)
+            s.flush()
+            s.add(Caption(image_id=ref.id, text=f"[trigger], {caption}", author="ana"))
+        s.flush()
+        images = images_of(s, dataset.id)
+        dataset.status = DatasetStatus.APPROVED
+        dataset.content_hash = content_hash(images, effective_captions(s, [i.id for i in images]))
+        return style.id
+
+
+def _enqueue_training(services: Any, style_id: int, **params: Any) -> tuple[int, int]:
+    with services.db.session(write=True) as s:
+        style = s.get(Style, style_id)
+        dataset = s.scalar(select(DatasetVersion).where(DatasetVersion.style_id == style_id))
+        run = TrainingRun(
+            style_id=style_id,
+            dataset_version_id=dataset.id,
+            method="lora",
+            params=params,
+            requested_by="ana",
+        )
+        s.add(run)
+        s.flush()
+        payload = TrainPayload(training_run_id=run.id, reply=_reply(style.team_id))
+        job = services.queue.enqueue(
+            JobKind.TRAIN,
+            payload.model_dump(),
+            requester="ana",
+            priority=Priority.TRAIN,
+            base_model=style.base_model,
+            session=s,
+        )
+        run.job_id = job.id
+        return run.id, job.id
+
+
+def _generate_payload(services: Any, team_id: int, model_version_id: int | None, **kw: Any):
+    adapters = (
+        [AdapterChoice(model_version_id=model_version_id, name="ink", trigger="inkstyle")]
+        if model_version_id
+        else []
+    )
+    return GeneratePayload(
+        prompt=kw.pop("prompt", "inkstyle, a harbour"),
+        base_model="tiny-sd15",
+        steps=4,
+        width=64,
+        height=64,
+        adapters=adapters,
+        reply=_reply(team_id),
+        **kw,
+    )
+
+
+def _enqueue_generate(services: Any, payload: GeneratePayload) -> int:
+    return services.queue.enqueue(
+        JobKind.GENERATE,
+        payload.model_dump(),
+        requester=payload.reply.requester,
+        priority=Priority.GENERATE,
+        base_model=payload.base_model,
+        batch_key=batch_key(payload),
+    ).id
+
+
+@pytest.fixture
+def trained(services: Any, demo_items: list[tuple[Any, str]]) -> dict[str, Any]:
+    style_id = _approved_style(services, demo_items)
+    run_id, job_id = _enqueue_training(services, style_id, steps=60, checkpoint_every=30)
+    assert _runner(services).run_once()
+    job = services.queue.get(job_id)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    with services.db.session() as s:
+        version = s.scalar(select(ModelVersion).where(ModelVersion.style_id == style_id))
+        team_id = s.get(Style, style_id).team_id
+        run = s.get(TrainingRun, run_id)
+        assert run.status == "succeeded" and run.last_checkpoint_step == 60
+    return {"job": job, "version": version, "team_id": team_id, "style_id": style_id}
+
+
+def test_training_job_publishes_a_model_version(services: Any, trained: dict[str, Any]) -> None:
+    version = trained["version"]
+    assert version.kohya_blob and version.diffusers_blob
+    raw = services.blobs.read_bytes(version.kohya_blob)
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header["__metadata__"]["modelspec.trigger_phrase"] == "inkstyle"
+    assert version.validation["val_loss"] < version.validation["base_val_loss"]
+    result = services.outbox.get(result_key(trained["job"].id))
+    assert result is not None and "ink" in result.text and len(result.attachments) == 2
+    progress = services.outbox.get(progress_key(trained["job"].id))
+    assert progress is not None and "done" in progress.text
+    assert len(services.queue.progress(trained["job"].id)) >= 60
+
+
+def test_generation_job_records_seed_and_parameters(services: Any, trained: dict[str, Any]) -> None:
+    from gpu_runner.png_metadata import parse_parameters
+
+    payload = _generate_payload(services, trained["team_id"], trained["version"].id, seed=1234)
+    job_id = _enqueue_generate(services, payload)
+    assert _runner(services).run_once()
+    job = services.queue.get(job_id)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    with services.db.session() as s:
+        generation = s.scalar(select(Generation).where(Generation.job_id == job_id))
+    assert generation.seed == 1234 and generation.adapters[0]["name"] == "ink"
+    png = Image.open(io.BytesIO(services.blobs.read_bytes(generation.image_blobs[0])))
+    parsed = parse_parameters(png.text["parameters"])
+    assert parsed["seed"] == 1234 and parsed["steps"] == 4
+    message = services.outbox.get(result_key(job_id))
+    assert message is not None and "Seed 1234" in message.text
+    assert message.extra["seed"] == [1234] and len(message.attachments) == 1
+
+
+def test_compatible_generations_run_as_one_batch(services: Any, trained: dict[str, Any]) -> None:
+    ids = [
+        _enqueue_generate(
+            services, _generate_payload(services, trained["team_id"], None, prompt=f"boat {n}")
+        )
+        for n in range(3)
+    ]
+    assert _runner(services).run_once()  # one claim serves all three
+    assert [services.queue.get(i).status for i in ids] == [JobStatus.SUCCEEDED] * 3
+    assert _runner(services).run_once() is False
+
+
+def test_another_teams_model_is_refused(
+    services: Any, trained: dict[str, Any], demo_items: list[tuple[Any, str]]
+) -> None:
+    with services.db.session(write=True) as s:
+        other = Team(platform="console", external_id="intruders")
+        s.add(other)
+        s.flush()
+        other_id = other.id
+    payload = _generate_payload(services, other_id, trained["version"].id)
+    job_id = _enqueue_generate(services, payload)
+    _runner(services).run_once()
+    job = services.queue.get(job_id)
+    assert job.status == JobStatus.FAILED and "not available to this team" in (job.error or "")
+    message = services.outbox.get(result_key(job_id))
+    assert message is not None and message.team_id == other_id
+
+
+def test_bad_request_ends_with_a_clear_message(services: Any, trained: dict[str, Any]) -> None:
+    payload = _generate_payload(services, trained["team_id"], None, prompt="word " * 120)
+    job_id = _enqueue_generate(services, payload)
+    _runner(services).run_once()
+    job = services.queue.get(job_id)
+    assert job.status == JobStatus.FAILED and job.attempts == 1
+    assert "prompt" in (job.error or "") and "token" in (job.error or "")
+
+
+def test_sigkilled_training_resumes_from_its_checkpoint(
+    services: Any, data_dir: Path, demo_items: list[tuple[Any, str]]
+) -> None:
+    style_id = _approved_style(services, demo_items)
+    run_id, job_id = _enqueue_training(services, style_id, steps=60, checkpoint_every=20)
+    env = {
+        **os.environ,
+        "ATELIER_DATA_DIR": str(data_dir),
+        "ATELIER_DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpu_runner", "--until-idle", "--id", "doomed"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).parents[1],
+    )
+    deadline = time.monotonic() + 240
+    checkpoint = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        with services.db.session() as s:
+            checkpoint = s.get(TrainingRun, run_id).last_checkpoint_step
+        if checkpoint:
+            break
+        services.queue.progress(job_id)  # wait on the database, not on a clock
+        time.sleep(0.2)
+    assert checkpoint, proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    with services.db.session(write=True) as s:  # its lease would run out in 30 s
+        s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
+    services.queue.recover_expired()
+    assert _runner(services).run_once()
+    job = services.queue.get(job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 2, job.error
+    assert job.result["resumed_from"] >= checkpoint > 0
