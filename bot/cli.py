@@ -24,10 +24,9 @@ def _db_check(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def _runner(_settings: Settings, args: argparse.Namespace) -> int:
+def _runner(runner_args: list[str]) -> int:
     # The runner lives in its own process with torch; the bot side never imports it.
-    command = [sys.executable, "-m", "gpu_runner", *args.runner_args]
-    os.execv(sys.executable, command)
+    os.execv(sys.executable, [sys.executable, "-m", "gpu_runner", *runner_args])
     return 0  # not reached
 
 
@@ -93,9 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("upgrade", help="apply pending migrations").set_defaults(run=_db_upgrade)
     db.add_parser("check", help="fail unless the schema is current").set_defaults(run=_db_check)
 
-    runner = commands.add_parser("runner", help="run the GPU worker (claims and runs jobs)")
-    runner.add_argument("runner_args", nargs=argparse.REMAINDER, help="options for the runner")
-    runner.set_defaults(run=_runner)
+    # Parsed by the runner itself (see main); listed here for --help.
+    commands.add_parser("runner", help="run the GPU worker (claims and runs jobs)")
 
     bot = commands.add_parser("bot", help="run a chat front end")
     bot.add_argument("platform", choices=["console", "discord", "slack"])
@@ -111,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["runner"]:
+        # Everything after `runner` is the runner's own (its --help included).
+        return _runner(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
