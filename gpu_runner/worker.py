@@ -43,6 +43,9 @@ class JobContext:
     extra_jobs: list[JobView] = field(default_factory=list)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    # Runs another claimed job to completion inside this one (a generation served while a
+    # training pauses between steps).
+    run_nested: Callable[[JobView], None] | None = None
     progress_every_s: float = 2.0
     _last_progress_post: float = 0.0
 
@@ -140,7 +143,13 @@ class Runner:
         return True
 
     def run_job(self, job: JobView) -> None:
-        ctx = JobContext(job=job, queue=self.queue, outbox=self.outbox, worker_id=self.worker_id)
+        ctx = JobContext(
+            job=job,
+            queue=self.queue,
+            outbox=self.outbox,
+            worker_id=self.worker_id,
+            run_nested=self.run_job,
+        )
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(ctx, done), daemon=True)
         beat.start()

@@ -297,3 +297,44 @@ def test_sigkilled_training_resumes_from_its_checkpoint(
     job = services.queue.get(job_id)
     assert job.status == JobStatus.SUCCEEDED and job.attempts == 2, job.error
     assert job.result["resumed_from"] >= checkpoint > 0
+
+
+def test_generation_is_served_while_training_pauses(
+    services: Any, demo_items: list[tuple[Any, str]]
+) -> None:
+    """A generation queued mid-training runs between two steps, on the training's base model
+    with the training adapter off, and the training then finishes as usual."""
+    import threading
+
+    from storage.work_signal import open_work_signal
+
+    style_id = _approved_style(services, demo_items)
+    with services.db.session() as s:
+        team_id = s.get(Style, style_id).team_id
+    _, train_id = _enqueue_training(services, style_id, steps=40, checkpoint_every=40)
+    runner = _runner(services)
+    worker = threading.Thread(target=runner.run_once)
+    worker.start()
+    wake = open_work_signal(services.db)
+    try:
+        while not services.queue.progress(train_id) and worker.is_alive():
+            wake.wait(0.5)
+    finally:
+        wake.close()
+    payload = _generate_payload(services, team_id, None, prompt="a quiet harbour", seed=99)
+    gen_id = _enqueue_generate(services, payload)
+    worker.join(timeout=300)
+    training, generation = services.queue.get(train_id), services.queue.get(gen_id)
+    assert training.status == JobStatus.SUCCEEDED, training.error
+    assert generation.status == JobStatus.SUCCEEDED, generation.error
+    assert training.started_at < generation.finished_at < training.finished_at
+    assert training.result["final_step"] == 40
+    # Served with the training adapter off: the same pixels an idle runner makes.
+    again = _enqueue_generate(services, payload)
+    assert _runner(services).run_once()
+
+    def pixels(job_id: int) -> bytes:
+        blob = services.queue.get(job_id).result["images"][0]
+        return Image.open(io.BytesIO(services.blobs.read_bytes(blob))).tobytes()
+
+    assert pixels(again) == pixels(gen_id)

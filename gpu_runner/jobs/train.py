@@ -18,10 +18,10 @@ from gpu_runner.pipelines import LoadedPipeline
 from gpu_runner.services import RunnerServices
 from gpu_runner.training.config import ConfigError, make_config
 from gpu_runner.training.dataset import DatasetError, TrainItem
-from gpu_runner.training.loop import TrainingError, TrainResult, train
+from gpu_runner.training.loop import PauseFn, TrainingError, TrainResult, train
 from gpu_runner.worker import JobContext, JobFailed, JobStopped
 from storage.datasets import content_hash, effective_captions, images_of
-from storage.job_payloads import TrainPayload, progress_key, result_key
+from storage.job_payloads import JobKind, TrainPayload, progress_key, result_key
 from storage.models import (
     DatasetStatus,
     DatasetVersion,
@@ -73,6 +73,7 @@ def run_train(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
             checkpoint_dir=services.runs_dir / str(inputs.run_id) / "checkpoints",
             progress=_progress_reporter(services, ctx, inputs),
             should_stop=ctx.should_stop,
+            between_steps=_generation_server(services, ctx, loaded),
             device=services.device.torch_device,
         )
     except (ConfigError, DatasetError, TrainingError, JobFailed) as exc:
@@ -185,6 +186,32 @@ def _progress_reporter(services: RunnerServices, ctx: JobContext, inputs: RunInp
         )
 
     return report
+
+
+# At most this many generations per pause, so a stream of requests cannot stall training.
+MAX_GENERATIONS_PER_PAUSE = 8
+
+
+def _generation_server(services: RunnerServices, ctx: JobContext, loaded: LoadedPipeline):  # type: ignore[no-untyped-def]
+    """Between steps, serve queued generations: those on the model being trained at once
+    (it is loaded already), those on other models only at a checkpoint."""
+
+    def serve(pause: PauseFn, at_checkpoint: bool) -> None:
+        if ctx.run_nested is None:
+            return
+        models = services.models.names() if at_checkpoint else [loaded.name]
+        for _ in range(MAX_GENERATIONS_PER_PAUSE):
+            job = services.queue.claim(ctx.worker_id, kinds=[JobKind.GENERATE], base_models=models)
+            if job is None:
+                return
+            with pause():
+                loaded.active_loras = None  # the generator must set adapters afresh
+                try:
+                    ctx.run_nested(job)
+                finally:
+                    loaded.active_loras = None
+
+    return serve
 
 
 def _duration(seconds: float) -> str:

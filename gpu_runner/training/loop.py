@@ -7,7 +7,8 @@ progress and cancellation, and a checkpoint folder that makes a crashed run resu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ ADAPTER_NAME = "atelier_train"
 
 ProgressFn = Callable[[int, int, float, dict[str, Any]], None]
 StopFn = Callable[[], bool]
+PauseFn = Callable[[], AbstractContextManager[None]]
+# Called between steps with a way to pause (lend the pipeline to a generation) and whether
+# a checkpoint was just written.
+BetweenStepsFn = Callable[[PauseFn, bool], None]
 
 
 class TrainingError(RuntimeError):
@@ -93,16 +98,18 @@ def train(
     checkpoint_dir: Path,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    between_steps: BetweenStepsFn | None = None,
     device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train, or resume from the newest checkpoint in `checkpoint_dir`, then export + report.
 
     The pipeline is borrowed: its UNet gets a temporary adapter that is removed before
     returning, and textual inversion works on private copies of the tokenizer/text encoder.
+    `between_steps` may pause training to lend the pipeline out (e.g. to a generation).
     """
     trainer = _Trainer(config, items, pipeline, Path(out_dir), Path(checkpoint_dir), device)
     try:
-        return trainer.run(progress, should_stop)
+        return trainer.run(progress, should_stop, between_steps)
     except torch.OutOfMemoryError:
         raise TrainingError(
             f"out of GPU memory at batch size {config.batch_size} and resolution "
@@ -473,7 +480,34 @@ class _Trainer:
 
     # ----- the run ------------------------------------------------------------------------
 
-    def run(self, progress: ProgressFn | None, should_stop: StopFn | None) -> TrainResult:
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The pipeline as a generation expects it: eval mode, the training adapter off.
+
+        Training state (weights, optimizer, RNGs) is untouched; on exit the training adapter
+        is the only active one again and trainable again (peft's set_adapters freezes the
+        adapters it deactivates).
+        """
+        was_training = self.unet.training
+        self.unet.eval()
+        if self.adapter_added:
+            self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            if self.adapter_added:
+                self.unet.enable_adapters()
+                self.unet.set_adapter(ADAPTER_NAME)
+            for param in self.trainable.values():
+                param.requires_grad_(True)
+            self.unet.train(was_training)
+
+    def run(
+        self,
+        progress: ProgressFn | None,
+        should_stop: StopFn | None,
+        between_steps: BetweenStepsFn | None = None,
+    ) -> TrainResult:
         cfg = self.config
         started = now_utc()
         self._setup()
@@ -503,6 +537,8 @@ class _Trainer:
             extras["steps_per_s"] = (self.step - first) / elapsed if elapsed > 0 else 0.0
             if progress is not None:
                 progress(self.step, cfg.steps, loss, extras)
+            if between_steps is not None and self.step < cfg.steps:
+                between_steps(self.paused, "checkpoint" in extras)
         if stopped:
             if self.step > 0 and (
                 self.last_checkpoint is None
