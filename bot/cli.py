@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from bot.doctor import add_parser as add_doctor_parser
+from bot.doctor import run_doctor
 from storage.db import Database, SchemaOutOfDate
 from storage.settings import ConfigError, Settings, load_settings
 
@@ -102,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bot.set_defaults(run=_bot)
 
+    add_doctor_parser(commands)  # reports invalid settings itself, so main runs it before loading
+
     commands.add_parser("demo", help="the whole story on the built-in tiny model").set_defaults(
         run=_not_yet("demo")
     )
@@ -114,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything after `runner` is the runner's own (its --help included).
         return _runner(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        return run_doctor(args)
     try:
         settings = load_settings()
         return int(args.run(settings, args))
