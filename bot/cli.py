@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
 
 from bot.doctor import add_parser as add_doctor_parser
 from bot.doctor import run_doctor
@@ -74,12 +77,20 @@ def _serve_chat(settings: Settings, platform: str) -> int:
     return run_slack(settings, core, background)
 
 
-def _not_yet(what: str):  # type: ignore[no-untyped-def]
-    def run(_settings: Settings, _args: argparse.Namespace) -> int:
-        print(f"`atelier {what}` is not part of this build yet.", file=sys.stderr)
-        return 2
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.demo import main as demo_main  # imported only when used
 
-    return run
+    return demo_main(settings, data_dir=args.data_dir, steps=args.steps)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps above 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,9 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_doctor_parser(commands)  # reports invalid settings itself, so main runs it before loading
 
-    commands.add_parser("demo", help="the whole story on the built-in tiny model").set_defaults(
-        run=_not_yet("demo")
+    demo = commands.add_parser(
+        "demo",
+        help="the whole story on the built-in tiny model",
+        description=(
+            "Create a style, add 12 images, approve them as an art lead, train a LoRA, "
+            "generate and export it, all on the CPU with the built-in tiny model; then write "
+            "an HTML report. A second run reuses the style and its approved images and trains "
+            "a new version."
+        ),
     )
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the demo's own data folder (default: ATELIER_DATA_DIR/demo: ./atelier-data/demo)",
+    )
+    demo.add_argument(
+        "--steps", type=_positive, help="training steps (default 120: under a minute on 2 cores)"
+    )
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -125,6 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(settings, args))
     except (ConfigError, SchemaOutOfDate) as exc:
         print(exc, file=sys.stderr)
+        return 2
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(
+            f"Cannot use the database ({reason}). Check ATELIER_DATABASE_URL and that the "
+            "server is running; `atelier doctor` checks the whole set-up.",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -169,6 +169,8 @@ def safe_display_name(filename: str, max_len: int = 80) -> str:
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     # Cc: control chars (newlines etc.); Cf: invisible format chars such as RTL override.
     name = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in name)
+    # Cs: lone surrogates (a name that was not UTF-8); no database or chat can hold them.
+    name = "".join("\ufffd" if unicodedata.category(c) == "Cs" else c for c in name)
     name = " ".join(name.split())
     if name.strip(".") == "":
         return "image"

@@ -152,3 +152,13 @@ def test_bad_base_models_json_and_device_are_named(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("ATELIER_BASE_MODELS", "{not json")
     with pytest.raises(ConfigError, match="ATELIER_BASE_MODELS"):
         load_settings()
+
+
+def test_unreachable_database_is_one_line_without_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ATELIER_DATABASE_URL", "postgresql+psycopg://bob:hunter2@127.0.0.1:9/x")
+    assert main(["db", "check"]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot use the database" in err and "ATELIER_DATABASE_URL" in err
+    assert "hunter2" not in err and "Traceback" not in err

@@ -21,6 +21,21 @@ MAX_SEED = 2**32 - 1
 _NAME = re.compile(r"\w[\w-]{0,39}")
 _TRIGGER = re.compile(r"[\w-]{2,32}")
 _BASE = re.compile(r"[\w./:@-]{1,200}")
+# NUL (PostgreSQL text cannot hold it) and lone surrogates (broken UTF-8 let through by JSON
+# escapes or a terminal): no database, chat platform or tokenizer takes them.
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+_FIELD_LABELS = {
+    PARSE_ERROR: "the command",
+    "text": "the caption",
+    "negative": "the negative prompt",
+    "name": "the style name",
+    "trigger": "the trigger word",
+}
+
+
+def scrub_text(text: str) -> str:
+    """`text` with NUL and lone surrogates replaced by U+FFFD, for echoing input in replies."""
+    return _NOT_TEXT.sub("\ufffd", text)
 
 
 # -- field parsers: each raises ValueError with the sentence a person should read ----------
@@ -278,6 +293,16 @@ def with_usage(problem: str, command: str) -> str:
 
 def validate_args(command: str, args: Mapping[str, str]) -> Args:
     """Validated args for `command`, or UserError with what was wrong and the usage."""
+    for key, value in args.items():
+        if isinstance(value, str) and _NOT_TEXT.search(value):
+            what = _FIELD_LABELS.get(key, f"the {key}")
+            raise UserError(
+                with_usage(
+                    f"{what} has characters that cannot be stored (a NUL byte or broken "
+                    "UTF-8); retype it",
+                    command,
+                )
+            )
     if PARSE_ERROR in args:
         raise UserError(with_usage(args[PARSE_ERROR], command))
     model = ARG_MODELS[command]

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from bot.commands import Command, Reaction, Reply, TextParser
 from bot.core import audit, imagine, jobs, review, styles, training, uploads
-from bot.core.arguments import validate_args
+from bot.core.arguments import scrub_text, validate_args
 from bot.core.auth import LeadPolicy
 from bot.core.context import Context, Services
 from bot.core.errors import AuditNote, DuplicateEvent, Refused, UserError
@@ -119,7 +119,8 @@ class CommandCore:
             if problem is None and command.name != HELP:
                 problem = f"Atelier has no command '{command.name}'"
             topic = command.args.get("topic")
-            lead = f"{problem.rstrip('.')}.\n" if problem else ""
+            # The problem may quote what was typed: never echo text a platform cannot carry.
+            lead = f"{scrub_text(problem).rstrip('.')}.\n" if problem else ""
             return [Reply(lead + help_text(topic), private=True)]
         if already_processed(self.services.db, ctx.platform, ctx.event_id):
             raise DuplicateEvent(ctx.event_id)

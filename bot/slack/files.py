@@ -5,8 +5,10 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from email.message import Message as HTTPMessage
 from functools import partial
-from typing import Any
+from typing import IO, Any
+from urllib.parse import urlsplit
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
@@ -14,6 +16,36 @@ from slack_sdk.errors import SlackApiError
 from bot.commands import FileTooLarge, IncomingFile
 
 _CHUNK = 64 * 1024
+
+
+class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but send the bot token only to the origin it was meant for.
+
+    urllib copies every request header into the redirected request, so a file URL that
+    redirects to another host (a CDN, or a link someone planted) would receive the token.
+    """
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+_OPENER = urllib.request.build_opener(_TokenStaysHome)
 
 
 class SlackFileError(Exception):
@@ -62,7 +94,7 @@ class SlackFiles:
         token = self._client.token or ""
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+            with _OPENER.open(request, timeout=self._timeout) as response:
                 if response.headers.get_content_type() == "text/html":
                     # Slack answers a request it does not accept with its sign-in page.
                     raise SlackFileError(
