@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpu_runner import failpoints
 from storage.job_payloads import ReplyTarget, progress_key, result_key
 from storage.outbox import Attachment, Outbox
 from storage.queue import JobQueue, JobView, LeaseLost
@@ -143,6 +144,7 @@ class Runner:
         return True
 
     def run_job(self, job: JobView) -> None:
+        failpoints.hit("after_claim")
         ctx = JobContext(
             job=job,
             queue=self.queue,

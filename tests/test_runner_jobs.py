@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -260,43 +259,83 @@ def test_bad_request_ends_with_a_clear_message(services: Any, trained: dict[str,
     assert "prompt" in (job.error or "") and "token" in (job.error or "")
 
 
-def test_sigkilled_training_resumes_from_its_checkpoint(
-    services: Any, data_dir: Path, demo_items: list[tuple[Any, str]]
-) -> None:
-    style_id = _approved_style(services, demo_items)
-    run_id, job_id = _enqueue_training(services, style_id, steps=60, checkpoint_every=20)
+def _run_until_killed(data_dir: Path, failpoint: str) -> subprocess.CompletedProcess[bytes]:
     env = {
         **os.environ,
         "ATELIER_DATA_DIR": str(data_dir),
         "ATELIER_DEVICE": "cpu",
-        "OMP_NUM_THREADS": "1",
+        "ATELIER_FAILPOINTS": failpoint,
     }
-    proc = subprocess.Popen(
+    return subprocess.run(
         [sys.executable, "-m", "gpu_runner", "--until-idle", "--id", "doomed"],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         cwd=Path(__file__).parents[1],
+        timeout=300,
+        check=False,
     )
-    deadline = time.monotonic() + 240
-    checkpoint = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        with services.db.session() as s:
-            checkpoint = s.get(TrainingRun, run_id).last_checkpoint_step
-        if checkpoint:
-            break
-        services.queue.progress(job_id)  # wait on the database, not on a clock
-        time.sleep(0.2)
-    assert checkpoint, proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    with services.db.session(write=True) as s:  # its lease would run out in 30 s
+
+
+def _restart_after_crash(services: Any, job_id: int) -> Any:
+    """What happens after a crash: the lease runs out, another runner takes the job."""
+    with services.db.session(write=True) as s:
         s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
     services.queue.recover_expired()
     assert _runner(services).run_once()
-    job = services.queue.get(job_id)
+    assert _runner(services).run_once() is False
+    return services.queue.get(job_id)
+
+
+def _assert_blobs_whole(services: Any) -> None:
+    import hashlib
+
+    services.blobs.remove_stale_temp(older_than_s=0)
+    for path in services.blobs.root.rglob("*"):
+        if path.is_file():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, path
+
+
+@pytest.mark.parametrize(
+    "failpoint",
+    ["after_claim", "mid_training:5", "after_checkpoint", "before_outputs", "after_outputs"],
+)
+def test_training_survives_sigkill(
+    services: Any, data_dir: Path, demo_items: list[tuple[Any, str]], failpoint: str
+) -> None:
+    style_id = _approved_style(services, demo_items)
+    run_id, job_id = _enqueue_training(services, style_id, steps=20, checkpoint_every=10)
+    crashed = _run_until_killed(data_dir, failpoint)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
+    job = _restart_after_crash(services, job_id)
     assert job.status == JobStatus.SUCCEEDED and job.attempts == 2, job.error
-    assert job.result["resumed_from"] >= checkpoint > 0
+    with services.db.session() as s:
+        versions = s.scalars(select(ModelVersion).where(ModelVersion.training_run_id == run_id))
+        assert len(list(versions)) == 1
+    if failpoint in ("after_checkpoint", "before_outputs"):
+        assert job.result.get("resumed_from") in (10, 20)  # not from step 0
+    assert services.outbox.get(result_key(job_id)) is not None
+    _assert_blobs_whole(services)
+
+
+@pytest.mark.parametrize("failpoint", ["mid_generation:2", "before_outputs", "after_outputs"])
+def test_generation_survives_sigkill(services: Any, data_dir: Path, failpoint: str) -> None:
+    with services.db.session(write=True) as s:
+        team = Team(platform="console", external_id="t")
+        s.add(team)
+        s.flush()
+        team_id = team.id
+    payload = _generate_payload(services, team_id, None, seed=5, count=2)
+    job_id = _enqueue_generate(services, payload)
+    crashed = _run_until_killed(data_dir, failpoint)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
+    job = _restart_after_crash(services, job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 2, job.error
+    with services.db.session() as s:
+        rows = list(s.scalars(select(Generation).where(Generation.job_id == job_id)))
+    assert len(rows) == 1 and rows[0].seed == 5 and len(rows[0].image_blobs) == 2
+    message = services.outbox.get(result_key(job_id))
+    assert message is not None and message.revision == 1  # posted once, not twice
+    _assert_blobs_whole(services)
 
 
 def test_generation_is_served_while_training_pauses(

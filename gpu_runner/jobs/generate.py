@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from gpu_runner import failpoints
 from gpu_runner.generation import USER_ERRORS, GeneratedImage, GenerationRequest, GenerationResult
 from gpu_runner.prompts import AdapterInfo, AdapterUse
 from gpu_runner.services import RunnerServices
@@ -36,6 +37,7 @@ def run_generate(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
             requests.append(exc)
 
     def on_step(step: int, total: int) -> None:
+        failpoints.hit("mid_generation")
         if ctx.should_stop():
             raise JobStopped("canceled")
 
@@ -130,6 +132,7 @@ def _settle_extra(
 
 def _record(services: RunnerServices, job: JobView, result: GenerationResult) -> dict[str, Any]:
     """Store the images, the Generation row and the result message; return the job result."""
+    failpoints.hit("before_outputs")
     payload = GeneratePayload.model_validate(job.payload)
     request = result.request
     shown = result.comparisons or result.images
@@ -141,6 +144,9 @@ def _record(services: RunnerServices, job: JobView, result: GenerationResult) ->
     )
     record = dict(result.images[0].record) if result.images else {}
     with services.db.session(write=True) as s:
+        earlier = s.scalar(select(Generation).where(Generation.job_id == job.id))
+        if earlier is not None:  # a crashed try got this far: record nothing twice
+            return _job_result(earlier)
         generation = Generation(
             team_id=payload.reply.team_id,
             job_id=job.id,
@@ -160,7 +166,6 @@ def _record(services: RunnerServices, job: JobView, result: GenerationResult) ->
         )
         s.add(generation)
         s.flush()
-        generation_id = generation.id
         services.outbox.put(
             result_key(job.id),
             platform=payload.reply.platform,
@@ -174,11 +179,18 @@ def _record(services: RunnerServices, job: JobView, result: GenerationResult) ->
                 "parameters": _parameters(payload, result),
                 "prompt": request.prompt,
                 "negative_prompt": request.negative_prompt,
-                "generation_id": generation_id,
+                "generation_id": generation.id,
             },
             session=s,
         )
-    return {"generation_id": generation_id, "seeds": result.seeds, "images": stored}
+        result_row = _job_result(generation)
+    failpoints.hit("after_outputs")
+    return result_row
+
+
+def _job_result(generation: Generation) -> dict[str, Any]:
+    seeds = [(generation.seed + i) % 2**32 for i in range(len(generation.image_blobs))]
+    return {"generation_id": generation.id, "seeds": seeds, "images": generation.image_blobs}
 
 
 def _store(services: RunnerServices, image: GeneratedImage) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 from sqlalchemy import func, select
 
+from gpu_runner import failpoints
 from gpu_runner.pipelines import LoadedPipeline
 from gpu_runner.services import RunnerServices
 from gpu_runner.training.config import ConfigError, make_config
@@ -60,6 +61,12 @@ class RunInputs:
 
 def run_train(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
     payload = TrainPayload.model_validate(ctx.job.payload)
+    with services.db.session() as s:
+        done = s.scalar(
+            select(ModelVersion).where(ModelVersion.training_run_id == payload.training_run_id)
+        )
+    if done is not None:  # a crashed try already published it: publish nothing twice
+        return {"model_version_id": done.id, "final_step": None, "resumed_from": None}
     try:
         inputs = _load_inputs(services, payload.training_run_id)
         loaded = services.models.get(inputs.base_model)
@@ -161,6 +168,7 @@ def _config(inputs: RunInputs, loaded: LoadedPipeline) -> Any:
 
 def _progress_reporter(services: RunnerServices, ctx: JobContext, inputs: RunInputs):  # type: ignore[no-untyped-def]
     def report(step: int, total: int, loss: float, extras: dict[str, Any]) -> None:
+        failpoints.hit("mid_training")
         rate = extras.get("steps_per_s") or 0.0
         eta = f" · ETA {_duration((total - step) / rate)}" if rate > 0 else ""
         text = (
@@ -226,6 +234,8 @@ def _publish(
     loaded: LoadedPipeline,
     result: TrainResult,
 ) -> int:
+    failpoints.hit("before_outputs")
+
     def put(path: Path | None) -> str | None:
         return None if path is None else services.blobs.put_bytes(path.read_bytes()).sha256
 
@@ -295,6 +305,7 @@ def _publish(
         f"`/style export {inputs.style_name}`.",
         attachments=attachments,
     )
+    failpoints.hit("after_outputs")
     return version_id
 
 

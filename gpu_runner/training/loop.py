@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from gpu_runner import failpoints
 from gpu_runner.training import checkpoint as ckpt
 from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
 from gpu_runner.training.dataset import (
@@ -428,6 +429,7 @@ class _Trainer:
     # ----- checkpoints --------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        failpoints.hit("before_checkpoint")
         state = {
             "fingerprint": self.config.fingerprint(),
             "optimizer": self.optimizer.state_dict(),
@@ -445,6 +447,7 @@ class _Trainer:
             self.checkpoint_dir, self.step, weights, state, self.config.keep_checkpoints
         )
         self.last_checkpoint = path
+        failpoints.hit("after_checkpoint")
         return path
 
     def maybe_resume(self) -> None:
