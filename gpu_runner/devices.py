@@ -106,13 +106,16 @@ def resolve_device(device: str | None = None, dtype: str | None = None) -> Devic
     return DeviceChoice(device=chosen, dtype=torch_dtype)
 
 
-def memory_budget_bytes(choice: DeviceChoice, fraction: float = 0.6) -> int:
-    """Default memory for warm pipelines: a share of GPU memory, or of RAM on CPU/MPS."""
+def device_memory_bytes(choice: DeviceChoice) -> int:
+    """All the memory of the device: the GPU's, or RAM on CPU/MPS (which share it)."""
     if choice.kind == "cuda":
-        total = torch.cuda.get_device_properties(choice.torch_device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * fraction)
+        return int(torch.cuda.get_device_properties(choice.torch_device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_budget_bytes(choice: DeviceChoice, fraction: float = 0.6) -> int:
+    """Default memory for warm pipelines: a share of the device's memory."""
+    return int(device_memory_bytes(choice) * fraction)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

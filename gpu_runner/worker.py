@@ -118,6 +118,7 @@ class Runner:
         handlers: Mapping[str, Handler],
         worker_id: str,
         base_models: list[str] | None = None,
+        memory_mb: int | None = None,
         heartbeat_every_s: float | None = None,
     ) -> None:
         self.queue = queue
@@ -125,6 +126,7 @@ class Runner:
         self.handlers = dict(handlers)
         self.worker_id = worker_id
         self.base_models = base_models
+        self.memory_mb = memory_mb
         self.heartbeat_every_s = heartbeat_every_s or max(0.05, queue.lease_seconds / 3)
 
     def run_forever(self, signal: WorkSignal, stop: threading.Event) -> None:
@@ -136,7 +138,10 @@ class Runner:
     def run_once(self) -> bool:
         """Claim and run one job. Returns False when there was nothing to do."""
         job = self.queue.claim(
-            self.worker_id, kinds=list(self.handlers), base_models=self.base_models
+            self.worker_id,
+            kinds=list(self.handlers),
+            base_models=self.base_models,
+            memory_mb=self.memory_mb,
         )
         if job is None:
             return False

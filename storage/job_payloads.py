@@ -5,7 +5,9 @@ Both sides import these from storage, which is the only thing they share.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum, StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,6 +91,35 @@ def batch_key(payload: GeneratePayload) -> str:
         f"{payload.base_model}|{adapters}|{payload.width}x{payload.height}|"
         f"{payload.steps}|{payload.cfg:g}|{payload.sampler}|{int(payload.compare)}"
     )
+
+
+# Typical device memory (MB) a job needs, by family: fp16 SD1.5 generates in ~4 GB and
+# trains a LoRA in ~8 GB; SDXL needs ~8 GB and ~16 GB (kohya sd-scripts and diffusers
+# training docs give figures in these ranges). The built-in tiny models need nothing.
+_MEMORY_MB = {
+    (JobKind.GENERATE, "sd15"): 4_000,
+    (JobKind.TRAIN, "sd15"): 8_000,
+    (JobKind.GENERATE, "sdxl"): 8_000,
+    (JobKind.TRAIN, "sdxl"): 16_000,
+}
+TINY_MODELS = ("tiny-sd15", "tiny-sdxl")
+
+
+def model_family(base_model: str, configured: Mapping[str, Any]) -> str | None:
+    """sd15 or sdxl from the config (its `family`, else the name/source), None for tiny."""
+    if base_model in TINY_MODELS:
+        return None
+    value = configured.get(base_model, "")
+    if isinstance(value, Mapping):
+        if value.get("family"):
+            return "sdxl" if str(value["family"]) == "sdxl" else "sd15"
+        value = value.get("source", "")
+    return "sdxl" if "xl" in f"{base_model} {value}".lower() else "sd15"
+
+
+def memory_needed_mb(kind: JobKind, base_model: str, configured: Mapping[str, Any]) -> int | None:
+    family = model_family(base_model, configured)
+    return None if family is None else _MEMORY_MB.get((kind, family))
 
 
 def progress_key(job_id: int) -> str:

@@ -288,6 +288,8 @@ class Job(Base):
     team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id"))
     # Which base model the job needs; runners claim only what they can load.
     base_model: Mapped[str | None] = mapped_column(String(200))
+    # Device memory the job needs; a runner with less never claims it.
+    min_memory_mb: Mapped[int | None] = mapped_column(Integer)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     # Jobs with the same key can share one pipeline call (same model, adapters, size...).
     batch_key: Mapped[str | None] = mapped_column(String(500))

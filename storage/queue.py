@@ -57,6 +57,7 @@ class JobView:
     requester: str
     team_id: int | None
     base_model: str | None
+    min_memory_mb: int | None
     batch_key: str | None
     status: JobStatus
     attempts: int
@@ -81,6 +82,7 @@ class JobView:
             requester=job.requester,
             team_id=job.team_id,
             base_model=job.base_model,
+            min_memory_mb=job.min_memory_mb,
             batch_key=job.batch_key,
             status=JobStatus(job.status),
             attempts=job.attempts,
@@ -136,6 +138,7 @@ class JobQueue:
         idempotency_key: str | None = None,
         team_id: int | None = None,
         base_model: str | None = None,
+        min_memory_mb: int | None = None,
         batch_key: str | None = None,
         max_attempts: int = 3,
         run_after: datetime | None = None,
@@ -155,6 +158,7 @@ class JobQueue:
             "requester": requester,
             "team_id": team_id,
             "base_model": base_model,
+            "min_memory_mb": min_memory_mb,
             "idempotency_key": idempotency_key,
             "batch_key": batch_key,
             "max_attempts": max_attempts,
@@ -205,11 +209,13 @@ class JobQueue:
         *,
         kinds: Collection[str] | None = None,
         base_models: Collection[str] | None = None,
+        memory_mb: int | None = None,
         lease_seconds: float | None = None,
     ) -> JobView | None:
         """Take the next job this worker can run, or None.
 
-        `base_models` limits jobs that name a base model to those this runner can load.
+        `base_models` limits jobs that name a base model to those this runner can load;
+        `memory_mb` skips jobs that need more device memory than the runner has.
         """
         self._maybe_recover()
         now = utcnow()
@@ -222,7 +228,13 @@ class JobQueue:
             params["kinds"] = list(kinds)
         if base_models is not None:
             params["models"] = list(base_models)
-        statement = self.sql.claim(by_kind=kinds is not None, by_model=base_models is not None)
+        if memory_mb is not None:
+            params["memory_mb"] = memory_mb
+        statement = self.sql.claim(
+            by_kind=kinds is not None,
+            by_model=base_models is not None,
+            by_memory=memory_mb is not None,
+        )
         with self.db.transaction(write=True) as conn:
             row = conn.execute(statement, params).first()
         return None if row is None else JobView.of(row)

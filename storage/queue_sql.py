@@ -35,6 +35,8 @@ _TYPES = {
     "status": String(),
     "batch_key": String(),
     "limit": Integer(),
+    "min_memory_mb": Integer(),
+    "memory_mb": Integer(),
 }
 
 
@@ -53,13 +55,13 @@ class QueueSQL:
     finish: TextClause
     skip_locked: str
 
-    def claim(self, *, by_kind: bool, by_model: bool) -> TextClause:
-        return _claim(self.skip_locked, by_kind, by_model)
+    def claim(self, *, by_kind: bool, by_model: bool, by_memory: bool) -> TextClause:
+        return _claim(self.skip_locked, by_kind, by_model, by_memory)
 
 
 @cache
-def _claim(skip_locked: str, by_kind: bool, by_model: bool) -> TextClause:
-    filters = ""
+def _claim(skip_locked: str, by_kind: bool, by_model: bool, by_memory: bool) -> TextClause:
+    filters = " AND (min_memory_mb IS NULL OR min_memory_mb <= :memory_mb)" if by_memory else ""
     expanding = []
     if by_kind:
         filters += " AND kind IN :kinds"
@@ -96,9 +98,9 @@ def _insert(greatest: str) -> TextClause:
     )
     return _prepare(
         "INSERT INTO jobs (kind, payload, priority, requester, team_id, base_model,"
-        " idempotency_key, batch_key, status, fair_seq, attempts, max_attempts, run_after,"
-        " cancel_requested, created_at) VALUES (:kind, :payload, :priority, :requester,"
-        " :team_id, :base_model, :idempotency_key, :batch_key, 'queued',"
+        " min_memory_mb, idempotency_key, batch_key, status, fair_seq, attempts, max_attempts,"
+        " run_after, cancel_requested, created_at) VALUES (:kind, :payload, :priority, :requester,"
+        " :team_id, :base_model, :min_memory_mb, :idempotency_key, :batch_key, 'queued',"
         f" {greatest}({head}, {own_next}),"
         f" 0, :max_attempts, :run_after, false, :now) RETURNING {RETURNING}"
     )

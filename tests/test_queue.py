@@ -269,3 +269,23 @@ def test_claim_batch_takes_compatible_jobs_only(queue: JobQueue) -> None:
     assert [j.id for j in extra] == same
     assert all(j.status == JobStatus.RUNNING and j.lease_owner == "w" for j in extra)
     assert queue.claim_batch("w", "tiny|512x512|25", limit=3) == []
+
+
+def test_claim_skips_jobs_needing_more_memory_than_the_runner_has(queue: JobQueue) -> None:
+    big = queue.enqueue("train", requester="u", base_model="sdxl", min_memory_mb=16_000)
+    small = queue.enqueue("train", requester="u", base_model="sd15", min_memory_mb=8_000)
+    anything = queue.enqueue("caption", requester="u")
+    assert queue.claim("12gb", memory_mb=12_000).id == small.id
+    assert queue.claim("12gb", memory_mb=12_000).id == anything.id
+    assert queue.claim("12gb", memory_mb=12_000) is None
+    assert queue.claim("24gb", memory_mb=24_000).id == big.id
+
+
+def test_memory_needs_by_family() -> None:
+    from storage.job_payloads import JobKind, memory_needed_mb
+
+    configured = {"sd15": "/m/sd15", "big": {"source": "/m/x.safetensors", "family": "sdxl"}}
+    assert memory_needed_mb(JobKind.TRAIN, "tiny-sd15", configured) is None
+    assert memory_needed_mb(JobKind.TRAIN, "sd15", configured) == 8_000
+    assert memory_needed_mb(JobKind.TRAIN, "big", configured) == 16_000
+    assert memory_needed_mb(JobKind.GENERATE, "juggernaut-xl", {}) == 8_000

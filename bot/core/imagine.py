@@ -30,6 +30,7 @@ from storage.job_payloads import (
     Priority,
     ReplyTarget,
     batch_key,
+    memory_needed_mb,
 )
 from storage.models import Generation, Job, ModelVersion, Style
 
@@ -97,6 +98,9 @@ def _enqueue(ctx: Context, s: Session, team_id: int, payload: GeneratePayload, k
         idempotency_key=key,
         team_id=team_id,
         base_model=payload.base_model,
+        min_memory_mb=memory_needed_mb(
+            JobKind.GENERATE, payload.base_model, ctx.services.settings.base_models
+        ),
         batch_key=batch_key(payload),
         session=s,
     )

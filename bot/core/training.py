@@ -14,7 +14,7 @@ from bot.core.datasets import plural
 from bot.core.errors import UserError
 from bot.core.teams import get_style
 from storage.datasets import images_of, latest_approved, latest_version
-from storage.job_payloads import JobKind, Priority, TrainPayload
+from storage.job_payloads import JobKind, Priority, TrainPayload, memory_needed_mb
 from storage.models import (
     DatasetStatus,
     DatasetVersion,
@@ -88,6 +88,9 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
             idempotency_key=f"{ctx.idempotency_key}:train",
             team_id=team.id,
             base_model=style.base_model,
+            min_memory_mb=memory_needed_mb(
+                JobKind.TRAIN, style.base_model, services.settings.base_models
+            ),
             session=s,
         )
         run.job_id = job.id

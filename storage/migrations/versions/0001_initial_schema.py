@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-21 19:16:48.954745
+Create Date: 2026-11-21 20:10:11.982292
 """
 
 from collections.abc import Sequence
@@ -65,6 +65,7 @@ def upgrade() -> None:
         sa.Column("requester", sa.String(length=128), nullable=False),
         sa.Column("team_id", sa.Integer(), nullable=True),
         sa.Column("base_model", sa.String(length=200), nullable=True),
+        sa.Column("min_memory_mb", sa.Integer(), nullable=True),
         sa.Column("idempotency_key", sa.String(length=200), nullable=True),
         sa.Column("batch_key", sa.String(length=500), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
