@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from gpu_runner import failpoints
 from storage.job_payloads import ReplyTarget, progress_key, result_key
 from storage.outbox import Attachment, Outbox
@@ -127,12 +129,25 @@ class Runner:
         self.worker_id = worker_id
         self.base_models = base_models
         self.memory_mb = memory_mb
+        self.database_errors = 0
         self.heartbeat_every_s = heartbeat_every_s or max(0.05, queue.lease_seconds / 3)
 
-    def run_forever(self, signal: WorkSignal, stop: threading.Event) -> None:
+    def run_forever(
+        self, signal: WorkSignal, stop: threading.Event, *, max_backoff_s: float = 30.0
+    ) -> None:
         log.info("runner %s serving %s", self.worker_id, ", ".join(sorted(self.handlers)))
+        backoff = 0.0
         while not stop.is_set():
-            if not self.run_once():
+            try:
+                worked = self.run_once()
+            except DBAPIError as exc:  # locked past the busy timeout, or unreachable
+                self.database_errors += 1
+                backoff = min(max_backoff_s, max(0.05, backoff * 2))
+                log.warning("database unavailable (%s); retrying in %.1f s", exc.orig, backoff)
+                stop.wait(backoff)
+                continue
+            backoff = 0.0
+            if not worked:
                 signal.wait(1.0)
 
     def run_once(self) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -117,3 +119,37 @@ def test_progress_edits_one_message(queue: JobQueue, db: Database) -> None:
     assert [e.step for e in queue.progress(job.id)] == [1, 2, 3]
     message = Outbox(db).get(progress_key(job.id))
     assert message is not None and message.text == "step 3/3" and message.revision == 2
+
+
+def test_runner_waits_out_a_locked_database(tmp_path: Path, sqlite_template: Path) -> None:
+    """A database locked past the busy timeout costs a retry, not the runner."""
+    import sqlite3
+
+    from storage.work_signal import open_work_signal
+
+    path = tmp_path / "atelier.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    queue = JobQueue(Database(f"sqlite:///{path}", busy_timeout_ms=50), recover_every_s=3600)
+    job = queue.enqueue("echo", {}, requester="u")
+    runner = _runner(queue, echo=lambda ctx: {"ok": True})
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # someone else holds the write lock
+    stop = threading.Event()
+    signal_ = open_work_signal(queue.db)
+    thread = threading.Thread(target=runner.run_forever, args=(signal_, stop), daemon=True)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 60
+        while runner.database_errors == 0 and thread.is_alive() and time.monotonic() < deadline:
+            stop.wait(0.01)
+        assert runner.database_errors >= 1 and thread.is_alive()
+        blocker.execute("COMMIT")  # the lock is released: the job must now run
+        while queue.get(job.id).status != JobStatus.SUCCEEDED and time.monotonic() < deadline:
+            stop.wait(0.01)
+        assert queue.get(job.id).status == JobStatus.SUCCEEDED
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        signal_.close()
+        blocker.close()
+    assert runner.database_errors >= 1
