@@ -44,6 +44,10 @@ class MessageSender(Protocol):
         """Replace the content of `item.platform_message_id` with the item's."""
         ...
 
+    # Optional: `find_posted(item) -> str | None` finds a message that a post in doubt
+    # (the bot died between posting and recording) already made, by the outbox key.
+    # Senders whose platform dedupes posts itself (Discord's nonce) need not have it.
+
 
 class OutboxDeliverer:
     """Delivers one platform's due outbox messages; `deliver_due` runs periodically."""
@@ -95,8 +99,25 @@ class OutboxDeliverer:
             self.sender.edit(item, files)
             message_id = item.platform_message_id
         else:
-            message_id = self.sender.post(item, files)
+            found = self._already_posted(item)
+            if found is not None:
+                # Posted before a crash; bring it up to date rather than post it twice.
+                item = replace(item, platform_message_id=found)
+                self.sender.edit(item, files)
+                message_id = found
+            else:
+                self.outbox.begin_post(item.id)
+                message_id = self.sender.post(item, files)
         self.outbox.mark_delivered(item.id, item.revision, message_id)
+
+    def _already_posted(self, item: OutboxItem) -> str | None:
+        if not item.post_in_doubt:
+            return None
+        find = getattr(self.sender, "find_posted", None)
+        if find is None:
+            log.warning("%s may have been posted before a restart; posting it again", item.key)
+            return None
+        return find(item)
 
     def _files(self, item: OutboxItem) -> tuple[OutboxItem, list[OutgoingFile]]:
         files: list[OutgoingFile] = []

@@ -348,6 +348,9 @@ class OutboxMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     platform_message_id: Mapped[str | None] = mapped_column(String(64))
+    # Set just before a first post: if the bot dies before recording the message id, the
+    # post is "in doubt" and the deliverer asks the platform before posting again.
+    post_started_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

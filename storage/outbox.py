@@ -49,10 +49,16 @@ class OutboxItem:
     status: OutboxStatus
     error: str | None
     created_at: datetime
+    post_started: bool = False
 
     @property
     def is_edit(self) -> bool:
         return self.platform_message_id is not None
+
+    @property
+    def post_in_doubt(self) -> bool:
+        """A post began but its message id was never recorded (the bot died in between)."""
+        return self.post_started and self.platform_message_id is None
 
     @classmethod
     def of(cls, row: OutboxMessage) -> OutboxItem:
@@ -72,6 +78,7 @@ class OutboxItem:
             status=OutboxStatus(row.status),
             error=row.error,
             created_at=row.created_at,
+            post_started=row.post_started_at is not None,
         )
 
 
@@ -153,6 +160,12 @@ class Outbox:
                 .limit(limit)
             )
             return [OutboxItem.of(row) for row in rows]
+
+    def begin_post(self, item_id: int) -> None:
+        """Record that a first post is about to go out (see `OutboxItem.post_in_doubt`)."""
+        with self.db.session(write=True) as s:
+            row = self._row(s, item_id)
+            row.post_started_at = row.post_started_at or utcnow()
 
     def mark_delivered(self, item_id: int, revision: int, platform_message_id: str) -> None:
         """Record a delivery. A revision written meanwhile stays pending, to edit next."""

@@ -169,3 +169,35 @@ def test_scheduler_runs_delivery_and_chores(db: Database, blobs: BlobStore) -> N
     assert [item.key for _, item, _ in sender.posts] == ["k"]
     for name in ("recover_expired", "remove_stale_temp", "prune_processed_events"):
         jobs[name].func()  # each chore runs (and would only log a failure)
+
+
+class FindingSender(RecordingSender):
+    """A platform that can look up what a key was posted as (like a message search)."""
+
+    def find_posted(self, item: object) -> str | None:
+        key = getattr(item, "key", None)
+        return next((mid for mid, posted, _ in self.posts if posted.key == key), None)
+
+
+def test_a_post_in_doubt_is_found_not_posted_twice(db: Database, blobs: BlobStore) -> None:
+    sender = FindingSender()
+    _outbox(db).put("job:3:result", platform="slack", channel="C1", text="Seed 7")
+    with pytest.raises(Crash):
+        _deliverer(db, blobs, sender, outbox=CrashingOutbox(db)).deliver_due()
+    assert _outbox(db).get("job:3:result").post_in_doubt
+    restarted = _deliverer(db, blobs, sender)
+    assert restarted.deliver_due() == 1
+    assert len(sender.posts) == 1  # found and brought up to date instead
+    assert [mid for mid, _, _ in sender.edits] == [sender.id_of("job:3:result")]
+    item = _outbox(db).get("job:3:result")
+    assert item.status == OutboxStatus.DELIVERED and item.platform_message_id == "m1"
+
+
+def test_a_post_that_never_started_is_not_in_doubt(db: Database, blobs: BlobStore) -> None:
+    sender = FindingSender()
+    sender.fail_with.append(ConnectionError("network down"))
+    _outbox(db).put("job:4:result", platform="slack", channel="C1", text="Seed 8")
+    _deliverer(db, blobs, sender).deliver_due()
+    _make_due(db)
+    _deliverer(db, blobs, sender).deliver_due()
+    assert len(sender.posts) == 1 and sender.edits == []

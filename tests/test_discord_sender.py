@@ -13,7 +13,7 @@ from bot.commands import OutgoingFile
 from bot.delivery import PermanentFailure, RetryLater
 from bot.discord.client import AtelierDiscordClient
 from bot.discord.render import content_with_parameters, split_text
-from bot.discord.sender import DiscordSender
+from bot.discord.sender import DiscordSender, outbox_nonce
 from storage.models import OutboxStatus
 from storage.outbox import OutboxItem
 from tests.fake_discord_api import (
@@ -98,6 +98,9 @@ def test_result_is_posted_with_its_image_and_an_embed_of_seed_and_parameters(
     assert (fields["steps"], fields["cfg"], fields["sampler"]) == ("25", "7.0", "euler_a")
     assert embed["description"] == "a fox in the snow, inkwsh"
     assert embed["image"]["url"] == "attachment://fox_1234.png"
+    # A re-post after a crash carries the same enforced nonce, so Discord dedupes it.
+    assert call.json["enforce_nonce"] is True
+    assert call.json["nonce"] == outbox_nonce(outbox_item(extra=RESULT_EXTRA).key)
 
 
 def test_progress_edits_the_same_message_in_place(api: FakeDiscordAPI) -> None:

@@ -9,6 +9,7 @@ retries at the time Discord named instead of holding a thread.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -53,6 +54,9 @@ class DiscordSender:
             content_with_parameters(item.text, item.extra) or None,
             embed=embed,  # type: ignore[arg-type]  # None means no embed
             files=to_files(files),
+            # Discord returns the earlier message for a repeated nonce (a re-post after the
+            # bot died before recording it) instead of posting twice.
+            nonce=outbox_nonce(item.key),
         )
         if item.extra.get("start_thread") and item.thread is None:
             await self._start_thread(message, str(item.extra.get("thread_name") or "Atelier"))
@@ -165,3 +169,8 @@ def _close(work: Awaitable[object]) -> None:
     """Silence 'coroutine was never awaited' for work we decided not to run."""
     if asyncio.iscoroutine(work):
         work.close()
+
+
+def outbox_nonce(key: str) -> str:
+    """A stable nonce for an outbox key (Discord allows 25 characters)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:25]
