@@ -14,29 +14,18 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from runner_seed import approved_style, enqueue_generate, enqueue_training, generate_payload
 from sqlalchemy import select, update
 
-from storage.datasets import content_hash, effective_captions, images_of
 from storage.job_payloads import (
-    AdapterChoice,
-    GeneratePayload,
-    JobKind,
-    Priority,
-    ReplyTarget,
-    TrainPayload,
-    batch_key,
     progress_key,
     result_key,
 )
 from storage.models import (
-    Caption,
-    DatasetStatus,
-    DatasetVersion,
     Generation,
     Job,
     JobStatus,
     ModelVersion,
-    ReferenceImage,
     Style,
     Team,
     TrainingRun,
@@ -74,109 +63,10 @@ def _runner(services: Any) -> Any:
     )
 
 
-def _reply(team_id: int) -> ReplyTarget:
-    return ReplyTarget(platform="console", channel="c", team_id=team_id, requester="ana")
-
-
-def _approved_style(services: Any, demo_items: list[tuple[Any, str]], team: str = "t1") -> int:
-    """A team with style 'ink' (trigger inkstyle) and an approved 12-image dataset."""
-    with services.db.session(write=True) as s:
-        team_row = Team(platform="console", external_id=team)
-        s.add(team_row)
-        s.flush()
-        style = Style(
-            team_id=team_row.id, name="ink", trigger="inkstyle", base_model="tiny-sd15", owner="ana"
-        )
-        s.add(style)
-        s.flush()
-        dataset = DatasetVersion(style_id=style.id, version=1, created_by="ana")
-        s.add(dataset)
-        s.flush()
-        for number, (image, caption) in enumerate(demo_items, start=1):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            blob = services.blobs.put_bytes(buffer.getvalue())
-            ref = ReferenceImage(
-                dataset_version_id=dataset.id,
-                position=number,
-                blob_sha256=blob.sha256,
-                source_sha256=blob.sha256,
-                phash="0" * 16,
-                original_name=f"{number}.png",
-                byte_size=blob.size,
-                width=64,
-                height=64,
-                uploader="ana",
-            )
-            s.add(ref)
-            s.flush()
-            s.add(Caption(image_id=ref.id, text=f"[trigger], {caption}", author="ana"))
-        s.flush()
-        images = images_of(s, dataset.id)
-        dataset.status = DatasetStatus.APPROVED
-        dataset.content_hash = content_hash(images, effective_captions(s, [i.id for i in images]))
-        return style.id
-
-
-def _enqueue_training(services: Any, style_id: int, **params: Any) -> tuple[int, int]:
-    with services.db.session(write=True) as s:
-        style = s.get(Style, style_id)
-        dataset = s.scalar(select(DatasetVersion).where(DatasetVersion.style_id == style_id))
-        run = TrainingRun(
-            style_id=style_id,
-            dataset_version_id=dataset.id,
-            method="lora",
-            params=params,
-            requested_by="ana",
-        )
-        s.add(run)
-        s.flush()
-        payload = TrainPayload(training_run_id=run.id, reply=_reply(style.team_id))
-        job = services.queue.enqueue(
-            JobKind.TRAIN,
-            payload.model_dump(),
-            requester="ana",
-            priority=Priority.TRAIN,
-            base_model=style.base_model,
-            session=s,
-        )
-        run.job_id = job.id
-        return run.id, job.id
-
-
-def _generate_payload(services: Any, team_id: int, model_version_id: int | None, **kw: Any):
-    adapters = (
-        [AdapterChoice(model_version_id=model_version_id, name="ink", trigger="inkstyle")]
-        if model_version_id
-        else []
-    )
-    return GeneratePayload(
-        prompt=kw.pop("prompt", "inkstyle, a harbour"),
-        base_model="tiny-sd15",
-        steps=4,
-        width=64,
-        height=64,
-        adapters=adapters,
-        reply=_reply(team_id),
-        **kw,
-    )
-
-
-def _enqueue_generate(services: Any, payload: GeneratePayload) -> int:
-    return services.queue.enqueue(
-        JobKind.GENERATE,
-        payload.model_dump(),
-        requester=payload.reply.requester,
-        priority=Priority.GENERATE,
-        base_model=payload.base_model,
-        batch_key=batch_key(payload),
-    ).id
-
-
 @pytest.fixture
 def trained(services: Any, demo_items: list[tuple[Any, str]]) -> dict[str, Any]:
-    style_id = _approved_style(services, demo_items)
-    run_id, job_id = _enqueue_training(services, style_id, steps=60, checkpoint_every=30)
+    style_id = approved_style(services, demo_items)
+    run_id, job_id = enqueue_training(services, style_id, steps=60, checkpoint_every=30)
     assert _runner(services).run_once()
     job = services.queue.get(job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error
@@ -205,8 +95,8 @@ def test_training_job_publishes_a_model_version(services: Any, trained: dict[str
 def test_generation_job_records_seed_and_parameters(services: Any, trained: dict[str, Any]) -> None:
     from gpu_runner.png_metadata import parse_parameters
 
-    payload = _generate_payload(services, trained["team_id"], trained["version"].id, seed=1234)
-    job_id = _enqueue_generate(services, payload)
+    payload = generate_payload(trained["team_id"], trained["version"].id, seed=1234)
+    job_id = enqueue_generate(services, payload)
     assert _runner(services).run_once()
     job = services.queue.get(job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error
@@ -223,9 +113,7 @@ def test_generation_job_records_seed_and_parameters(services: Any, trained: dict
 
 def test_compatible_generations_run_as_one_batch(services: Any, trained: dict[str, Any]) -> None:
     ids = [
-        _enqueue_generate(
-            services, _generate_payload(services, trained["team_id"], None, prompt=f"boat {n}")
-        )
+        enqueue_generate(services, generate_payload(trained["team_id"], None, prompt=f"boat {n}"))
         for n in range(3)
     ]
     assert _runner(services).run_once()  # one claim serves all three
@@ -241,8 +129,8 @@ def test_another_teams_model_is_refused(
         s.add(other)
         s.flush()
         other_id = other.id
-    payload = _generate_payload(services, other_id, trained["version"].id)
-    job_id = _enqueue_generate(services, payload)
+    payload = generate_payload(other_id, trained["version"].id)
+    job_id = enqueue_generate(services, payload)
     _runner(services).run_once()
     job = services.queue.get(job_id)
     assert job.status == JobStatus.FAILED and "not available to this team" in (job.error or "")
@@ -251,8 +139,8 @@ def test_another_teams_model_is_refused(
 
 
 def test_bad_request_ends_with_a_clear_message(services: Any, trained: dict[str, Any]) -> None:
-    payload = _generate_payload(services, trained["team_id"], None, prompt="word " * 120)
-    job_id = _enqueue_generate(services, payload)
+    payload = generate_payload(trained["team_id"], None, prompt="word " * 120)
+    job_id = enqueue_generate(services, payload)
     _runner(services).run_once()
     job = services.queue.get(job_id)
     assert job.status == JobStatus.FAILED and job.attempts == 1
@@ -302,8 +190,8 @@ def _assert_blobs_whole(services: Any) -> None:
 def test_training_survives_sigkill(
     services: Any, data_dir: Path, demo_items: list[tuple[Any, str]], failpoint: str
 ) -> None:
-    style_id = _approved_style(services, demo_items)
-    run_id, job_id = _enqueue_training(services, style_id, steps=20, checkpoint_every=10)
+    style_id = approved_style(services, demo_items)
+    run_id, job_id = enqueue_training(services, style_id, steps=20, checkpoint_every=10)
     crashed = _run_until_killed(data_dir, failpoint)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
     job = _restart_after_crash(services, job_id)
@@ -324,8 +212,8 @@ def test_generation_survives_sigkill(services: Any, data_dir: Path, failpoint: s
         s.add(team)
         s.flush()
         team_id = team.id
-    payload = _generate_payload(services, team_id, None, seed=5, count=2)
-    job_id = _enqueue_generate(services, payload)
+    payload = generate_payload(team_id, None, seed=5, count=2)
+    job_id = enqueue_generate(services, payload)
     crashed = _run_until_killed(data_dir, failpoint)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
     job = _restart_after_crash(services, job_id)
@@ -347,10 +235,10 @@ def test_generation_is_served_while_training_pauses(
 
     from storage.work_signal import open_work_signal
 
-    style_id = _approved_style(services, demo_items)
+    style_id = approved_style(services, demo_items)
     with services.db.session() as s:
         team_id = s.get(Style, style_id).team_id
-    _, train_id = _enqueue_training(services, style_id, steps=40, checkpoint_every=40)
+    _, train_id = enqueue_training(services, style_id, steps=40, checkpoint_every=40)
     runner = _runner(services)
     worker = threading.Thread(target=runner.run_once)
     worker.start()
@@ -360,8 +248,8 @@ def test_generation_is_served_while_training_pauses(
             wake.wait(0.5)
     finally:
         wake.close()
-    payload = _generate_payload(services, team_id, None, prompt="a quiet harbour", seed=99)
-    gen_id = _enqueue_generate(services, payload)
+    payload = generate_payload(team_id, None, prompt="a quiet harbour", seed=99)
+    gen_id = enqueue_generate(services, payload)
     worker.join(timeout=300)
     training, generation = services.queue.get(train_id), services.queue.get(gen_id)
     assert training.status == JobStatus.SUCCEEDED, training.error
@@ -369,7 +257,7 @@ def test_generation_is_served_while_training_pauses(
     assert training.started_at < generation.finished_at < training.finished_at
     assert training.result["final_step"] == 40
     # Served with the training adapter off: the same pixels an idle runner makes.
-    again = _enqueue_generate(services, payload)
+    again = enqueue_generate(services, payload)
     assert _runner(services).run_once()
 
     def pixels(job_id: int) -> bytes:
