@@ -35,7 +35,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         settings = load_settings()
-        from gpu_runner.devices import device_memory_bytes
         from gpu_runner.jobs import handlers
         from gpu_runner.services import open_services
         from gpu_runner.worker import Runner
@@ -55,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers={kind: partial(handlers[kind], services) for kind in kinds},
         worker_id=args.id,
         base_models=services.models.names(),
-        memory_mb=device_memory_bytes(services.device) >> 20,
+        memory_mb=services.memory_mb,
     )
     log.info("runner %s on %s (%s)", args.id, services.device.device, services.device.dtype)
     if args.until_idle:

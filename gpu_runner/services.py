@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpu_runner.devices import DeviceChoice, resolve_device
+from gpu_runner.devices import DeviceChoice, device_memory_bytes, resolve_device
 from gpu_runner.generation import Generator
 from gpu_runner.pipelines import BUILTIN_MODELS, BaseModelSpec, PipelineCache
 from storage.blobs import BlobStore
@@ -32,6 +32,11 @@ class RunnerServices:
     def runs_dir(self) -> Path:
         """Checkpoints and training outputs, one folder per training run."""
         return self.settings.data_dir / "runs"
+
+    @property
+    def memory_mb(self) -> int:
+        """The device's memory: jobs that need more are left to other runners."""
+        return device_memory_bytes(self.device) >> 20
 
     def adapter_file(self, sha256: str) -> Path:
         """A `.safetensors` name for a stored adapter blob (loaders go by the suffix)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from gpu_runner import failpoints
 from storage.job_payloads import ReplyTarget, progress_key, result_key
@@ -78,10 +79,19 @@ class JobContext:
         self.post(progress_key(self.job.id), message, attachments=attachments)
 
     def post(
-        self, key: str, text: str, *, attachments: tuple[Attachment, ...] = (), **extra: Any
+        self,
+        key: str,
+        text: str,
+        *,
+        attachments: tuple[Attachment, ...] = (),
+        session: Session | None = None,
+        **extra: Any,
     ) -> None:
-        """Queue a chat message to this job's requester (a later `post` with the key edits it)."""
-        self.post_for(self.job, key, text, attachments=attachments, **extra)
+        """Queue a chat message to this job's requester (a later `post` with the key edits it).
+
+        Pass `session` to write it in the same transaction as the outputs it reports.
+        """
+        self.post_for(self.job, key, text, attachments=attachments, session=session, **extra)
 
     def post_for(
         self,
@@ -90,6 +100,7 @@ class JobContext:
         text: str,
         *,
         attachments: tuple[Attachment, ...] = (),
+        session: Session | None = None,
         **extra: Any,
     ) -> None:
         raw = job.payload.get("reply")
@@ -105,6 +116,7 @@ class JobContext:
             text=text,
             attachments=attachments,
             extra=extra or None,
+            session=session,
         )
 
 
@@ -217,18 +229,23 @@ class Runner:
         if ctx.lease_lost.is_set():
             log.warning("job %s was taken over by another runner; dropped it", ctx.job.id)
             return
-        self._settle(lambda: self.queue.acknowledge_cancel(ctx.job.id, self.worker_id))
+        # Message first: a crash before the state change re-runs the job, and the same key
+        # then edits the message rather than losing it.
         ctx.post(progress_key(ctx.job.id), f"Job {ctx.job.id} was canceled.")
+        self._settle(lambda: self.queue.acknowledge_cancel(ctx.job.id, self.worker_id))
 
     def _failed(self, ctx: JobContext, message: str, *, retryable: bool) -> None:
-        job = self._settle(
-            lambda: self.queue.fail(ctx.job.id, self.worker_id, message, retryable=retryable)
-        )
-        if job is None or not job.status.is_final:
+        job = ctx.job
+        if ctx.lease_lost.is_set():
+            log.warning("job %s failed after another runner took it over: %s", job.id, message)
             return
-        if retryable:
-            message = f"{message} (after {job.attempts} tries; the runner's log has details)"
-        ctx.post(result_key(ctx.job.id), f"Job {ctx.job.id} ({ctx.job.kind}) failed: {message}")
+        final = not retryable or job.attempts >= job.max_attempts
+        if final and not ctx.cancel_requested.is_set():  # message first, as in _stopped
+            said = message
+            if retryable:
+                said += f" (after {job.attempts} tries; the runner's log has details)"
+            ctx.post(result_key(job.id), f"Job {job.id} ({job.kind}) failed: {said}")
+        self._settle(lambda: self.queue.fail(job.id, self.worker_id, message, retryable=retryable))
 
     def _settle(self, action: Callable[[], JobView]) -> JobView | None:
         try:

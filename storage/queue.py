@@ -240,7 +240,13 @@ class JobQueue:
         return None if row is None else JobView.of(row)
 
     def claim_batch(
-        self, worker_id: str, batch_key: str, *, limit: int, lease_seconds: float | None = None
+        self,
+        worker_id: str,
+        batch_key: str,
+        *,
+        limit: int,
+        memory_mb: int | None = None,
+        lease_seconds: float | None = None,
     ) -> list[JobView]:
         """Also take up to `limit` more queued jobs that can share one pipeline call."""
         if limit < 1:
@@ -252,6 +258,7 @@ class JobQueue:
             "expires": now + timedelta(seconds=lease_seconds or self.lease_seconds),
             "batch_key": batch_key,
             "limit": limit,
+            "memory_mb": memory_mb if memory_mb is not None else 2**31 - 1,
         }
         with self.db.transaction(write=True) as conn:
             rows = conn.execute(self.sql.claim_batch, params).all()

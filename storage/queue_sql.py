@@ -116,7 +116,9 @@ def queue_sql(dialect: str) -> QueueSQL:
         insert=_insert("MAX" if sqlite else "GREATEST"),
         claim_batch=_prepare(
             f"UPDATE jobs SET {_CLAIMED} WHERE id IN (SELECT id FROM jobs WHERE {_NEXT}"
-            f" AND batch_key = :batch_key {_ORDER} LIMIT :limit"
+            f" AND batch_key = :batch_key"
+            " AND (min_memory_mb IS NULL OR min_memory_mb <= :memory_mb)"
+            f" {_ORDER} LIMIT :limit"
             f"{'' if sqlite else ' FOR UPDATE SKIP LOCKED'}) RETURNING {RETURNING}"
         ),
         heartbeat=_prepare(

@@ -289,3 +289,11 @@ def test_memory_needs_by_family() -> None:
     assert memory_needed_mb(JobKind.TRAIN, "sd15", configured) == 8_000
     assert memory_needed_mb(JobKind.TRAIN, "big", configured) == 16_000
     assert memory_needed_mb(JobKind.GENERATE, "juggernaut-xl", {}) == 8_000
+
+
+def test_claim_batch_respects_memory(queue: JobQueue) -> None:
+    first = queue.enqueue("generate", requester="a", batch_key="k")
+    heavy = queue.enqueue("generate", requester="b", batch_key="k", min_memory_mb=99_999)
+    assert queue.claim("w", memory_mb=8_000).id == first.id
+    assert queue.claim_batch("w", "k", limit=3, memory_mb=8_000) == []
+    assert [j.id for j in queue.claim_batch("w2", "k", limit=3)] == [heavy.id]

@@ -26,7 +26,10 @@ def run_generate(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
     jobs = [ctx.job]
     if ctx.job.batch_key:
         ctx.extra_jobs = services.queue.claim_batch(
-            ctx.worker_id, ctx.job.batch_key, limit=MAX_BATCH_JOBS - 1
+            ctx.worker_id,
+            ctx.job.batch_key,
+            limit=MAX_BATCH_JOBS - 1,
+            memory_mb=services.memory_mb,
         )
         jobs += ctx.extra_jobs
     requests: list[GenerationRequest | Exception] = []
@@ -120,8 +123,8 @@ def _settle_extra(
     try:
         if isinstance(outcome, Exception):
             message = _user_message(outcome)
-            services.queue.fail(job.id, ctx.worker_id, message, retryable=False)
             ctx.post_for(job, result_key(job.id), f"Job {job.id} (generate) failed: {message}")
+            services.queue.fail(job.id, ctx.worker_id, message, retryable=False)
         else:
             services.queue.complete(job.id, ctx.worker_id, _record(services, job, outcome))
     except LeaseLost:

@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from gpu_runner import failpoints
 from gpu_runner.pipelines import LoadedPipeline
@@ -209,7 +210,12 @@ def _generation_server(services: RunnerServices, ctx: JobContext, loaded: Loaded
             return
         models = services.models.names() if at_checkpoint else [loaded.name]
         for _ in range(MAX_GENERATIONS_PER_PAUSE):
-            job = services.queue.claim(ctx.worker_id, kinds=[JobKind.GENERATE], base_models=models)
+            job = services.queue.claim(
+                ctx.worker_id,
+                kinds=[JobKind.GENERATE],
+                base_models=models,
+                memory_mb=services.memory_mb,
+            )
             if job is None:
                 return
             with pause():
@@ -251,34 +257,6 @@ def _publish(
         "val_improvement": result.val_improvement,
         "val_history": result.val_history,
     }
-    with services.db.session(write=True) as s:
-        run = s.get(TrainingRun, inputs.run_id)
-        assert run is not None
-        number = (
-            s.scalar(
-                select(func.max(ModelVersion.version)).where(ModelVersion.style_id == run.style_id)
-            )
-            or 0
-        ) + 1
-        version = ModelVersion(
-            style_id=run.style_id,
-            version=number,
-            training_run_id=run.id,
-            method=run.method,
-            base_model=inputs.base_model,
-            kohya_blob=put(result.kohya_path),
-            diffusers_blob=put(result.diffusers_path),
-            embedding_blob=put(result.embedding_path),
-            file_metadata={"base_model_hash": loaded.model_hash, **files},
-            validation=validation,
-        )
-        s.add(version)
-        run.status = RunStatus.SUCCEEDED
-        run.finished_at = utcnow()
-        run.last_checkpoint_step = result.final_step
-        run.metrics = {**validation, "loss_history": result.loss_history}
-        s.flush()
-        version_id = version.id
     improvement = result.val_improvement
     summary = (
         f"held-out loss {result.val_loss:.4f} vs base {result.base_val_loss:.4f}"
@@ -294,17 +272,59 @@ def _publish(
         )
         if sha
     )
-    ctx.post(
-        progress_key(ctx.job.id),
-        f"Training **{inputs.style_name}**: done, {result.final_step}/{result.final_step} steps.",
-    )
-    ctx.post(
-        result_key(ctx.job.id),
-        f"Style **{inputs.style_name}** v{number} is trained: {summary}.\n"
-        f"Use it with `/imagine {inputs.trigger} ...`; download it with "
-        f"`/style export {inputs.style_name}`.",
-        attachments=attachments,
-    )
+    blobs = {
+        "kohya_blob": put(result.kohya_path),
+        "diffusers_blob": put(result.diffusers_path),
+        "embedding_blob": put(result.embedding_path),
+    }
+    for attempt in range(3):
+        try:
+            with services.db.session(write=True) as s:
+                run = s.get(TrainingRun, inputs.run_id)
+                assert run is not None
+                latest = s.scalar(
+                    select(func.max(ModelVersion.version)).where(
+                        ModelVersion.style_id == run.style_id
+                    )
+                )
+                number = (latest or 0) + 1
+                version = ModelVersion(
+                    style_id=run.style_id,
+                    version=number,
+                    training_run_id=run.id,
+                    method=run.method,
+                    base_model=inputs.base_model,
+                    file_metadata={"base_model_hash": loaded.model_hash, **files},
+                    validation=validation,
+                    **blobs,
+                )
+                s.add(version)
+                run.status = RunStatus.SUCCEEDED
+                run.finished_at = utcnow()
+                run.last_checkpoint_step = result.final_step
+                run.metrics = {**validation, "loss_history": result.loss_history}
+                s.flush()
+                version_id = version.id
+                # The messages commit with the model version: neither exists without the other.
+                ctx.post(
+                    progress_key(ctx.job.id),
+                    f"Training **{inputs.style_name}**: done, "
+                    f"{result.final_step}/{result.final_step} steps.",
+                    session=s,
+                )
+                ctx.post(
+                    result_key(ctx.job.id),
+                    f"Style **{inputs.style_name}** v{number} is trained: {summary}.\n"
+                    f"Use it with `/imagine {inputs.trigger} ...`; download it with "
+                    f"`/style export {inputs.style_name}`.",
+                    attachments=attachments,
+                    session=s,
+                )
+            break
+        except IntegrityError:
+            # Another runner published a version of this style at the same moment.
+            if attempt == 2:
+                raise
     failpoints.hit("after_outputs")
     return version_id
 
