@@ -15,17 +15,17 @@ from pathlib import Path
 # Keep bench/ off the import path: bench/queue.py would shadow the stdlib module.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared seeding
 
 import argparse
-import io
 import os
 import signal
 import statistics
 import subprocess
 import tempfile
+from types import SimpleNamespace
 
 from storage.blobs import BlobStore
-from storage.datasets import content_hash, effective_captions, images_of
 from storage.db import Database
 from storage.job_payloads import (
     GeneratePayload,
@@ -36,59 +36,27 @@ from storage.job_payloads import (
     batch_key,
 )
 from storage.models import (
-    Caption,
-    DatasetStatus,
     DatasetVersion,
     JobStatus,
-    ReferenceImage,
     Style,
-    Team,
     TrainingRun,
 )
 from storage.queue import JobQueue
 from storage.work_signal import open_work_signal
 
 
-def seed_style(db: Database, blobs: BlobStore) -> tuple[int, int]:
+def seed_style(db: Database, blobs: BlobStore, queue: JobQueue) -> tuple[int, int]:
     """A team and an approved 12-image style on tiny-sd15. Returns (team id, style id)."""
+    from runner_seed import approved_style
+
     from gpu_runner.tiny_models import demo_dataset
 
-    with db.session(write=True) as s:
-        team = Team(platform="console", external_id="bench")
-        s.add(team)
-        s.flush()
-        style = Style(
-            team_id=team.id, name="ink", trigger="inkstyle", base_model="tiny-sd15", owner="b"
-        )
-        s.add(style)
-        s.flush()
-        dataset = DatasetVersion(style_id=style.id, version=1, created_by="b")
-        s.add(dataset)
-        s.flush()
-        for number, (image, caption) in enumerate(demo_dataset(12, 64, seed=0), start=1):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            blob = blobs.put_bytes(buffer.getvalue())
-            ref = ReferenceImage(
-                dataset_version_id=dataset.id,
-                position=number,
-                blob_sha256=blob.sha256,
-                source_sha256=blob.sha256,
-                phash="0" * 16,
-                original_name=f"{number}.png",
-                byte_size=blob.size,
-                width=64,
-                height=64,
-                uploader="b",
-            )
-            s.add(ref)
-            s.flush()
-            s.add(Caption(image_id=ref.id, text=f"[trigger], {caption}", author="b"))
-        s.flush()
-        images = images_of(s, dataset.id)
-        dataset.status = DatasetStatus.APPROVED
-        dataset.content_hash = content_hash(images, effective_captions(s, [i.id for i in images]))
-        return team.id, style.id
+    stores = SimpleNamespace(db=db, blobs=blobs, queue=queue)
+    style_id = approved_style(stores, demo_dataset(12, 64, seed=0), "bench")
+    with db.session() as s:
+        style = s.get(Style, style_id)
+        assert style is not None
+        return style.team_id, style_id
 
 
 def wait_for(db: Database, done) -> None:  # type: ignore[no-untyped-def]
@@ -139,7 +107,7 @@ def main() -> None:
         db.upgrade()
         blobs = BlobStore(data / "blobs", 2_000_000_000)
         queue = JobQueue(db)
-        team_id, style_id = seed_style(db, blobs)
+        team_id, style_id = seed_style(db, blobs, queue)
         reply = ReplyTarget(platform="console", channel="c", team_id=team_id, requester="bench")
         env = {**os.environ, "ATELIER_DATA_DIR": str(data), "ATELIER_DEVICE": args.device}
         runner = subprocess.Popen(
