@@ -29,6 +29,7 @@ from pathlib import Path
 # Keep bench/ off the import path: bench/queue.py would shadow the stdlib module.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # throwaway_db
 
 import argparse
 import hashlib
@@ -50,8 +51,8 @@ from datetime import timedelta
 from typing import Any
 
 from PIL import Image, ImageDraw
-from sqlalchemy import create_engine, func, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select, update
+from throwaway_db import throwaway_postgres
 
 from bot.commands import OutgoingFile
 from bot.delivery import OutboxDeliverer
@@ -829,20 +830,8 @@ def database(postgres_url: str | None, data_dir: Path) -> Iterator[str]:
         Database(url).upgrade()
         yield url
         return
-    admin = create_engine(make_url(postgres_url), isolation_level="AUTOCOMMIT")
-    name = f"atelier_chaos_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        db = Database(url)
-        db.upgrade()
-        db.dispose()
+    with throwaway_postgres(postgres_url, "atelier_chaos") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def main() -> int:

@@ -13,18 +13,18 @@ from pathlib import Path
 # This file is named like the stdlib `queue`; keep its folder off the import path.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # throwaway_db
 
 import argparse
 import multiprocessing as mp
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select
+from throwaway_db import throwaway_postgres
 
 from storage.db import Database
 from storage.models import Job, JobStatus
@@ -57,20 +57,8 @@ def fresh_database(backend: str, postgres_url: str) -> Iterator[str]:
             Database(url).upgrade()
             yield url
         return
-    admin = create_engine(make_url(postgres_url), isolation_level="AUTOCOMMIT")
-    name = f"atelier_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        db = Database(url)
-        db.upgrade()
-        db.dispose()
+    with throwaway_postgres(postgres_url, "atelier_bench") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _wait_until_done(db: Database, total: int) -> None:

@@ -10,13 +10,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from throwaway_db import throwaway_postgres
 
 from storage.db import Database
 from storage.models import Base
@@ -44,21 +44,11 @@ def postgres_database() -> Iterator[str]:
         admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text("SELECT 1"))
+        admin.dispose()
     except Exception as exc:  # the server is truly absent
         pytest.skip(f"PostgreSQL is not reachable at {admin_url.render_as_string()}: {exc}")
-    name = f"atelier_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin_url.set(database=name).render_as_string(hide_password=False)
-    db = Database(url)
-    db.upgrade()
-    db.dispose()
-    try:
+    with throwaway_postgres(POSTGRES_URL, "atelier_test") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _truncate_all(url: str) -> None:
