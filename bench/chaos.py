@@ -29,7 +29,7 @@ from pathlib import Path
 # Keep bench/ off the import path: bench/queue.py would shadow the stdlib module.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # throwaway_db
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared test helpers
 
 import argparse
 import hashlib
@@ -48,16 +48,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from PIL import Image, ImageDraw
+from runner_seed import approved_style
 from sqlalchemy import func, select, update
 from throwaway_db import throwaway_postgres
 
 from bot.commands import OutgoingFile
 from bot.delivery import OutboxDeliverer
 from storage.blobs import BlobStore
-from storage.datasets import content_hash, effective_captions, images_of
 from storage.db import Database
 from storage.job_payloads import (
     AdapterChoice,
@@ -70,8 +71,6 @@ from storage.job_payloads import (
     result_key,
 )
 from storage.models import (
-    Caption,
-    DatasetStatus,
     DatasetVersion,
     Generation,
     Job,
@@ -79,7 +78,6 @@ from storage.models import (
     ModelVersion,
     OutboxMessage,
     OutboxStatus,
-    ReferenceImage,
     Style,
     Team,
     TrainingRun,
@@ -283,41 +281,16 @@ class Soak:
             s.add(team)
             s.flush()
             self.team_id = team.id
-            for number, (name, trigger) in enumerate(STYLES):
-                style = Style(
-                    team_id=team.id, name=name, trigger=trigger, base_model="tiny-sd15", owner="ana"
-                )
-                s.add(style)
-                s.flush()
-                dataset = DatasetVersion(style_id=style.id, version=1, created_by="ana")
-                s.add(dataset)
-                s.flush()
-                for position in range(1, 13):
-                    blob = self.blobs.put_bytes(_reference_png(number * 100 + position))
-                    ref = ReferenceImage(
-                        dataset_version_id=dataset.id,
-                        position=position,
-                        blob_sha256=blob.sha256,
-                        source_sha256=blob.sha256,
-                        phash="0" * 16,
-                        original_name=f"{position}.png",
-                        byte_size=blob.size,
-                        width=64,
-                        height=64,
-                        uploader="ana",
-                    )
-                    s.add(ref)
-                    s.flush()
-                    s.add(
-                        Caption(image_id=ref.id, text=f"[trigger], study {position}", author="ana")
-                    )
-                s.flush()
-                images = images_of(s, dataset.id)
-                dataset.status = DatasetStatus.APPROVED
-                dataset.content_hash = content_hash(
-                    images, effective_captions(s, [i.id for i in images])
-                )
-                self.styles.append((style.id, name, trigger))
+        stores = SimpleNamespace(db=self.db, blobs=self.blobs, queue=self.queue)
+        for number, (name, trigger) in enumerate(STYLES):
+            references = [
+                (Image.open(io.BytesIO(_reference_png(number * 100 + n))), f"study {n}")
+                for n in range(1, 13)
+            ]
+            style_id = approved_style(
+                stores, references, name=name, trigger=trigger, team_id=self.team_id
+            )
+            self.styles.append((style_id, name, trigger))
 
     # -- enqueueing -----------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from pathlib import Path
 # This file is named like the stdlib `queue`; keep its folder off the import path.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # throwaway_db
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared test helpers
 
 import argparse
 import multiprocessing as mp

@@ -55,15 +55,18 @@ def approved_style(
     name: str = "ink",
     trigger: str = "inkstyle",
     base_model: str = "tiny-sd15",
+    team_id: int | None = None,
 ) -> int:
-    """A new team `team` with a style (default 'ink', trigger inkstyle) and an approved
-    dataset of `demo_items`. Returns the style id."""
+    """A style (default 'ink', trigger inkstyle) with an approved dataset of `demo_items`,
+    in a new team `team`, or in the existing team `team_id`. Returns the style id."""
     with stores.db.session(write=True) as s:
-        team_row = Team(platform="console", external_id=team)
-        s.add(team_row)
-        s.flush()
+        if team_id is None:
+            team_row = Team(platform="console", external_id=team)
+            s.add(team_row)
+            s.flush()
+            team_id = team_row.id
         style = Style(
-            team_id=team_row.id, name=name, trigger=trigger, base_model=base_model, owner="ana"
+            team_id=team_id, name=name, trigger=trigger, base_model=base_model, owner="ana"
         )
         s.add(style)
         s.flush()
