@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpu_runner.lora_import import FAMILY_LABELS, LoraImportError, read_safetensors_header
+from storage.families import BUILTIN_MODELS as BUILTIN
 from storage.settings import ConfigError, Settings, load_settings
 
 Status = Literal["ok", "fail", "skip"]
 SourceKind = Literal["builtin", "folder", "single_file", "hub"]
 
-# Kept equal to gpu_runner.pipelines (a test checks), which imports diffusers (~7 s).
-BUILTIN_MODELS = ("tiny-sd15", "tiny-sdxl")
+# The one list (storage.families); gpu_runner.pipelines would import diffusers (~7 s).
+BUILTIN_MODELS = tuple(BUILTIN)
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RUNNER_PACKAGES = ("diffusers", "transformers", "peft", "accelerate", "safetensors")

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import diffusers
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -28,7 +27,6 @@ from gpu_runner.lora_import import (
     FAMILY_LABELS,
     LoraFileInfo,
     LoraImportError,
-    addnet_hash,
     file_sha256,
     import_adapter,
     inspect_adapter_file,
@@ -39,7 +37,14 @@ from gpu_runner.pipelines import (
     PipelineCache,
     estimate_pipeline_bytes,
 )
-from gpu_runner.png_metadata import A1111Parameters, encode_png, format_parameters, side_by_side
+from gpu_runner.png_metadata import (
+    A1111Parameters,
+    LoraRef,
+    describe_comparison,
+    encode_png,
+    format_parameters,
+    side_by_side,
+)
 from gpu_runner.prompts import (
     DEFAULT_LIMITS,
     MAX_WEIGHT,
@@ -53,6 +58,9 @@ from gpu_runner.prompts import (
     strip_lora_tags,
     validate_settings,
 )
+from gpu_runner.samplers import make_scheduler, resolve_sampler
+from gpu_runner.training.export import a1111_lora_hash, lora_file_stem
+from storage.families import defaults_for
 
 log = logging.getLogger(__name__)
 
@@ -70,41 +78,6 @@ logging.getLogger("diffusers.loaders.lora_base").addFilter(_NoTextEncoderLoraNot
 RECORD_VERSION = 1
 Variant = Literal["style", "base", "compare"]
 StepCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    name: str  # A1111's name, written into the `parameters` chunk
-    scheduler: str  # diffusers class
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-_SAMPLER_LIST = (
-    SamplerSpec("DPM++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    SamplerSpec("DPM++ 2M", "DPMSolverMultistepScheduler"),
-    SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler"),
-    SamplerSpec("Euler", "EulerDiscreteScheduler"),
-    SamplerSpec("DDIM", "DDIMScheduler"),
-    SamplerSpec("UniPC", "UniPCMultistepScheduler"),
-)
-SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in _SAMPLER_LIST}
-DEFAULT_SAMPLER = "DPM++ 2M Karras"
-
-
-def _sampler_key(name: str) -> str:
-    return "".join(ch for ch in name.lower().replace("++", "pp") if ch.isalnum())
-
-
-# A1111 names plus ComfyUI-style spellings (dpmpp_2m_karras, euler_ancestral, ...).
-_SAMPLER_ALIASES: dict[str, str] = {_sampler_key(s.name): s.name for s in _SAMPLER_LIST}
-_SAMPLER_ALIASES.update({"eulerancestral": "Euler a", "dpmpp2mkarras": "DPM++ 2M Karras"})
-
-
-def resolve_sampler(name: str) -> SamplerSpec:
-    canonical = _SAMPLER_ALIASES.get(_sampler_key(name))
-    if canonical is None:
-        raise InvalidRequestError(f"unknown sampler '{name}'; use one of: {', '.join(SAMPLERS)}")
-    return SAMPLERS[canonical]
 
 
 class GenerationError(Exception):
@@ -134,11 +107,12 @@ class GenerationRequest:
     base_model: str = "tiny-sd15"
     negative_prompt: str = ""
     seed: int | None = None
-    steps: int = 20
-    cfg: float = 7.0
-    width: int = 512
-    height: int = 512
-    sampler: str = DEFAULT_SAMPLER
+    # None: the base model's default from storage.families (filled in by the Generator).
+    steps: int | None = None
+    cfg: float | None = None
+    width: int | None = None
+    height: int | None = None
+    sampler: str | None = None
     count: int = 1
     adapters: tuple[AdapterUse, ...] = ()
     compare: bool = False
@@ -164,7 +138,19 @@ class GenerationRequest:
             return self
         return replace(self, seed=secrets.randbelow(DEFAULT_LIMITS.max_seed + 1))
 
+    def with_defaults(self, family: str) -> GenerationRequest:
+        """Unset settings from the one table of family defaults."""
+        defaults = defaults_for(self.base_model, family)
+        unset = {
+            k: getattr(defaults, k)
+            for k in ("steps", "cfg", "width", "height", "sampler")
+            if getattr(self, k) is None
+        }
+        return replace(self, **unset) if unset else self
+
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        assert self.steps is not None and self.cfg is not None and self.sampler is not None
+        assert self.width is not None and self.height is not None
         validate_settings(
             steps=self.steps,
             cfg=self.cfg,
@@ -232,7 +218,7 @@ def _file_key(info: AdapterInfo) -> _FileKey:
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo not in _file_keys:
-        _file_keys[memo] = _FileKey(info.sha256 or file_sha256(path), addnet_hash(path))
+        _file_keys[memo] = _FileKey(info.sha256 or file_sha256(path), a1111_lora_hash(path))
     return _file_keys[memo]
 
 
@@ -301,9 +287,9 @@ class Generator:
         renders: list[_Render] = []
         for i, raw in enumerate(requests):
             try:
-                request = raw.with_seed()
+                loaded = self.cache.get(raw.base_model)
+                request = raw.with_seed().with_defaults(loaded.family)
                 request.validate(self.limits)
-                loaded = self.cache.get(request.base_model)
                 self._check_adapters(loaded, request.adapters)
                 text = strip_lora_tags(request.prompt)
                 self._sync_embeddings(loaded, request.adapters, [text])
@@ -382,42 +368,24 @@ class Generator:
 
     def _ensure_lora(self, loaded: LoadedPipeline, info: AdapterInfo) -> str:
         name = self.adapter_name(info)
-        if name in loaded.lora_adapters.values():
-            loaded.lora_adapters.move_to_end(name)
-            return name
-        loaded.active_loras = None  # loading or deleting adapters changes what is active
-        while len(loaded.lora_adapters) >= self.max_loras:
-            _, oldest = loaded.lora_adapters.popitem(last=False)
-            loaded.pipe.delete_adapters(oldest)
-        # Our own safetensors read: diffusers would fall back to pickles for other files.
-        state = load_file(info.path)
+
+        def read() -> dict[str, torch.Tensor]:
+            # Our own safetensors read: diffusers would fall back to pickles for other files.
+            return load_file(info.render_path or info.path)
+
         try:
-            loaded.pipe.load_lora_weights(state, adapter_name=name)
+            loaded.adapters.ensure(name, read, keep=self.max_loras)
         except Exception as exc:  # peft/diffusers raise assorted errors for bad files
             raise GenerationError(
                 f"style '{info.name}': its LoRA could not be applied to '{loaded.name}' ({exc})"
             ) from exc
-        loaded.lora_adapters[name] = name
         loaded.nbytes = estimate_pipeline_bytes(loaded.pipe)
         return name
 
     def _activate_loras(self, loaded: LoadedPipeline, adapters: Sequence[AdapterUse]) -> None:
-        # Each peft call walks every module (~10 ms on the tiny UNet): skip what is already set.
         loras = [u for u in adapters if u.adapter.kind == "lora"]
-        pipe = loaded.pipe
-        if not loras:
-            if loaded.lora_adapters and loaded.active_loras != ():
-                pipe.disable_lora()
-            loaded.active_loras = ()
-            return
         names = [self._ensure_lora(loaded, u.adapter) for u in loras]
-        wanted = tuple((name, u.weight) for name, u in zip(names, loras, strict=True))
-        if wanted == loaded.active_loras:
-            return
-        if not loaded.active_loras:  # off, or unknown after a load
-            pipe.enable_lora()
-        pipe.set_adapters(names, adapter_weights=[u.weight for u in loras])
-        loaded.active_loras = wanted
+        loaded.adapters.show(tuple((n, u.weight) for n, u in zip(names, loras, strict=True)))
 
     def _embedding_tokens(self, info: AdapterInfo) -> str:
         return info.trigger or info.name
@@ -488,10 +456,8 @@ class Generator:
     # -- running -------------------------------------------------------------------------
 
     def _scheduler(self, loaded: LoadedPipeline, sampler: str) -> Any:
-        spec = resolve_sampler(sampler)
-        cls = getattr(diffusers, spec.scheduler)
         # A fresh scheduler per call: they keep per-run state between steps.
-        return cls.from_config(loaded.scheduler_config, **spec.options)
+        return make_scheduler(loaded.scheduler_config, sampler)
 
     def _run_group(self, members: list[_Render], on_step: StepCallback | None) -> None:
         first = members[0]
@@ -573,10 +539,18 @@ class Generator:
         sampler = resolve_sampler(r.sampler).name
         loras = [u for u in render.adapters if u.adapter.kind == "lora"]
         # A1111 applies LoRAs from prompt tags: write one for each LoRA actually used.
-        tags = " ".join(f"<lora:{u.adapter.name}:{u.weight:g}>" for u in loras)
+        # One name for the tag, the file and its ss_output_name: what A1111 looks up.
+        refs = tuple(
+            LoraRef(
+                lora_file_stem(u.adapter.trigger or u.adapter.name),
+                u.weight,
+                _file_key(u.adapter).addnet,
+            )
+            for u in loras
+        )
         infotext = format_parameters(
             A1111Parameters(
-                prompt=f"{render.text} {tags}".strip(),
+                prompt=render.text,
                 negative_prompt=r.negative_prompt,
                 steps=r.steps,
                 sampler=sampler,
@@ -586,7 +560,7 @@ class Generator:
                 height=r.height,
                 model=loaded.name,
                 model_hash=loaded.short_hash,
-                lora_hashes={u.adapter.name: _file_key(u.adapter).addnet[:12] for u in loras},
+                loras=refs,
             )
         )
         record: dict[str, Any] = {
@@ -639,6 +613,22 @@ class Generator:
             record=record,
         )
 
+    @staticmethod
+    def _compare(
+        image: Image.Image, base: GeneratedImage, styled: GeneratedImage
+    ) -> GeneratedImage:
+        """Base | style side by side, with a record of what the composite is."""
+        infotext, record = describe_comparison(image, base, styled)
+        return GeneratedImage(
+            png=encode_png(image, infotext, record),
+            seed=styled.seed,
+            variant="compare",
+            width=image.width,
+            height=image.height,
+            infotext=infotext,
+            record=record,
+        )
+
     def _result(self, parts: list[_Render]) -> GenerationResult:
         style = next(p for p in parts if p.variant == "style")
         base = next((p for p in parts if p.variant == "base"), None)
@@ -657,7 +647,7 @@ class Generator:
             for s, im in zip(seeds, base.images, strict=True)
         ]
         comparisons = [
-            self._encode(loaded, style, s, side_by_side([b, st]), "compare")
-            for s, b, st in zip(seeds, base.images, style.images, strict=True)
+            self._compare(side_by_side([b, st]), bi, si)
+            for b, st, bi, si in zip(base.images, style.images, base_images, images, strict=True)
         ]
         return GenerationResult(request, images, base_images, comparisons)

@@ -1,7 +1,9 @@
 """Base models: where they come from, how they load offline, and which stay warm.
 
 A base model is named in config by a spec whose source is one of:
-- `tiny-sd15` / `tiny-sdxl`: built in code (tests, CI, the demo; random weights),
+- a built-in model (storage.families.BUILTIN_MODELS): `tiny-sd15` / `tiny-sdxl` built in
+  code with random weights (fast tests), `toy-sd15` pretrained on the toy world and shipped
+  with Atelier (the demo, learning tests),
 - a diffusers folder (`model_index.json` inside),
 - a single `.safetensors` checkpoint plus a local diffusers config folder (offline),
 - a hub id (`org/name`) already in the local Hugging Face cache (never downloaded here).
@@ -27,6 +29,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+from gpu_runner.adapter_state import AdapterState
 from gpu_runner.devices import DeviceChoice, memory_budget_bytes, release_cached_memory
 from gpu_runner.lora_import import (
     FAMILY_LABELS,
@@ -36,11 +39,12 @@ from gpu_runner.lora_import import (
     pipeline_family,
     read_safetensors_header,
 )
+from storage.families import BUILTIN_MODELS as BUILTIN
 
 log = logging.getLogger(__name__)
 
 SourceKind = Literal["builtin", "folder", "single_file", "hub"]
-BUILTIN_MODELS = ("tiny-sd15", "tiny-sdxl")
+BUILTIN_MODELS = tuple(BUILTIN)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
@@ -115,7 +119,7 @@ class BaseModelSpec:
 
 @dataclass
 class LoadedPipeline:
-    """A warm pipeline plus what the generator keeps on it (loaded adapters die with it)."""
+    """A warm pipeline plus what is kept on it (loaded adapters die with it)."""
 
     spec: BaseModelSpec
     pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline
@@ -123,10 +127,12 @@ class LoadedPipeline:
     model_hash: str  # sha256 hex of the weights
     nbytes: int
     scheduler_config: dict[str, Any]
-    lora_adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)  # key -> name
     embeddings: dict[str, list[str]] = field(default_factory=dict)  # key -> tokens
-    # LoRAs now active as (adapter name, weight); () = LoRAs off; None = unknown (re-apply).
-    active_loras: tuple[tuple[str, float], ...] | None = ()
+    # The one owner of which LoRA adapters are loaded and active on this pipeline.
+    adapters: AdapterState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapters = AdapterState(self.pipe)
 
     @property
     def name(self) -> str:
@@ -284,6 +290,23 @@ def _quiet_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _build_builtin(name: str) -> DiffusionPipeline:
+    if name == "toy-sd15":
+        from gpu_runner.toyworld.model import ToyWeightsError, build_toy_sd15_pipeline
+
+        try:
+            return build_toy_sd15_pipeline()
+        except ToyWeightsError as exc:
+            raise BaseModelLoadError(str(exc)) from None
+    from gpu_runner import tiny_models
+
+    build = {
+        "tiny-sd15": tiny_models.build_tiny_sd15_pipeline,
+        "tiny-sdxl": tiny_models.build_tiny_sdxl_pipeline,
+    }[name]
+    return build(seed=0)
+
+
 def load_pipeline(spec: BaseModelSpec, choice: DeviceChoice) -> LoadedPipeline:
     """Load a base model on the CPU in the device's dtype (the cache moves it to the device)."""
     dtype = choice.dtype
@@ -291,13 +314,7 @@ def load_pipeline(spec: BaseModelSpec, choice: DeviceChoice) -> LoadedPipeline:
     try:
         kind = spec.kind
         if kind == "builtin":
-            from gpu_runner import tiny_models
-
-            build = {
-                "tiny-sd15": tiny_models.build_tiny_sd15_pipeline,
-                "tiny-sdxl": tiny_models.build_tiny_sdxl_pipeline,
-            }[spec.source]
-            pipe = build(seed=0)
+            pipe = _build_builtin(spec.source)
             model_hash = _state_hash(pipe)  # of the fp32 weights, whatever the device dtype
             if dtype != torch.float32:
                 for component in pipe.components.values():

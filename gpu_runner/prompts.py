@@ -29,6 +29,9 @@ class AdapterInfo:
     `name` is what `<lora:name:w>` matches; `trigger` is the word that selects it in a
     prompt. For kind "embedding" (textual inversion) the trigger is also the token whose
     vectors the file holds. `sha256` is the file's hash if storage already knows it.
+    `render_path` is the file Atelier loads to render the style when it is not `path`:
+    the diffusers-format file of a LoRA Atelier trained, which keeps DoRA's magnitudes
+    (diffusers drops `dora_scale` from kohya files); hashes always describe `path`.
     """
 
     name: str
@@ -36,6 +39,7 @@ class AdapterInfo:
     trigger: str | None = None
     kind: AdapterKind = "lora"
     sha256: str | None = None
+    render_path: str | None = None
 
 
 @dataclass(frozen=True)

@@ -56,12 +56,15 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for _, c in order]
 
 
-def build_tiny_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer made with no files (transformers 5 accepts vocab/merges directly)."""
+def build_tiny_tokenizer(
+    pad_token: str = EOS, words: tuple[str, ...] = _WORDS
+) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer made with no files (transformers 5 accepts vocab/merges directly).
+    Each of `words` becomes one token; any other text falls back to byte-level symbols."""
     symbols = _bytes_to_unicode()
     tokens: list[str] = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
-    for word in _WORDS:
+    for word in words:
         # Merge left to right: "c a", "ca t</w>" ... ending in the whole word + "</w>".
         pieces = [*word[:-1], word[-1] + "</w>"]
         current = pieces[0]
@@ -79,7 +82,7 @@ def build_tiny_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
     return tok
 
 
-def _text_config(tokenizer: CLIPTokenizer, act: str) -> CLIPTextConfig:
+def text_config(tokenizer: CLIPTokenizer, act: str) -> CLIPTextConfig:
     eos_id = tokenizer.eos_token_id
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -128,7 +131,7 @@ def build_tiny_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         )
         vae = _tiny_vae()
         tokenizer = build_tiny_tokenizer()
-        text_encoder = CLIPTextModel(_text_config(tokenizer, "quick_gelu"))
+        text_encoder = CLIPTextModel(text_config(tokenizer, "quick_gelu"))
     scheduler = PNDMScheduler(
         **_SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False
     )
@@ -172,8 +175,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         vae = _tiny_vae()
         tokenizer = build_tiny_tokenizer()
         tokenizer_2 = build_tiny_tokenizer(pad_token="!")  # real SDXL's second tokenizer pads "!"
-        text_encoder = CLIPTextModel(_text_config(tokenizer, "quick_gelu"))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, "gelu"))
+        text_encoder = CLIPTextModel(text_config(tokenizer, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, "gelu"))
     scheduler = EulerDiscreteScheduler(
         **_SD_BETAS, steps_offset=1, timestep_spacing="leading", interpolation_type="linear"
     )

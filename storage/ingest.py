@@ -20,7 +20,7 @@ from typing import Literal
 
 import imagehash
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, ImageStat
 
 from storage.blobs import BlobRef, BlobStore, BlobTooLarge
 
@@ -28,6 +28,13 @@ _ACCEPTED = "Atelier takes JPEG, PNG or WebP images"
 _FORMAT_LABEL = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
 # What Pillow raises on malformed input; anything here means "damaged file".
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, zlib.error)
+# Long side over short side. Training crops a square from the middle, so a thin strip
+# keeps a sliver of the picture, and its short side scaled to the training resolution makes
+# an enormous image (65536x1 at 512 px: 33554432x512, ~51 GB). Training holds the same limit.
+MAX_ASPECT = 8.0
+# Standard deviation (of 255) under which every channel counts as flat: a solid colour, or a
+# 16-bit file whose values all sit near black and so become 0 in 8 bits.
+_FLAT_STDDEV = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +42,7 @@ class IngestLimits:
     max_bytes: int = 30_000_000
     max_pixels: int = 40_000_000
     min_side: int = 512  # below this we warn, we do not refuse
+    max_aspect: float = MAX_ASPECT
 
 
 class ImageRefused(ValueError):
@@ -128,6 +136,12 @@ def prepare_image(data: bytes, filename: str, limits: IngestLimits | None = None
             f"{name} is only {width}×{height} pixels; images under {limits.min_side} pixels "
             "on the short side teach the model blur instead of detail, so use a larger "
             "copy if you have one."
+        )
+    if max(ImageStat.Stat(rgb).stddev) < _FLAT_STDDEV:
+        notes.append(
+            f"{name} is almost one flat colour, so it teaches the model nothing; if it "
+            "should show a picture, export it again as an 8-bit sRGB image (16-bit and HDR "
+            "files can come out all black)."
         )
     buf = io.BytesIO()
     rgb.save(buf, "PNG", compress_level=3)  # level 6 is ~3x slower for ~no gain on photos
@@ -267,6 +281,15 @@ def _check_shape(im: Image.Image, name: str, label: str, limits: IngestLimits) -
             f"{name} is {width}×{height} pixels ({width * height / 1e6:.1f} megapixels); "
             f"Atelier takes images up to {limits.max_pixels / 1e6:g} megapixels, "
             "so resize it and try again."
+        )
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side > limits.max_aspect * short_side:
+        shape = "wide" if width > height else "tall"
+        ratio = f"{long_side / short_side:.1f}".removesuffix(".0")
+        raise ImageRefused(
+            f"{name} is {width}×{height} pixels, {ratio} times as {shape} as it is "
+            f"{'tall' if shape == 'wide' else 'wide'}; Atelier takes images up to "
+            f"{limits.max_aspect:g}:1, so crop it closer to square and upload again."
         )
     frames = getattr(im, "n_frames", 1)
     # Phone JPEGs (MPO) carry extra pictures such as depth maps; frame 0 is the photo.

@@ -5,11 +5,11 @@ Both sides import these from storage, which is the only thing they share.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from enum import IntEnum, StrEnum
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from storage.families import GenerationDefaults
 
 
 class JobKind(StrEnum):
@@ -67,12 +67,14 @@ class GeneratePayload(_Payload):
     prompt: str
     negative_prompt: str = ""
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    steps: int = Field(25, ge=1, le=150)
-    cfg: float = Field(7.0, ge=0.0, le=30.0)
-    width: int = Field(512, ge=64, le=2048, multiple_of=8)
-    height: int = Field(512, ge=64, le=2048, multiple_of=8)
+    # None: the base model's default (storage.families); the bot fills them in before it
+    # enqueues, so a stored job says exactly what it renders.
+    steps: int | None = Field(None, ge=1, le=150)
+    cfg: float | None = Field(None, ge=0.0, le=30.0)
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     count: int = Field(1, ge=1, le=8)
-    sampler: str = "euler_a"
+    sampler: str | None = None
     compare: bool = False
     base_model: str
     adapters: list[AdapterChoice] = Field(default_factory=list)
@@ -80,9 +82,18 @@ class GeneratePayload(_Payload):
     reroll_of: int | None = None
 
 
+    def with_defaults(self, defaults: GenerationDefaults) -> GeneratePayload:
+        """This payload with every unset setting taken from `defaults`."""
+        given = {k: getattr(self, k) for k in ("steps", "cfg", "width", "height", "sampler")}
+        filled = {k: getattr(defaults, k) for k, v in given.items() if v is None}
+        return self.model_copy(update=filled)
+
+
 def batch_key(payload: GeneratePayload) -> str:
     """Generations with equal keys can run in one pipeline call: same model, adapters,
     size, steps, CFG and sampler (prompts and seeds may differ)."""
+    if None in (payload.width, payload.height, payload.steps, payload.cfg, payload.sampler):
+        raise ValueError("fill in the payload's defaults (with_defaults) before batching it")
     adapters = ",".join(
         f"{a.model_version_id}:{a.weight:g}"
         for a in sorted(payload.adapters, key=lambda a: a.model_version_id)
@@ -91,35 +102,6 @@ def batch_key(payload: GeneratePayload) -> str:
         f"{payload.base_model}|{adapters}|{payload.width}x{payload.height}|"
         f"{payload.steps}|{payload.cfg:g}|{payload.sampler}|{int(payload.compare)}"
     )
-
-
-# Typical device memory (MB) a job needs, by family: fp16 SD1.5 generates in ~4 GB and
-# trains a LoRA in ~8 GB; SDXL needs ~8 GB and ~16 GB (kohya sd-scripts and diffusers
-# training docs give figures in these ranges). The built-in tiny models need nothing.
-_MEMORY_MB = {
-    (JobKind.GENERATE, "sd15"): 4_000,
-    (JobKind.TRAIN, "sd15"): 8_000,
-    (JobKind.GENERATE, "sdxl"): 8_000,
-    (JobKind.TRAIN, "sdxl"): 16_000,
-}
-TINY_MODELS = ("tiny-sd15", "tiny-sdxl")
-
-
-def model_family(base_model: str, configured: Mapping[str, Any]) -> str | None:
-    """sd15 or sdxl from the config (its `family`, else the name/source), None for tiny."""
-    if base_model in TINY_MODELS:
-        return None
-    value = configured.get(base_model, "")
-    if isinstance(value, Mapping):
-        if value.get("family"):
-            return "sdxl" if str(value["family"]) == "sdxl" else "sd15"
-        value = value.get("source", "")
-    return "sdxl" if "xl" in f"{base_model} {value}".lower() else "sd15"
-
-
-def memory_needed_mb(kind: JobKind, base_model: str, configured: Mapping[str, Any]) -> int | None:
-    family = model_family(base_model, configured)
-    return None if family is None else _MEMORY_MB.get((kind, family))
 
 
 def progress_key(job_id: int) -> str:

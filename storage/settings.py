@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         description=(
             'JSON naming base models, e.g. {"sd15": "/models/sd15-diffusers", "sdxl": '
             '{"source": "/models/sdxl.safetensors", "config": "/models/sdxl-config"}}; '
-            "tiny-sd15 and tiny-sdxl are always there"
+            "the built-in tiny-sd15, tiny-sdxl and toy-sd15 are always there"
         ),
     )
     default_base_model: str = Field(

@@ -8,6 +8,7 @@ PostgreSQL: LISTEN on the channel that `JobQueue.enqueue` NOTIFYs.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from typing import Protocol
 
@@ -24,13 +25,20 @@ class WorkSignal(Protocol):
 
 
 class SQLiteWorkSignal:
+    """Made in one thread and waited on in another (a runner's loop): `data_version` only
+    compares within one connection, so the connection is shared, one user at a time."""
+
     def __init__(self, path: str, *, poll_interval: float = 0.003) -> None:
-        self._conn = sqlite3.connect(path, timeout=15, isolation_level=None)
+        self._conn = sqlite3.connect(
+            path, timeout=15, isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.Lock()
         self._poll_interval = poll_interval
         self._seen = self._version()
 
     def _version(self) -> int:
-        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        with self._lock:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
     def wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -44,7 +52,8 @@ class SQLiteWorkSignal:
             time.sleep(self._poll_interval)
 
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:
+            self._conn.close()
 
 
 class PostgresWorkSignal:

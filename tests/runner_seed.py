@@ -14,6 +14,7 @@ from sqlalchemy import select
 from storage.blobs import BlobStore
 from storage.datasets import content_hash, effective_captions, images_of
 from storage.db import Database
+from storage.families import generation_defaults
 from storage.job_payloads import (
     AdapterChoice,
     GeneratePayload,
@@ -145,7 +146,8 @@ def generate_payload(
         **kw,
     }
     requester = settings.pop("requester", "ana")
-    return GeneratePayload(adapters=adapters, reply=reply_to(team_id, requester), **settings)
+    payload = GeneratePayload(adapters=adapters, reply=reply_to(team_id, requester), **settings)
+    return payload.with_defaults(generation_defaults(payload.base_model, {}))
 
 
 def enqueue_generate(

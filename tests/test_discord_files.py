@@ -9,12 +9,13 @@ import pytest
 
 from bot.commands import FileTooLarge
 from bot.discord.files import AttachmentRef, DownloadFailed, download, incoming_file
-from tests.fake_discord_api import APP_ID, FakeDiscordAPI
+from tests.fake_discord_api import APP_ID, FakeDiscordAPI, patch_route_base
 
 
 @pytest.fixture
-def api() -> Iterator[FakeDiscordAPI]:
+def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDiscordAPI]:
     fake = FakeDiscordAPI(application_id=APP_ID, bot_user_id=APP_ID)
+    patch_route_base(monkeypatch, fake)  # the bot talks to the fake: its files are Discord's
     yield fake
     fake.close()
 
@@ -92,3 +93,69 @@ def test_expired_link_is_a_clear_failure(api: FakeDiscordAPI) -> None:
 def test_only_http_links_are_fetched() -> None:
     with pytest.raises(DownloadFailed, match="not an http"):
         download(AttachmentRef("file:///etc/passwd", "passwd", 10, None), 1_000)
+
+
+REFUSED = (
+    "not an https link to Discord's file servers, so it was not downloaded; "
+    "attach the image to a message again."
+)
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        pytest.param("http://localhost:{port}/attachments/a.png", id="another-host"),
+        pytest.param("https://cdn.discordapp.com.evil.example/a.png", id="look-alike-host"),
+        pytest.param("http://cdn.discordapp.com/attachments/1/2/a.png", id="plain-http"),
+        pytest.param("http://media.discordapp.net/attachments/1/2/a.png", id="plain-http-proxy"),
+        pytest.param("ftp://cdn.discordapp.com/a.png", id="ftp"),
+    ],
+)
+def test_links_off_discords_file_servers_are_not_fetched(api: FakeDiscordAPI, link: str) -> None:
+    api.serve_file("a.png", b"png")
+
+    async def scenario() -> None:
+        await api.start()
+        try:
+            ref = AttachmentRef(link.format(port=api.port), "a.png", 3, "image/png")
+            with pytest.raises(DownloadFailed) as refused:
+                await asyncio.to_thread(download, ref, 1_000)
+            assert str(refused.value) == f"a.png: {REFUSED}"
+        finally:
+            await api.stop()
+
+    asyncio.run(scenario())
+    assert api.find("GET", "/attachments/a.png") == []
+
+
+def test_a_bot_on_discord_itself_fetches_only_from_its_file_servers() -> None:
+    fake = FakeDiscordAPI(application_id=APP_ID, bot_user_id=APP_ID)  # Route.BASE not moved
+
+    async def scenario() -> None:
+        await fake.start()
+        try:
+            ref = AttachmentRef(fake.serve_file("a.png", b"png"), "a.png", 3, "image/png")
+            with pytest.raises(DownloadFailed, match="not an https link to Discord's file"):
+                await asyncio.to_thread(download, ref, 1_000)
+        finally:
+            await fake.stop()
+
+    try:
+        asyncio.run(scenario())
+        assert fake.find("GET", "/attachments/a.png") == []
+    finally:
+        fake.close()
+
+
+def test_a_file_name_outside_ascii_is_percent_encoded(api: FakeDiscordAPI) -> None:
+    url = api.serve_file("café-ü.png", b"png bytes")  # as Discord may send it: raw
+
+    async def scenario() -> bytes:
+        await api.start()
+        try:
+            file = incoming_file(AttachmentRef(url, "café-ü.png", None, "image/png"))
+            return await asyncio.to_thread(file.read, 1_000)
+        finally:
+            await api.stop()
+
+    assert asyncio.run(scenario()) == b"png bytes"

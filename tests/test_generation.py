@@ -155,7 +155,7 @@ def test_lora_changes_the_image_without_reloading_base(generator: Any, sd15_lora
     assert styled.request.adapters == (AdapterUse(ink, 1.0),)
     assert _max_diff(plain.images[0].png, styled.images[0].png) > 10
     assert generator.cache.get("tiny-sd15") is loaded and loaded.pipe.unet is unet
-    assert generator.adapter_name(ink) in loaded.lora_adapters  # loaded once, kept
+    assert generator.adapter_name(ink) in loaded.adapters.loaded  # loaded once, kept
 
 
 def test_adapters_combine_and_weights_matter(
@@ -178,9 +178,11 @@ def test_adapters_combine_and_weights_matter(
     assert _max_diff(half.png, ink.png) > 5
     assert [a["name"] for a in both.record["adapters"]] == ["ink", "neon"]
     lora_hashes = parse_parameters(both.infotext)["lora_hashes"]
-    assert set(lora_hashes) == {"ink", "neon"} and all(len(h) == 12 for h in lora_hashes.values())
+    assert set(lora_hashes) == {"inkwash", "neon"} and all(
+        len(h) == 12 for h in lora_hashes.values()
+    )
     loaded = generator.cache.get("tiny-sd15")
-    assert len(loaded.lora_adapters) == len(set(loaded.lora_adapters))
+    assert len(loaded.adapters.loaded) == len(set(loaded.adapters.loaded))
 
 
 def test_batched_requests_match_single_ones(generator: Any) -> None:

@@ -149,6 +149,22 @@ REFUSALS: list[tuple[str, Callable[[], bytes], str, IngestLimits | None, str]] =
         "big.png is 9000×9000 pixels (81.0 megapixels); Atelier takes images up to 40 megapixels",
     ),
     (
+        "strip-wide",
+        lambda: encode(Image.new("RGB", (65536, 1)), "PNG"),
+        "strip.png",
+        None,
+        "strip.png is 65536×1 pixels, 65536 times as wide as it is tall; Atelier takes images "
+        "up to 8:1, so crop it closer to square",
+    ),
+    (
+        "strip-tall",
+        lambda: encode(pattern(1, (600, 5100)), "PNG"),
+        "tall.png",
+        None,
+        "tall.png is 600×5100 pixels, 8.5 times as tall as it is wide; Atelier takes images "
+        "up to 8:1",
+    ),
+    (
         "over-byte-limit",
         lambda: encode(pattern(1, (32, 32)), "PNG") + bytes(31_000_000),
         "huge.png",
@@ -328,6 +344,46 @@ def test_small_images_warn_but_are_kept(
         assert f"under {min_side} pixels" in note and "detail" in note
     else:
         assert result.warnings == ()
+
+
+def test_aspect_ratio_up_to_eight_to_one_is_taken(store: BlobStore) -> None:
+    for size in ((4096, 512), (512, 4096)):
+        result = ingest_image(store, encode(pattern(2, size), "PNG"), "wide.png")
+        assert (result.image.width, result.image.height) == size and result.warnings == ()
+
+
+def _near_black_16_bit_png() -> bytes:
+    # Values 0..200 of 65535: a real picture in 16 bits, all 0 once in 8 bits.
+    rnd = random.Random(3)
+    im = Image.new("I;16", (640, 640))
+    im.putdata([rnd.randrange(200) for _ in range(640 * 640)])
+    return encode(im, "PNG")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(_near_black_16_bit_png, id="16-bit-near-black"),
+        pytest.param(
+            lambda: encode(Image.new("RGB", (640, 640), (30, 90, 160)), "PNG"), id="solid"
+        ),
+        pytest.param(
+            lambda: encode(Image.effect_noise((640, 640), 1).convert("RGB"), "JPEG"),
+            id="faint-noise",
+        ),
+    ],
+)
+def test_flat_images_warn_but_are_kept(store: BlobStore, make: Callable[[], bytes]) -> None:
+    result = ingest_image(store, make(), "flat.png")
+    assert store.exists(result.blob.sha256)
+    (note,) = result.warnings
+    assert note.startswith("flat.png is almost one flat colour, so it teaches the model nothing")
+    assert "16-bit" in note and "\n" not in note
+
+
+def test_a_dark_picture_is_not_flat(store: BlobStore) -> None:
+    dark = pattern(7).point(lambda v: v // 12)  # values 0..21: dark, but a picture
+    assert ingest_image(store, encode(dark, "PNG"), "night.png").warnings == ()
 
 
 # -- duplicates -------------------------------------------------------------------

@@ -384,6 +384,54 @@ def test_a_download_refused_by_slack_says_what_to_fix(
         incoming.read(10_000_000)
 
 
+@pytest.mark.parametrize(
+    "link",
+    [
+        pytest.param("http://localhost:{port}/files-pri/T-F/ref.png", id="another-host"),
+        pytest.param("https://files.slack.com.evil.example/ref.png", id="look-alike-host"),
+        pytest.param("http://files.slack.com/files-pri/T-F/ref.png", id="plain-http"),
+        pytest.param("ftp://files.slack.com/ref.png", id="ftp"),
+        pytest.param("file:///etc/passwd", id="local-file"),
+    ],
+)
+def test_file_links_off_slacks_file_server_are_not_followed(
+    app: App, fake: FakeSlackApi, handler: RecordingHandler, link: str
+) -> None:
+    shared = fake.add_file(PNG)
+    port = fake.url.rsplit(":", 1)[1]
+    shared["url_private"] = shared["url_private_download"] = link.format(port=port)
+    send_event(app, file_share_event([shared], thread_ts=THREAD), "Ev0ELSEWHERE")
+    [incoming] = handler.commands[0].attachments
+    with pytest.raises(SlackFileError) as refused:
+        incoming.read(10_000_000)
+    assert str(refused.value) == (
+        "ref.png was not downloaded: its link does not lead to Slack's file server; "
+        "share the image in Slack again."
+    )
+    assert fake.calls_to("download") == []
+
+
+def test_a_client_on_slack_itself_fetches_only_from_files_slack_com(fake: FakeSlackApi) -> None:
+    from bot.slack.files import SlackFiles
+
+    files = SlackFiles(WebClient(token=fake.bot_token))  # the real API: https://slack.com
+    with pytest.raises(SlackFileError, match="does not lead to Slack's file server"):
+        files.incoming(fake.add_file(PNG)).read(10_000_000)  # the fake is not files.slack.com
+    assert fake.calls_to("download") == []
+
+
+def test_a_file_name_outside_ascii_is_percent_encoded(
+    app: App, fake: FakeSlackApi, handler: RecordingHandler
+) -> None:
+    shared = fake.add_file(PNG, name="café-ü.png")  # Slack leaves the name raw in url_private
+    send_event(app, file_share_event([shared], thread_ts=THREAD), "Ev0UNICODE")
+    [incoming] = handler.commands[0].attachments
+    assert incoming.filename == "café-ü.png"
+    assert incoming.read(len(PNG)) == PNG
+    [download] = fake.calls_to("download")
+    assert download.path.endswith("/caf%C3%A9-%C3%BC.png")
+
+
 # -- reactions --------------------------------------------------------------------------------
 
 

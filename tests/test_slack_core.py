@@ -201,6 +201,37 @@ def test_oversized_image_in_the_thread_gets_a_clear_reply_and_stores_nothing(
     assert any("huge.png" in text for text in said), said
 
 
+def _thread_replies(studio: Studio, thread: str) -> list[str]:
+    said = [c.params["text"] for c in studio.fake.calls_to("chat.postEphemeral")]
+    return said + [
+        c.params["text"]
+        for c in studio.fake.calls_to("chat.postMessage")
+        if c.params.get("thread_ts") == thread
+    ]
+
+
+def test_a_file_link_off_slacks_file_server_is_not_followed_and_stores_nothing(
+    studio: Studio,
+) -> None:
+    thread = create_style_with_thread(studio)
+    shared = studio.fake.add_file(png(1), "planted.png")
+    port = studio.fake.url.rsplit(":", 1)[1]
+    shared["url_private"] = f"http://localhost:{port}/files-pri/T-F/planted.png"
+    studio.event(file_share_event([shared], thread_ts=thread), "Ev0PLANTED")
+    assert reference_count(studio.db) == 0
+    assert studio.fake.calls_to("download") == []
+    assert any("planted.png could not be downloaded" in t for t in _thread_replies(studio, thread))
+
+
+def test_an_image_named_outside_ascii_is_taken(studio: Studio) -> None:
+    thread = create_style_with_thread(studio)
+    shared = studio.fake.add_file(png(2), "café-ü.png")
+    studio.event(file_share_event([shared], thread_ts=thread), "Ev0CAFE")
+    with studio.db.session() as s:
+        assert list(s.scalars(select(ReferenceImage.original_name))) == ["café-ü.png"]
+    assert any("✓ café-ü.png → #1" in t for t in _thread_replies(studio, thread))
+
+
 def test_only_a_lead_groups_check_mark_approves_the_dataset(studio: Studio) -> None:
     thread = create_style_with_thread(studio)
     files = [studio.fake.add_file(png(i), f"r{i}.png") for i in range(3)]

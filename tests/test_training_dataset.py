@@ -79,6 +79,32 @@ def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
         prepare_data([(good, "a"), (bad, "b")], "zxq", 64, 0.15, 0)
 
 
+def test_shapes_beyond_eight_to_one_are_refused_before_any_resize(tmp_path: Path) -> None:
+    # 65536x1 at 512 px would be a 33554432x512 resize (~51 GB); these show the same refusal.
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (4096, 64), "white").save(strip)
+    good = Image.new("RGB", (64, 64), "red")
+    with pytest.raises(DatasetError, match=r"image 2 \(strip.png\) is 4096×64 pixels, beyond"):
+        prepare_data([(good, "a"), (strip, "b")], "zxq", 64, 0.15, 0)
+    with pytest.raises(DatasetError, match=r"image 1 is 64×1024 pixels, beyond the 8:1 limit"):
+        prepare_data([(Image.new("RGB", (64, 1024)), "a"), (good, "b")], "zxq", 64, 0.15, 0)
+    pixels, _ = preprocess(Image.new("RGB", (512, 64)), 64)  # exactly 8:1 is taken
+    assert pixels.shape == (3, 64, 64)
+
+
+def test_files_prepare_like_decoded_images(
+    tmp_path: Path, demo_items: list[tuple[Any, str]]
+) -> None:
+    files = []
+    for n, (image, caption) in enumerate(demo_items[:4]):
+        image.save(tmp_path / f"{n}.png")
+        files.append((tmp_path / f"{n}.png", caption))
+    from_files = prepare_data(files, "zxq", 64, 0.15, 0)
+    decoded = prepare_data(demo_items[:4], "zxq", 64, 0.15, 0)
+    assert from_files.pixels.equal(decoded.pixels)
+    assert from_files.time_ids.equal(decoded.time_ids)
+
+
 def test_batch_sampler_resumes_exactly() -> None:
     a = BatchSampler(10, 4, seed=1)
     for _ in range(3):

@@ -1,9 +1,20 @@
-"""Exported files (kohya + diffusers LoRA) and the training report, from one shared run."""
+"""Exported files (kohya + diffusers LoRA) and the training report, from one shared run.
+
+Header checks re-state, in our own words, how the tools read these files: kohya-ss/sd-scripts
+(library/train_util.py precalculate_safetensors_hashes, networks/lora.py save_weights,
+library/sai_model_spec.py) and AUTOMATIC1111 (modules/hashes.py addnet_hash_safetensors,
+extensions-builtin/Lora/network.py + networks.py: how a LoRA is found by name and by hash).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import struct
 from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +26,15 @@ torch = pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save, save_file  # noqa: E402
+
+from gpu_runner.png_metadata import A1111Parameters, LoraRef, format_parameters  # noqa: E402
+from gpu_runner.training.export import (  # noqa: E402
+    a1111_lora_hash,
+    build_metadata,
+    export_kohya,
+    lora_file_stem,
+)
 
 Builders = dict[str, Callable[..., Any]]
 
@@ -45,7 +64,7 @@ def test_kohya_header_carries_training_and_modelspec_keys(trained_lora: Any) -> 
     assert all(isinstance(v, str) for v in meta.values())
     assert meta["modelspec.trigger_phrase"] == "zxq"
     assert "zxq" in meta["ss_training_comment"]
-    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"  # kohya's sai_model_spec.py today
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.title"] == meta["ss_output_name"] == "zxq_style"
     assert meta["ss_network_dim"] == "8" and float(meta["ss_network_alpha"]) == 16
@@ -92,3 +111,138 @@ def test_report_files(trained_lora: Any) -> None:
     assert data["val_images"] == 2
     # Checkpoint-time samples were written (step 50; the final step goes into the grid).
     assert [p.parent.name for p in res.sample_images] == ["step-000050"] * 4
+
+
+# --- what A1111 and kohya read from the header -----------------------------------------------
+
+
+def _header(path: Path) -> tuple[int, dict[str, Any]]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return n, json.loads(raw[8 : 8 + n])
+
+
+def _a1111_addnet_hash(path: Path) -> str:
+    """A1111/kohya addnet hash: sha256 of everything after the 8-byte length and the header."""
+    n, _ = _header(path)
+    return hashlib.sha256(path.read_bytes()[8 + n :]).hexdigest()
+
+
+def _kohya_legacy_hash(path: Path) -> str:
+    """kohya's sshs_legacy_hash: the file re-serialized with only its ss_* metadata, then
+    sha256 of the 64 KiB at offset 1 MiB, 8 hex digits."""
+    with safe_open(str(path), "pt") as f:
+        ss_only = {k: v for k, v in f.metadata().items() if k.startswith("ss_")}
+    blob = save(load_file(path), metadata=ss_only)
+    return hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+
+
+def test_kohya_header_carries_the_hashes_a1111_and_kohya_compute(trained_lora: Any) -> None:
+    path = Path(trained_lora.result.kohya_path)
+    _, header = _header(path)
+    meta = header["__metadata__"]
+    assert meta["sshs_model_hash"] == _a1111_addnet_hash(path)
+    assert meta["sshs_legacy_hash"] == _kohya_legacy_hash(path)
+    assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]  # ModelSpec's form
+    assert a1111_lora_hash(path) == meta["sshs_model_hash"]
+
+
+def test_hashes_follow_kohya_on_a_file_over_one_mib(tmp_path: Path) -> None:
+    # Big enough that the legacy window (1 MiB + 64 KiB) holds tensor data, and with a long
+    # non-ss_ key so the written header differs from kohya's ss_-only serialization.
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.randn(8, 40_000, generator=gen),
+        "down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.randn(320, 8, generator=gen),
+    }
+    metadata = {"ss_output_name": "big", "ss_network_dim": "8", "atelier.config": "x" * 5000}
+    path = export_kohya(tmp_path / "big.safetensors", state, 8.0, metadata)
+    meta = _header(path)[1]["__metadata__"]
+    assert path.stat().st_size > 0x110000
+    assert meta["sshs_model_hash"] == _a1111_addnet_hash(path)
+    assert meta["sshs_legacy_hash"] == _kohya_legacy_hash(path)
+    raw_window = path.read_bytes()[0x100000:0x110000]
+    assert meta["sshs_legacy_hash"] != hashlib.sha256(raw_window).hexdigest()[:8]
+    assert meta["sshs_legacy_hash"] != hashlib.sha256(b"").hexdigest()[:8]
+
+
+def test_a1111_hashes_a_file_without_sshs_keys_by_its_tensor_data(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.arange(6.0)}, plain, metadata={"ss_output_name": "plain"})
+    assert a1111_lora_hash(plain) == _a1111_addnet_hash(plain)
+
+
+def test_fresh_a1111_finds_the_lora_from_a_pasted_prompt(trained_lora: Any, tmp_path: Path) -> None:
+    """A1111's Lora folder on a fresh install: each file is known by its stem and by its
+    ss_output_name, and by the first 12 hex digits of its header's sshs_model_hash (no hash is
+    computed until the file is used). The PNG's tag and "Lora hashes" must both resolve."""
+    exported = Path(trained_lora.result.kohya_path)
+    name = lora_file_stem(trained_lora.config.output_name)
+    folder = tmp_path / "models" / "Lora"
+    folder.mkdir(parents=True)
+    shutil.copy(exported, folder / exported.name)
+
+    by_name: dict[str, Path] = {}
+    by_hash: dict[str, Path] = {}
+    for file in folder.glob("*.safetensors"):
+        meta = _header(file)[1].get("__metadata__", {})
+        by_name[file.stem] = by_name[meta.get("ss_output_name", file.stem)] = file
+        if meta.get("sshs_model_hash"):
+            by_hash[meta["sshs_model_hash"][:12]] = file
+
+    infotext = format_parameters(
+        A1111Parameters(
+            prompt="zxq, a red cat", negative_prompt="", steps=20, sampler="Euler a", cfg=7,
+            seed=1, width=64, height=64,
+            loras=(LoraRef(name, 0.8, a1111_lora_hash(exported)),),
+        )
+    )  # fmt: skip
+    tag_name = infotext.split("<lora:", 1)[1].split(":", 1)[0]
+    hashes = infotext.split('Lora hashes: "', 1)[1].split('"', 1)[0]
+    hash_name, short = (part.strip() for part in hashes.split(":", 1))
+    assert by_name[tag_name] == by_hash[short] == folder / exported.name
+    assert hash_name == tag_name  # A1111 pairs the two by this name
+    assert exported.stem == name  # one name: file, ss_output_name and tag
+
+
+def test_export_refuses_a_file_name_other_than_the_output_name(tmp_path: Path) -> None:
+    state = {"mid_block.attentions.0.proj_in.lora_A.weight": torch.ones(2, 4)}
+    state["mid_block.attentions.0.proj_in.lora_B.weight"] = torch.ones(4, 2)
+    with pytest.raises(ValueError, match=r"must be named zxq\.safetensors"):
+        export_kohya(tmp_path / "ink.safetensors", state, 2.0, {"ss_output_name": "zxq"})
+
+
+def test_file_stem_keeps_every_valid_trigger_and_fixes_the_rest() -> None:
+    from bot.core.arguments import trigger_word
+
+    # The bot names the download `<trigger>.safetensors`: the stem must be that same name.
+    for raw in ["zxq", "Ink_Wash-2", "_ink_", "ñandú", "墨style"]:
+        trigger = trigger_word(raw)
+        assert lora_file_stem(trigger) == trigger
+    assert lora_file_stem("ink wash:2, <v>") == "ink_wash_2___v_"
+    assert lora_file_stem("../etc") == "___etc"
+    with pytest.raises(ValueError, match="no usable LoRA file name"):
+        lora_file_stem(" :: ")
+
+
+def test_modelspec_keys_follow_kohya(trained_lora: Any) -> None:
+    with safe_open(str(trained_lora.result.kohya_path), "pt") as f:
+        meta = f.metadata()
+    # kohya's BASE_METADATA "MUST" keys.
+    for key in ("sai_model_spec", "architecture", "implementation", "title", "resolution"):
+        assert meta[f"modelspec.{key}"], key
+    assert meta["modelspec.implementation"] == "diffusers"  # kohya: SD1.x LoRA -> diffusers
+    assert meta["modelspec.resolution"] == "64x64"
+    assert datetime.fromisoformat(meta["modelspec.date"]).tzinfo is not None
+
+
+@pytest.mark.parametrize(("scheduler", "spec"), [("epsilon", "epsilon"), ("v_prediction", "v")])
+def test_prediction_type_is_written_as_modelspec_names_it(
+    trained_lora: Any, scheduler: str, spec: str
+) -> None:
+    now = datetime.now().astimezone()
+    meta = build_metadata(
+        trained_lora.config, num_train_images=1, captions=["zxq"], started_at=now,
+        finished_at=now, steps_done=1, prediction_type=scheduler,
+    )  # fmt: skip
+    assert meta["modelspec.prediction_type"] == spec

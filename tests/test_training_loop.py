@@ -143,8 +143,9 @@ def test_dora_trains_exports_and_leaves_pipeline_clean(
     assert res.val_loss is not None and res.val_loss < res.base_val_loss
     np.testing.assert_array_equal(_image(pipe, "zxq"), before)  # adapter removed again
 
-    # The kohya file's DoRA (LyCORIS layout: dora_scale (out, 1), norm per output row)
-    # rebuilds the same layer as peft does from the diffusers-format file.
+    # The kohya file's DoRA (dora_scale (out, 1): ComfyUI/Forge's output axis, which divides
+    # by the row norms of the original weight) rebuilds the same layer as peft does from
+    # the diffusers-format file.
     kohya = load_file(res.kohya_path)
     module = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     key = "lora_unet_" + module.replace(".", "_")
@@ -154,7 +155,8 @@ def test_dora_trains_exports_and_leaves_pipeline_clean(
     fresh = tiny_builders["sd15"](0)
     layer = fresh.unet.get_submodule(module)
     w = layer.weight.detach() + (alpha / down.shape[0]) * up @ down
-    w_kohya = scale * w / w.norm(dim=1, keepdim=True)
+    eps = torch.finfo(torch.float32).eps
+    w_kohya = scale * w / (layer.weight.detach().norm(dim=1, keepdim=True) + eps)
     fresh.load_lora_weights(str(res.diffusers_path), adapter_name="dora_check")
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

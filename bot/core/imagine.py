@@ -23,6 +23,7 @@ from bot.core.errors import AuditNote, Refused, UserError
 from bot.core.policy import CorePolicy
 from bot.core.teams import team_styles
 from bot.core.training import ordinal
+from storage.families import generation_defaults, memory_needed_mb
 from storage.job_payloads import (
     AdapterChoice,
     GeneratePayload,
@@ -30,7 +31,6 @@ from storage.job_payloads import (
     Priority,
     ReplyTarget,
     batch_key,
-    memory_needed_mb,
 )
 from storage.models import Generation, Job, ModelVersion, Style
 
@@ -73,6 +73,8 @@ def imagine(ctx: Context, args: ImagineArgs) -> list[Reply]:
                 adapters=chosen.adapters,
                 compare=args.compare,
                 **{k: v for k, v in options.items() if v is not None},
+            ).with_defaults(
+                generation_defaults(chosen.base_model, services.settings.base_models)
             )
         except ValidationError as exc:
             raise UserError(f"That request can't run: {exc.errors()[0]['msg']}.") from None

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from storage.families import BUILTIN_MODELS
 from storage.settings import Settings
 
 # The built-in tiny SD1.5-shaped pipeline: what a style trains on unless told otherwise
 # (Settings.default_base_model, when set, takes precedence).
 DEFAULT_BASE_MODEL = "tiny-sd15"
-# Made in code by the runner, so always available; Settings.base_models names the rest.
-BUILTIN_BASE_MODELS = ("tiny-sd15", "tiny-sdxl")
+# Shipped with the runner, so always available; Settings.base_models names the rest.
+BUILTIN_BASE_MODELS = tuple(BUILTIN_MODELS)
 
 
 @dataclass(frozen=True)

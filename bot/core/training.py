@@ -14,7 +14,8 @@ from bot.core.datasets import plural
 from bot.core.errors import UserError
 from bot.core.teams import get_style
 from storage.datasets import images_of, latest_approved, latest_version
-from storage.job_payloads import JobKind, Priority, TrainPayload, memory_needed_mb
+from storage.families import memory_needed_mb
+from storage.job_payloads import JobKind, Priority, TrainPayload
 from storage.models import (
     DatasetStatus,
     DatasetVersion,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from email.message import Message as HTTPMessage
 from functools import partial
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
@@ -16,6 +17,9 @@ from slack_sdk.errors import SlackApiError
 from bot.commands import FileTooLarge, IncomingFile
 
 _CHUNK = 64 * 1024
+# Where Slack serves shared files. A file URL anywhere else is not followed.
+SLACK_FILE_ORIGINS = ("https://files.slack.com",)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
@@ -40,9 +44,19 @@ class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
         return new
 
 
-def _origin(url: str) -> tuple[str, str | None, int | None]:
+def _origin(url: str) -> tuple[str, str | None, int | None] | None:
     parts = urlsplit(url)
-    return parts.scheme, parts.hostname, parts.port
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:  # a port that is not a number
+        return None
+    return parts.scheme.lower(), parts.hostname, port
+
+
+def _ascii_url(url: str) -> str:
+    """Non-ASCII characters (a file named café.png) and spaces percent-encoded as UTF-8;
+    urllib refuses them, and Slack's own links leave them raw."""
+    return re.sub(r"[^\x21-\x7e]+", lambda m: quote(m.group(), safe=""), url)
 
 
 _OPENER = urllib.request.build_opener(_TokenStaysHome)
@@ -55,9 +69,18 @@ class SlackFileError(Exception):
 class SlackFiles:
     """Turns a Slack file object into an IncomingFile that downloads only when read."""
 
-    def __init__(self, client: WebClient, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        client: WebClient,
+        *,
+        timeout: float = 30.0,
+        file_origins: Iterable[str] = SLACK_FILE_ORIGINS,
+    ) -> None:
         self._client = client
         self._timeout = timeout
+        # The API's own origin too: it gets the token already, and where the API is moved
+        # (a proxy, a test's fake Slack) its files are served from there.
+        self._origins = {_origin(o) for o in (*file_origins, client.base_url)} - {None}
 
     def incoming(self, file: Mapping[str, Any]) -> IncomingFile:
         name = str(file.get("name") or file.get("title") or file.get("id") or "file")
@@ -74,7 +97,13 @@ class SlackFiles:
         if not url:
             # Slack Connect shares arrive with file_access=check_file_info and no URL.
             url = self._lookup_url(file, name)
-        return self.download(str(url), name, limit)
+        url = str(url)
+        if _origin(url) not in self._origins:
+            raise SlackFileError(
+                f"{name} was not downloaded: its link does not lead to Slack's file server; "
+                "share the image in Slack again."
+            )
+        return self.download(url, name, limit)
 
     def _lookup_url(self, file: Mapping[str, Any], name: str) -> str:
         try:
@@ -92,7 +121,9 @@ class SlackFiles:
     def download(self, url: str, name: str, limit: int) -> bytes:
         """GET `url` with the bot token, stopping (FileTooLarge) once past `limit` bytes."""
         token = self._client.token or ""
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        request = urllib.request.Request(
+            _ascii_url(url), headers={"Authorization": f"Bearer {token}"}
+        )
         try:
             with _OPENER.open(request, timeout=self._timeout) as response:
                 if response.headers.get_content_type() == "text/html":

@@ -99,12 +99,16 @@ def _adapter(services: RunnerServices, team_id: int, model_version_id: int) -> A
             f"the trained files of style '{style.name}' are missing from the data folder; "
             f"train it again with `/style train {style.name}`"
         )
+    render = version.diffusers_blob if not version.embedding_blob else None
+    if render is not None and not services.blobs.exists(render):
+        render = None
     return AdapterInfo(
         name=style.name,
         path=str(services.adapter_file(blob)),
         trigger=style.trigger,
         kind="embedding" if version.embedding_blob else "lora",
         sha256=blob,
+        render_path=str(services.adapter_file(render)) if render else None,
     )
 
 

@@ -6,7 +6,6 @@ job that was retried) resumes from the last checkpoint instead of starting over.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,14 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from gpu_runner import failpoints
-from gpu_runner.pipelines import LoadedPipeline
+from gpu_runner.pipelines import BaseModelError, LoadedPipeline
 from gpu_runner.services import RunnerServices
+from gpu_runner.training.checkpoint import CheckpointError
 from gpu_runner.training.config import ConfigError, make_config
-from gpu_runner.training.dataset import DatasetError, TrainItem
+from gpu_runner.training.dataset import DatasetError, TrainItem, check_shape
+from gpu_runner.training.export import lora_file_stem
 from gpu_runner.training.loop import PauseFn, TrainingError, TrainResult, train
+from gpu_runner.training.textual_inversion import TextualInversionError
 from gpu_runner.worker import JobContext, JobFailed, JobStopped
 from storage.datasets import content_hash, effective_captions, images_of
 from storage.job_payloads import JobKind, TrainPayload, progress_key, result_key
@@ -83,8 +85,18 @@ def run_train(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
             should_stop=ctx.should_stop,
             between_steps=_generation_server(services, ctx, loaded),
             device=services.device.torch_device,
+            adapters=loaded.adapters,
         )
-    except (ConfigError, DatasetError, TrainingError, JobFailed) as exc:
+    # Each says what to change; trying again unchanged would fail the same way.
+    except (
+        BaseModelError,
+        CheckpointError,
+        ConfigError,
+        DatasetError,
+        TextualInversionError,
+        TrainingError,
+        JobFailed,
+    ) as exc:
         _mark(services, payload.training_run_id, status=RunStatus.FAILED, error=str(exc))
         raise JobFailed(str(exc)) from None
     if result.stopped:
@@ -139,15 +151,21 @@ def _load_inputs(services: RunnerServices, run_id: int) -> RunInputs:
         )
 
 
-def _open_blob(services: RunnerServices, sha256: str, number: int) -> Image.Image:
+def _open_blob(services: RunnerServices, sha256: str, number: int) -> Path:
+    """The reference's file, checked here so a damaged one is named by its number. Training
+    decodes and downsizes one at a time: a run never holds all references at full size."""
     try:
-        with Image.open(io.BytesIO(services.blobs.read_bytes(sha256))) as image:
-            return image.convert("RGB")
+        path = services.blobs.path(sha256)
+        with Image.open(path) as image:
+            image.verify()  # every PNG chunk's checksum, without decoding the pixels
+            size = image.size
     except Exception as exc:
         raise JobFailed(
             f"reference image #{number} cannot be read ({type(exc).__name__}); "
             "drop it with ❌ on its card and approve the dataset again"
         ) from None
+    check_shape(size, f"reference image #{number}")
+    return path
 
 
 def _config(inputs: RunInputs, loaded: LoadedPipeline) -> Any:
@@ -159,7 +177,7 @@ def _config(inputs: RunInputs, loaded: LoadedPipeline) -> Any:
         loaded.family,
         preset,
         trigger=inputs.trigger,
-        output_name=inputs.trigger,
+        output_name=lora_file_stem(inputs.trigger),
         base_model_name=inputs.base_model,
         base_model_hash=loaded.model_hash,
         dataset_hash=inputs.dataset_hash,
@@ -218,12 +236,8 @@ def _generation_server(services: RunnerServices, ctx: JobContext, loaded: Loaded
             )
             if job is None:
                 return
-            with pause():
-                loaded.active_loras = None  # the generator must set adapters afresh
-                try:
-                    ctx.run_nested(job)
-                finally:
-                    loaded.active_loras = None
+            with pause():  # the adapter owner hands the pipeline over with no adapter on
+                ctx.run_nested(job)
 
     return serve
 

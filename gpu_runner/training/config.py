@@ -56,6 +56,10 @@ _WHOLE = {
 }
 
 
+# A preset's warmup never takes more than 1/WARMUP_SHARE of a run.
+WARMUP_SHARE = 10
+
+
 class ConfigError(ValueError):
     """A training setting is out of bounds or unknown; the message is one line for people."""
 
@@ -276,7 +280,12 @@ def make_config(
     None-valued overrides are ignored, so optional chat arguments can be passed straight in.
     """
     values = preset_defaults(method, family, preset)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    if "warmup_steps" not in given:
+        # Warmup scales with the run: the preset's steps, but at most a tenth of the run
+        # (kohya's and diffusers' examples warm up for 5-10% of their default runs).
+        values["warmup_steps"] = min(values["warmup_steps"], values["steps"] // WARMUP_SHARE)
     # A rank override without an alpha override keeps the preset's alpha/rank ratio.
     base = preset_defaults(method, family, preset)
     rank = overrides.get("rank")

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from storage.ingest import MAX_ASPECT
+
 TRIGGER_PLACEHOLDER = "[trigger]"
 ImageLike = Image.Image | str | Path
 
@@ -24,6 +26,9 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class TrainItem:
+    """A reference and its caption. Give a path where you can: it is decoded only while it
+    is prepared, so a run never holds every full-size image at once."""
+
     image: ImageLike
     caption: str = ""
 
@@ -51,6 +56,13 @@ def caption_dropout_mask(batch: int, rate: float, generator: torch.Generator) ->
     return torch.rand(batch, generator=generator) < rate
 
 
+def _label(image: ImageLike, index: int) -> str:
+    """How a person finds the image: its place in the dataset, and its file if it has one."""
+    return f"image {index + 1}" + (
+        "" if isinstance(image, Image.Image) else f" ({Path(image).name})"
+    )
+
+
 def load_image(image: ImageLike, index: int) -> Image.Image:
     if isinstance(image, Image.Image):
         img = image
@@ -59,20 +71,34 @@ def load_image(image: ImageLike, index: int) -> Image.Image:
             img = Image.open(image)
             img.load()
         except (OSError, UnidentifiedImageError, ValueError) as exc:
-            name = Path(image).name
             raise DatasetError(
-                f"image {index + 1} ({name}) cannot be read ({type(exc).__name__}): "
+                f"{_label(image, index)} cannot be read ({type(exc).__name__}): "
                 "remove it from the dataset or upload it again"
             ) from None
     img = ImageOps.exif_transpose(img)  # phone photos: honour the rotation flag
     return img.convert("RGB")
 
 
-def preprocess(img: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+def check_shape(size: tuple[int, int], name: str) -> None:
+    """Refuse shapes beyond intake's aspect limit: scaling their short side to the training
+    resolution alone could take tens of GB."""
+    w, h = size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise DatasetError(
+            f"{name} is {w}×{h} pixels, beyond the {MAX_ASPECT:g}:1 limit on the long side "
+            "over the short one: crop it closer to square or drop it, and train again"
+        )
+
+
+def preprocess(
+    img: Image.Image, resolution: int, name: str = "an image"
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Shortest side to `resolution` (bicubic), center crop, to a CHW tensor in [-1, 1].
 
-    Also returns SDXL's size/crop conditioning: (orig_h, orig_w, crop_top, crop_left, R, R)."""
+    Also returns SDXL's size/crop conditioning: (orig_h, orig_w, crop_top, crop_left, R, R).
+    Shapes `check_shape` refuses raise DatasetError naming `name`."""
     w, h = img.size
+    check_shape(img.size, name)
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     img = img.resize(size, Image.Resampling.BICUBIC)
@@ -210,9 +236,12 @@ def prepare_data(
     seed: int,
 ) -> PreparedData:
     items = as_items(items)
-    done = [preprocess(load_image(it.image, i), resolution) for i, it in enumerate(items)]
-    pixels = torch.stack([p for p, _ in done])
-    time_ids = torch.tensor([t for _, t in done], dtype=torch.float32)
+    # Filled one image at a time: each full-size decode is released before the next.
+    pixels = torch.empty((len(items), 3, resolution, resolution))
+    time_ids = torch.empty((len(items), 6))
+    for i, it in enumerate(items):
+        pixels[i], ids = preprocess(load_image(it.image, i), resolution, _label(it.image, i))
+        time_ids[i] = torch.tensor(ids, dtype=torch.float32)
     captions = [insert_trigger(it.caption, trigger) for it in items]
     train_idx, val_idx = split_indices(len(items), val_fraction, seed)
     return PreparedData(pixels, time_ids, captions, train_idx, val_idx)

@@ -1,21 +1,34 @@
 """Writing trained weights for other tools: kohya-style LoRA safetensors (A1111/Forge, ComfyUI,
-InvokeAI) with `ss_*` and `modelspec.*` header keys, and diffusers' own LoRA format."""
+InvokeAI) with `ss_*`, `sshs_*` and `modelspec.*` header keys, and diffusers' own LoRA format.
+
+Header rules follow kohya-ss/sd-scripts (`networks/lora.py` save_weights,
+`library/train_util.py` precalculate_safetensors_hashes, `library/sai_model_spec.py`) and what
+AUTOMATIC1111's `extensions-builtin/Lora` reads back (`network.py`, `networks.py`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import struct
+import unicodedata
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 IMPLEMENTATION = "atelier"  # who wrote the file (ss_ keys follow kohya's naming)
+# The ModelSpec version kohya's sai_model_spec.py writes today (BASE_METADATA).
+SAI_MODEL_SPEC_VERSION = "1.0.1"
+# kohya's addnet_hash_legacy: sha256 of the 64 KiB at file offset 1 MiB (header included).
+_LEGACY_OFFSET, _LEGACY_LENGTH = 0x100000, 0x10000
 
 # SAI model spec (https://github.com/Stability-AI/ModelSpec) architecture ids and the
 # implementation each family's weights follow (as kohya's sai_model_spec.py writes them).
@@ -23,6 +36,67 @@ _ARCH = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
 _BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 _IMPL_SAI = "https://github.com/Stability-AI/generative-models"
 _IMPL = {"sd15": "diffusers", "sdxl": _IMPL_SAI}
+
+
+def lora_file_stem(name: str) -> str:
+    """The one name of an exported LoRA for other tools: the file is `<stem>.safetensors`, its
+    header's `ss_output_name` and `modelspec.title` are the stem, and infotext writes
+    `<lora:<stem>:w>`. A1111 finds a tag's NAME among file stems and `ss_output_name`s, so the
+    three must agree. Pass the style's trigger (what Atelier names the download).
+
+    Identity for every valid trigger (letters, digits, `_`, `-`); anything else that a file
+    name or A1111's tag syntax cannot carry (`:`, `,`, `<`, `>`, spaces, `/`, `.`) becomes `_`.
+    """
+    stem = re.sub(r"[^\w-]", "_", unicodedata.normalize("NFC", name.strip()))
+    if not stem.strip("_"):
+        raise ValueError(f"{name!r} gives no usable LoRA file name")
+    return stem
+
+
+def _tensor_data(blob: bytes) -> bytes:
+    # safetensors: 8-byte little-endian header length, the JSON header, then the tensor data.
+    (n,) = struct.unpack("<Q", blob[:8])
+    return blob[8 + n :]
+
+
+def safetensors_hashes(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as kohya's precalculate_safetensors_hashes makes them.
+
+    kohya serializes the tensors with only the `ss_*` metadata (user keys may change later),
+    then takes sha256 of the tensor data after the header (A1111's addnet hash, Civitai's
+    AutoV3; the header does not enter it) and, for the legacy hash, the first 8 hex digits of
+    sha256 of the 64 KiB at offset 1 MiB of that serialization (empty for files under 1 MiB).
+    """
+    blob = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    model_hash = hashlib.sha256(_tensor_data(blob)).hexdigest()
+    legacy = blob[_LEGACY_OFFSET : _LEGACY_OFFSET + _LEGACY_LENGTH]
+    return model_hash, hashlib.sha256(legacy).hexdigest()[:8]
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's `__metadata__` (empty when it has none), read without torch."""
+    with Path(path).open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return dict(header.get("__metadata__") or {})
+
+
+def a1111_lora_hash(path: str | Path) -> str:
+    """The hash A1111 indexes a LoRA file by (network.py NetworkOnDisk): the header's
+    `sshs_model_hash` if it has one, else sha256 of the tensor data after the header.
+    Infotext "Lora hashes" must carry its first 12 hex digits to be matched."""
+    stored = read_safetensors_metadata(path).get("sshs_model_hash")
+    if stored:
+        return stored
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + n)
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def peft_to_kohya(
@@ -74,14 +148,21 @@ def build_metadata(
     started_at: datetime,
     finished_at: datetime,
     steps_done: int,
+    prediction_type: str | None = None,
 ) -> dict[str, str]:
-    """Header keys (all strings, as safetensors requires) for kohya and modelspec readers."""
+    """Header keys (all strings, as safetensors requires) for kohya and modelspec readers.
+
+    `prediction_type` is the scheduler's ("epsilon" or "v_prediction"); kohya writes it as
+    modelspec's "epsilon" / "v". The `sshs_*` hashes are added by `export_kohya`, which has
+    the tensors.
+    """
     res = config.resolution
     is_ti = isinstance(config, TextualInversionConfig)
     kind = "textual-inversion" if is_ti else "lora"
+    stem = lora_file_stem(config.output_name)
     comment = f"trigger: {config.trigger}; trained with Atelier ({config.method}, {config.preset})"
     meta: dict[str, str] = {
-        "ss_output_name": config.output_name,
+        "ss_output_name": stem,
         "ss_training_comment": comment,
         "ss_base_model_version": _BASE_VERSION[config.family],
         "ss_sd_model_name": config.base_model_name,
@@ -103,13 +184,14 @@ def build_metadata(
         "ss_optimizer": "torch.optim.AdamW",
         "ss_training_started_at": str(started_at.timestamp()),
         "ss_training_finished_at": str(finished_at.timestamp()),
-        "ss_tag_frequency": json.dumps({config.output_name: tag_frequency(captions)}),
-        "modelspec.sai_model_spec": "1.0.0",
+        "ss_tag_frequency": json.dumps({stem: tag_frequency(captions)}),
+        "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
         "modelspec.architecture": f"{_ARCH[config.family]}/{kind}",
         "modelspec.implementation": _IMPL_SAI if is_ti else _IMPL[config.family],
-        "modelspec.title": config.output_name,
+        "modelspec.title": stem,
         "modelspec.trigger_phrase": config.trigger,
-        "modelspec.date": finished_at.date().isoformat(),
+        # kohya writes the ISO-8601 date and time to the second.
+        "modelspec.date": finished_at.replace(microsecond=0).isoformat(),
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.author": IMPLEMENTATION,
         "modelspec.description": comment,
@@ -119,6 +201,8 @@ def build_metadata(
         "atelier.base_model_hash": config.base_model_hash,
         "atelier.config": config.model_dump_json(),
     }
+    if prediction_type is not None:
+        meta["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
     if not is_ti:
         rank = config.rank  # type: ignore[union-attr]
         meta["ss_network_dim"] = str(rank)
@@ -134,8 +218,26 @@ def build_metadata(
 def export_kohya(
     path: Path, peft_state: dict[str, torch.Tensor], alpha: float, metadata: dict[str, str]
 ) -> Path:
+    """The kohya file, with kohya's `sshs_*` hashes in the header so A1111 indexes it on a fresh
+    install without hashing it first (and matches pasted "Lora hashes" to it).
+
+    `path` must be `<ss_output_name>.safetensors` (see `lora_file_stem`): one name for the file,
+    the header and the tag.
+    """
+    stem = metadata.get("ss_output_name")
+    if stem is not None and path.name != f"{stem}.safetensors":
+        raise ValueError(f"kohya file {path.name!r} must be named {stem}.safetensors")
+    tensors = peft_to_kohya(peft_state, alpha)
+    model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
+    header = {
+        **metadata,
+        "sshs_model_hash": model_hash,
+        "sshs_legacy_hash": legacy_hash,
+        # ModelSpec's hash: sha256 of the tensor data after the header, written "0x...".
+        "modelspec.hash_sha256": f"0x{model_hash}",
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(peft_to_kohya(peft_state, alpha), path, metadata=metadata)
+    save_file(tensors, path, metadata=header)
     return path
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from gpu_runner import failpoints
+from gpu_runner.adapter_state import AdapterState
+from gpu_runner.samplers import make_scheduler
 from gpu_runner.training import checkpoint as ckpt
 from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
 from gpu_runner.training.dataset import (
@@ -31,6 +33,7 @@ from gpu_runner.training.dataset import (
     prepare_data,
     sample_latents,
 )
+from gpu_runner.training.dora import comfy_dora_scales
 from gpu_runner.training.export import (
     build_metadata,
     export_diffusers,
@@ -47,6 +50,7 @@ from gpu_runner.training.objective import (
 from gpu_runner.training.precision import Precision, choose_precision
 from gpu_runner.training.report import ReportFiles, write_report
 from gpu_runner.training.textual_inversion import TokenEmbedding, attach_token
+from storage.families import defaults_for
 
 # Distinctive: a name that is a substring of module names ("b" in "blocks") makes peft
 # report false missing keys (DESIGN.md).
@@ -101,14 +105,18 @@ def train(
     should_stop: StopFn | None = None,
     between_steps: BetweenStepsFn | None = None,
     device: str | torch.device = "cpu",
+    adapters: AdapterState | None = None,
 ) -> TrainResult:
     """Train, or resume from the newest checkpoint in `checkpoint_dir`, then export + report.
 
-    The pipeline is borrowed: its UNet gets a temporary adapter that is removed before
-    returning, and textual inversion works on private copies of the tokenizer/text encoder.
-    `between_steps` may pause training to lend the pipeline out (e.g. to a generation).
+    The pipeline is borrowed: `adapters` (the owner of its adapter state; made here when
+    the pipeline has none) adds a training adapter and removes it before returning, after
+    success, a stop or a crash; textual inversion works on private copies of the tokenizer
+    and text encoder. `between_steps` may pause training to lend the pipeline out (e.g. to a
+    generation).
     """
-    trainer = _Trainer(config, items, pipeline, Path(out_dir), Path(checkpoint_dir), device)
+    owner = adapters if adapters is not None else AdapterState(pipeline)
+    trainer = _Trainer(config, items, pipeline, Path(out_dir), Path(checkpoint_dir), device, owner)
     try:
         return trainer.run(progress, should_stop, between_steps)
     except torch.OutOfMemoryError:
@@ -129,9 +137,11 @@ class _Trainer:
         out_dir: Path,
         checkpoint_dir: Path,
         device: str | torch.device,
+        adapters: AdapterState,
     ) -> None:
         from diffusers import DDPMScheduler
 
+        self.adapters = adapters
         self.config = config
         self.pipeline = pipeline
         self.out_dir = out_dir
@@ -152,10 +162,9 @@ class _Trainer:
         self.num_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.vae_cfg = pipeline.vae.config
+        self.sample_sampler = defaults_for(config.base_model_name, config.family).sampler
         self.train_pipe: Any = pipeline
         self.token: TokenEmbedding | None = None
-        self.adapter_added = False
-        self.prior_adapters: list[str] = []
         self.checkpointing_on = False
         self.items = items
         self.data: PreparedData | None = None
@@ -167,7 +176,7 @@ class _Trainer:
         self.pipeline.to(self.device)
         self.unet.requires_grad_(False)
         self.pipeline.vae.requires_grad_(False)
-        self._isolate_unet()
+        self.adapters.show(())  # style adapters a warm pipeline carries stay out of training
         self.data = prepare_data(
             self.items, cfg.trigger, cfg.resolution, cfg.val_fraction, cfg.seed
         )
@@ -209,12 +218,6 @@ class _Trainer:
         if self.device.type == "cuda" and cfg.gradient_checkpointing and not self.is_ti:
             self.unet.enable_gradient_checkpointing()
             self.checkpointing_on = True
-
-    def _isolate_unet(self) -> None:
-        """Adapters a warm pipeline already carries must not leak into training."""
-        if getattr(self.unet, "peft_config", None):
-            self.prior_adapters = list(self.unet.active_adapters())
-            self.unet.disable_adapters()
 
     def _encode_vae_all(self) -> None:
         assert self.data is not None
@@ -270,19 +273,8 @@ class _Trainer:
             target_modules=list(cfg.target_modules),  # type: ignore[union-attr]
             use_dora=cfg.method == "dora",
         )
-        # peft draws lora_A from the global RNG: seed it so a run is reproducible per seed.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.unet.add_adapter(peft_config, adapter_name=ADAPTER_NAME)
-        self.adapter_added = True
-        if self.prior_adapters:
-            self.unet.enable_adapters()
-        self.unet.set_adapter(ADAPTER_NAME)  # only ours is active while training
-        params = {n: p for n, p in self.unet.named_parameters() if ADAPTER_NAME in n}
-        for p in params.values():
-            p.requires_grad_(True)
-            p.data = p.data.float()  # fp32 master weights even on an fp16 base
-        return params
+        # fp32 master weights even on an fp16 base; only ours is active while training.
+        return self.adapters.start_training(peft_config, ADAPTER_NAME, cfg.seed)
 
     # ----- conditioning -------------------------------------------------------------------
 
@@ -389,6 +381,10 @@ class _Trainer:
         ]
         was_training = self.unet.training
         self.unet.eval()
+        # One fixed sampler, whatever the last /imagine left on the pipeline, so samples
+        # from different checkpoints (and runs) compare.
+        previous = pipe.scheduler
+        pipe.scheduler = make_scheduler(self.pipeline.scheduler.config, self.sample_sampler)
         try:
             with self.precision.autocast():
                 out = pipe(
@@ -399,6 +395,7 @@ class _Trainer:
                     width=cfg.resolution,
                 )
         finally:
+            pipe.scheduler = previous
             self.unet.train(was_training)
         return list(out.images)
 
@@ -420,11 +417,8 @@ class _Trainer:
     def base_images(self) -> list[Any]:
         if self.token is not None:
             return self.render(self.pipeline)  # original tokenizer: trigger is plain text
-        self.unet.disable_adapters()
-        try:
+        with self.adapters.base():
             return self.render(self.pipeline)
-        finally:
-            self.unet.enable_adapters()
 
     # ----- checkpoints --------------------------------------------------------------------
 
@@ -487,20 +481,15 @@ class _Trainer:
     def paused(self) -> Iterator[None]:
         """The pipeline as a generation expects it: eval mode, the training adapter off.
 
-        Training state (weights, optimizer, RNGs) is untouched; on exit the training adapter
-        is the only active one again and trainable again (peft's set_adapters freezes the
-        adapters it deactivates).
+        Training state (weights, optimizer, RNGs) is untouched; on exit the adapter owner
+        makes the training adapter the only active one again, and trainable.
         """
         was_training = self.unet.training
         self.unet.eval()
-        if self.adapter_added:
-            self.unet.disable_adapters()
         try:
-            yield
+            with self.adapters.paused():
+                yield
         finally:
-            if self.adapter_added:
-                self.unet.enable_adapters()
-                self.unet.set_adapter(ADAPTER_NAME)
             for param in self.trainable.values():
                 param.requires_grad_(True)
             self.unet.train(was_training)
@@ -583,6 +572,7 @@ class _Trainer:
             started_at=started,
             finished_at=now_utc(),
             steps_done=self.step,
+            prediction_type=self.prediction_type,
         )
         if self.token is not None:
             result.embedding_path = self.token.save(
@@ -592,9 +582,12 @@ class _Trainer:
             from peft.utils import get_peft_model_state_dict
 
             state = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME)
+            kohya_state = state
+            if cfg.method == "dora":  # magnitudes as ComfyUI's rule reads them back
+                kohya_state = {**state, **comfy_dora_scales(self.unet, ADAPTER_NAME, state)}
             result.kohya_path = export_kohya(
                 self.out_dir / f"{cfg.output_name}.safetensors",
-                state,
+                kohya_state,
                 cfg.alpha,  # type: ignore[union-attr]
                 metadata,
             )
@@ -627,6 +620,8 @@ class _Trainer:
             "loss_history": result.loss_history,
             "sample_prompts": self.sample_prompts(),
             "sample_seeds": cfg.sample_seeds,
+            "sample_sampler": self.sample_sampler,
+            "sample_steps": cfg.sample_steps,
             "header": metadata,
         }
         result.report = write_report(
@@ -645,12 +640,7 @@ class _Trainer:
         """Hand the pipeline back as it came: no training adapter, no checkpointing."""
         if self.checkpointing_on:
             self.unet.disable_gradient_checkpointing()
-        if self.adapter_added:
-            self.unet.delete_adapters(ADAPTER_NAME)
-            if self.prior_adapters:
-                self.unet.set_adapter(self.prior_adapters)
-        elif self.prior_adapters:
-            self.unet.enable_adapters()
+        self.adapters.end_training()
         if self.token is not None:
             self.token.remove_hooks()
         self.unet.eval()

@@ -108,15 +108,16 @@ def attach_token(
                 "pick a made-up word (e.g. 'zxstyle') for textual inversion"
             )
         init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
-        if len(init_ids) != 1:
+        if not init_ids:
             raise TextualInversionError(
-                f"initializer_token {initializer_token!r} is not a single token: pick a common "
-                "one-token word such as 'style' or 'object'"
+                f"initializer_token {initializer_token!r} has no tokens: use a word"
             )
         encoder.resize_token_embeddings(len(tokenizer))
         table = encoder.get_input_embeddings().weight
         token_ids = tokenizer.convert_tokens_to_ids(tokens)
-        init = table[init_ids[0]].detach().float().clone()
+        # A word the vocabulary splits (small or domain vocabularies) starts from the mean
+        # of its pieces, so every preset's initializer works on every base model.
+        init = table[init_ids].detach().float().mean(dim=0)
         vectors = torch.nn.Parameter(init.repeat(num_vectors, 1).to(table.device))
         with torch.no_grad():  # the table's rows too, so a hook-less copy still starts sane
             table[token_ids] = init.to(table.dtype)

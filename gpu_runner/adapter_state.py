@@ -1,0 +1,148 @@
+"""The one owner of the LoRA adapters on a warm pipeline.
+
+Which style adapters are loaded, which are active at which weights, and whether a training
+adapter is on: every path (generation, the training loop, generations served between
+training steps) asks this object for the state it needs instead of calling peft/diffusers
+adapter methods itself, so the state cannot drift from what the UNet really does.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+Wanted = tuple[tuple[str, float], ...]
+
+
+class AdapterState:
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        self._loaded: OrderedDict[str, None] = OrderedDict()
+        self._training: str | None = None
+        # What is active now: () none, a tuple of (style adapter, weight), or None when
+        # the training adapter is the active one.
+        self._active: Wanted | None = ()
+        self._adopt_existing()
+
+    def _adopt_existing(self) -> None:
+        # A pipeline handed over with adapters on it (e.g. by a test): take them over, off.
+        names = list(getattr(self._pipe.unet, "peft_config", {}) or {})
+        for name in names:
+            self._loaded[name] = None
+        if names:
+            self._active = None
+            self.show(())
+
+    # -- style adapters --------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> list[str]:
+        """Style adapters on the pipeline, least recently used first."""
+        return list(self._loaded)
+
+    @property
+    def active(self) -> Wanted:
+        """Style adapters active now with their weights (() when none, or while training)."""
+        return self._active or ()
+
+    @property
+    def training(self) -> bool:
+        return self._training is not None and self._active is None
+
+    def ensure(self, name: str, load: Callable[[], dict[str, torch.Tensor]], keep: int) -> None:
+        """Load a style adapter under `name` unless it is loaded (least recently used ones
+        go first so at most `keep` stay). `load` returns its state dict."""
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return
+        while len(self._loaded) >= keep:
+            oldest, _ = self._loaded.popitem(last=False)
+            self._pipe.delete_adapters(oldest)
+        self._active = None  # loading changes what diffusers makes active
+        self._pipe.load_lora_weights(load(), adapter_name=name)
+        self._loaded[name] = None
+
+    def show(self, wanted: Sequence[tuple[str, float]]) -> None:
+        """Exactly these style adapters at these weights (none for ()); a training adapter,
+        if any, is off."""
+        wanted = tuple(wanted)
+        if wanted == self._active:
+            return
+        unknown = [n for n, _ in wanted if n not in self._loaded]
+        if unknown:
+            raise KeyError(f"adapters not loaded: {unknown}")
+        if not wanted:
+            if self._loaded or self._training:
+                self._pipe.disable_lora()
+            self._active = ()
+            return
+        self._pipe.enable_lora()
+        self._pipe.set_adapters([n for n, _ in wanted], adapter_weights=[w for _, w in wanted])
+        self._active = wanted
+
+    # -- training --------------------------------------------------------------------------
+
+    def start_training(self, peft_config: Any, name: str, seed: int) -> dict[str, Any]:
+        """Add the training adapter, make it the only active one; its parameters (fp32
+        master weights, trainable) are returned by name."""
+        self.show(())
+        unet = self._pipe.unet
+        # peft draws lora_A from the global RNG: seed it so a run is reproducible per seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet.add_adapter(peft_config, adapter_name=name)
+        self._training = name
+        self._active = ()  # add_adapter leaves the activation to us
+        params = {n: p for n, p in unet.named_parameters() if f".{name}." in n}
+        for p in params.values():
+            p.data = p.data.float()
+        self.train_on()
+        return params
+
+    def train_on(self) -> None:
+        """Only the training adapter active, and trainable (peft freezes adapters it turns
+        off, so a generation served in between must not leave it frozen)."""
+        assert self._training is not None
+        unet = self._pipe.unet
+        unet.enable_adapters()
+        unet.set_adapter(self._training)
+        for n, p in unet.named_parameters():
+            if f".{self._training}." in n:
+                p.requires_grad_(True)
+        self._active = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Lend the pipeline out mid-training: no adapter active; `show` may set others;
+        on exit the training adapter is the only active one again."""
+        self.show(())
+        try:
+            yield
+        finally:
+            if self._training is not None:
+                self.train_on()
+
+    @contextmanager
+    def base(self) -> Iterator[None]:
+        """The base model alone for a while (e.g. the base side of a training report)."""
+        was_training = self.training
+        self.show(())
+        try:
+            yield
+        finally:
+            if was_training:
+                self.train_on()
+
+    def end_training(self) -> None:
+        """Remove the training adapter (after success, cancel or crash); nothing is active
+        afterwards. Safe to call when no training adapter is on."""
+        if self._training is None:
+            return
+        self._pipe.unet.delete_adapters(self._training)
+        self._training = None
+        self._active = None  # peft picks some remaining adapter as active: turn all off
+        self.show(())

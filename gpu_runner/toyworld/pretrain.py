@@ -1,0 +1,397 @@
+"""Pretrain `toy-sd15` from scratch on the toy world, deterministically, resumably.
+
+    python -m gpu_runner.toyworld.pretrain --out gpu_runner/toyworld/weights
+
+Phase 1 trains the VAE on plain and styled scenes (so styles a LoRA learns later can be
+decoded) and stops unless its reconstructions keep shape, colour and background (the
+metrics decide, before any UNet time is spent). Phase 2 encodes a pool of plain scenes once
+and trains the UNet and the text encoder jointly on it (epsilon prediction, SD1.5's noise
+schedule, min-SNR weighting, caption dropout for classifier-free guidance, EMA). A
+checkpoint is written every `--checkpoint-every` steps; rerunning the same command resumes
+from it. The end writes fp16 safetensors and a manifest with recipe, command, time,
+hardware, metrics and sha256 of each file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+
+from gpu_runner.toyworld import model as toy
+from gpu_runner.toyworld.evaluate import adherence_report, reconstruction_report
+from toyworld.scenes import random_scene
+from toyworld.styles import STYLES, draw
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    styled_share: float = 0.5  # of VAE training images drawn in a random style
+    pool_size: int = 12288  # plain scenes encoded once for the UNet phase
+    unet_steps: int = 4000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    warmup_steps: int = 200
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    noise_offset: float = 0.05
+    ema_decay: float = 0.999
+    eval_every: int = 1000
+    eval_seeds: int = 2  # final evaluation: 45 prompts x this many seeds
+    checkpoint_every: int = 250
+    min_vae_adherence: float = 0.95
+
+
+def _images_to_tensor(images: list[Any], device: torch.device) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def _vae_batch(recipe: Recipe, step: int, device: torch.device) -> torch.Tensor:
+    rng = np.random.default_rng([recipe.seed, 1, step])
+    names = list(STYLES)
+    images = []
+    for _ in range(recipe.vae_batch):
+        scene = random_scene(rng)
+        styles: tuple[str, ...] = ()
+        if rng.random() < recipe.styled_share:
+            pick = rng.random(len(names)) < 0.5
+            if not pick.any():
+                pick[rng.integers(len(names))] = True
+            styles = tuple(n for n, p in zip(names, pick, strict=True) if p)
+        images.append(draw(scene, styles))
+    return _images_to_tensor(images, device)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress))  # cosine to 10%
+
+
+def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), live.parameters(), strict=True):
+            e.lerp_(p, 1.0 - decay)
+
+
+class Pretrainer:
+    def __init__(self, out: Path, recipe: Recipe, device: torch.device, log: Any) -> None:
+        self.out = out
+        self.recipe = recipe
+        self.device = device
+        self.log = log
+        torch.manual_seed(recipe.seed)
+        self.tokenizer = toy.build_tokenizer()
+        self.vae = toy.build_vae().to(device)
+        self.unet = toy.build_unet().to(device)
+        self.text_encoder = toy.build_text_encoder(self.tokenizer).to(device)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=recipe.vae_lr, weight_decay=0)
+        self.opt = torch.optim.AdamW(
+            [*self.unet.parameters(), *self.text_encoder.parameters()],
+            lr=recipe.unet_lr,
+            weight_decay=1e-2,
+        )
+        self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
+        self.state: dict[str, Any] = {
+            "vae_step": 0, "unet_step": 0, "scaling_factor": None, "seconds": 0.0,
+            "vae_report": None, "evals": [],
+        }  # fmt: skip
+
+    # ---- checkpoint -------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        blob = {
+            "recipe": asdict(self.recipe),
+            "state": self.state,
+            "vae": self.vae.state_dict(),
+            "unet": self.unet.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "ema_unet": self.ema_unet.state_dict(),
+            "ema_text": self.ema_text.state_dict(),
+            "vae_opt": self.vae_opt.state_dict(),
+            "opt": self.opt.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> bool:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            return False
+        blob = torch.load(path, map_location=self.device, weights_only=False)
+        if blob["recipe"] != asdict(self.recipe):
+            raise SystemExit(
+                f"{path} was made with another recipe; rerun with the same options or use a "
+                "new --out folder"
+            )
+        self.state = blob["state"]
+        self.vae.load_state_dict(blob["vae"])
+        self.unet.load_state_dict(blob["unet"])
+        self.text_encoder.load_state_dict(blob["text_encoder"])
+        self.ema_unet.load_state_dict(blob["ema_unet"])
+        self.ema_text.load_state_dict(blob["ema_text"])
+        self.vae_opt.load_state_dict(blob["vae_opt"])
+        self.opt.load_state_dict(blob["opt"])
+        self.generator.set_state(blob["generator"].cpu())
+        self.log(f"resumed at VAE step {self.state['vae_step']}, UNet step "
+                 f"{self.state['unet_step']}")  # fmt: skip
+        return True
+
+    # ---- phase 1: VAE -----------------------------------------------------------------
+    def train_vae(self) -> None:
+        r = self.recipe
+        self.vae.train()
+        t0 = time.monotonic()
+        while self.state["vae_step"] < r.vae_steps:
+            step = self.state["vae_step"]
+            for group in self.vae_opt.param_groups:
+                group["lr"] = r.vae_lr * _lr_factor(step, 100, r.vae_steps)
+            x = _vae_batch(r, step, self.device)
+            posterior = self.vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(
+                posterior.mean.shape, generator=self.generator, device=self.device
+            )
+            rec = self.vae.decode(z).sample
+            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + r.kl_weight * posterior.kl().mean()
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+            self.vae_opt.step()
+            self.state["vae_step"] = step + 1
+            if (step + 1) % 50 == 0:
+                rate = 50 / (time.monotonic() - t0)
+                t0 = time.monotonic()
+                self.log(f"vae step {step + 1}/{r.vae_steps} loss {loss.item():.4f} "
+                         f"{rate:.2f} steps/s")  # fmt: skip
+            if (step + 1) % r.checkpoint_every == 0:
+                self._tick()
+                self.save_checkpoint()
+        self.vae.eval()
+
+    def check_vae(self) -> None:
+        if self.state["vae_report"] is None:
+            self.state["vae_report"] = reconstruction_report(self.vae, self.device, seed=10_000)
+            self._tick()
+            self.save_checkpoint()
+        report = self.state["vae_report"]
+        self.log(f"VAE reconstructions: {json.dumps(report)}")
+        if report["plain"]["all"] < self.recipe.min_vae_adherence:
+            raise SystemExit(
+                f"the VAE keeps shape, colour and background in only {report['plain']['all']:.0%}"
+                f" of reconstructions (need {self.recipe.min_vae_adherence:.0%}); train it "
+                "longer (--vae-steps) before spending time on the UNet"
+            )
+
+    # ---- phase 2: UNet + text encoder -------------------------------------------------
+    @torch.no_grad()
+    def encode_pool(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r = self.recipe
+        rng = np.random.default_rng([r.seed, 2])
+        scenes = [random_scene(rng) for _ in range(r.pool_size)]
+        means, stds = [], []
+        for start in range(0, len(scenes), 256):
+            x = _images_to_tensor([draw(s) for s in scenes[start : start + 256]], self.device)
+            dist = self.vae.encode(x).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        mean, std = torch.cat(means), torch.cat(stds)
+        ids = self.tokenizer(
+            [s.caption for s in scenes], padding="max_length", max_length=toy.MAX_TOKENS,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)  # fmt: skip
+        if self.state["scaling_factor"] is None:
+            # SD's convention: scale latents to unit variance (its 0.18215 came the same way).
+            self.state["scaling_factor"] = float(1.0 / mean.std())
+        return mean, std, ids
+
+    def train_unet(self) -> None:
+        r = self.recipe
+        mean, std, ids = self.encode_pool()
+        scale = self.state["scaling_factor"]
+        self.log(f"pool of {len(mean)} scenes encoded; latent scaling factor {scale:.4f}")
+        empty = self.tokenizer(
+            [""], padding="max_length", max_length=toy.MAX_TOKENS, return_tensors="pt"
+        ).input_ids.to(self.device)
+        sched = DDPMScheduler(num_train_timesteps=1000, **toy.SD_BETAS)
+        alphas = sched.alphas_cumprod.to(self.device)
+        self.unet.train()
+        self.text_encoder.train()
+        t0 = time.monotonic()
+        while self.state["unet_step"] < r.unet_steps:
+            step = self.state["unet_step"]
+            for group in self.opt.param_groups:
+                group["lr"] = r.unet_lr * _lr_factor(step, r.warmup_steps, r.unet_steps)
+            rng = np.random.default_rng([r.seed, 3, step])
+            pick = torch.from_numpy(rng.integers(0, len(mean), r.unet_batch)).to(self.device)
+            g = self.generator
+            eps = torch.randn(mean[pick].shape, generator=g, device=self.device)
+            latents = (mean[pick] + std[pick] * eps) * scale
+            batch_ids = ids[pick].clone()
+            drop = torch.from_numpy(rng.random(r.unet_batch) < r.caption_dropout)
+            batch_ids[drop.to(self.device)] = empty
+            noise = torch.randn(latents.shape, generator=g, device=self.device)
+            if r.noise_offset:
+                offset = torch.randn(
+                    (latents.shape[0], latents.shape[1], 1, 1), generator=g, device=self.device
+                )
+                noise = noise + r.noise_offset * offset
+            t = torch.randint(0, 1000, (r.unet_batch,), generator=g, device=self.device)
+            noisy = sched.add_noise(latents, noise, t)
+            hidden = self.text_encoder(batch_ids)[0]
+            pred = self.unet(noisy, t, hidden).sample
+            snr = alphas[t] / (1 - alphas[t])
+            weights = torch.clamp(snr, max=r.min_snr_gamma) / snr
+            per = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (per * weights).mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [*self.unet.parameters(), *self.text_encoder.parameters()]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.opt.step()
+            decay = min(r.ema_decay, (1 + step) / (10 + step))
+            _ema_update(self.ema_unet, self.unet, decay)
+            _ema_update(self.ema_text, self.text_encoder, decay)
+            self.state["unet_step"] = step + 1
+            if (step + 1) % 50 == 0:
+                rate = 50 / (time.monotonic() - t0)
+                t0 = time.monotonic()
+                self.log(f"unet step {step + 1}/{r.unet_steps} loss {loss.item():.4f} "
+                         f"{rate:.2f} steps/s")  # fmt: skip
+            if (step + 1) % r.checkpoint_every == 0:
+                self._tick()
+                self.save_checkpoint()
+            if (step + 1) % r.eval_every == 0 and step + 1 < r.unet_steps:
+                report = adherence_report(self.pipeline(), seeds=1)
+                self.state["evals"].append({"step": step + 1, **report["rates"]})
+                self.log(f"adherence at step {step + 1}: {json.dumps(report['rates'])}")
+                self.unet.train()
+                self.text_encoder.train()
+
+    def pipeline(self) -> Any:
+        vae = toy.build_vae(scaling_factor=self.state["scaling_factor"]).to(self.device)
+        vae.load_state_dict(self.vae.state_dict())
+        return toy.assemble(
+            copy.deepcopy(self.ema_unet).eval(), vae.eval(),
+            copy.deepcopy(self.ema_text).eval(), self.tokenizer,
+        ).to(self.device)  # fmt: skip
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self.state["seconds"] += now - self._last
+        self._last = now
+
+    def run(self, command: str) -> dict[str, Any]:
+        self._last = time.monotonic()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.load_checkpoint()
+        self.train_vae()
+        self.check_vae()
+        self.train_unet()
+        self._tick()
+        self.save_checkpoint()
+        final = adherence_report(self.pipeline(), seeds=self.recipe.eval_seeds)
+        self.log(f"final adherence ({final['samples']} samples): {json.dumps(final['rates'])}")
+        self._tick()
+        return self.export(command, final)
+
+    def export(self, command: str, final: dict[str, Any]) -> dict[str, Any]:
+        modules = {"unet": self.ema_unet, "vae": self.vae, "text_encoder": self.ema_text}
+        files: dict[str, dict[str, Any]] = {}
+        for name, module in modules.items():
+            path = self.out / f"{name}.safetensors"
+            state = {k: v.detach().to("cpu", torch.float16).contiguous()
+                     for k, v in module.state_dict().items()}  # fmt: skip
+            save_file(state, str(path))
+            files[name] = {
+                "file": path.name,
+                "sha256": toy.file_sha256(path),
+                "bytes": path.stat().st_size,
+                "parameters": sum(p.numel() for p in module.parameters()),
+            }
+        manifest = {
+            "model": "toy-sd15",
+            "command": command,
+            "recipe": asdict(self.recipe),
+            "vae_scaling_factor": self.state["scaling_factor"],
+            "seconds": round(self.state["seconds"], 1),
+            "hardware": _hardware(self.device),
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+            "metrics": {
+                "vae_reconstruction": self.state["vae_report"],
+                "evals": self.state["evals"],
+                "final": final["rates"],
+                "final_samples": final["samples"],
+                "final_settings": final["settings"],
+            },
+            "files": files,
+        }
+        (self.out / toy.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (self.out / CHECKPOINT).unlink(missing_ok=True)
+        return manifest
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({platform.processor()})"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recipe]:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpu_runner.toyworld.pretrain", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for weights + manifest")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    defaults = Recipe()
+    for f in fields(Recipe):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
+                            default=getattr(defaults, f.name))  # fmt: skip
+    args = parser.parse_args(argv)
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
+    return args, recipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args, recipe = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    command = shlex.join(["python", "-m", "gpu_runner.toyworld.pretrain", *argv])
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    manifest = Pretrainer(args.out, recipe, torch.device(args.device), log).run(command)
+    log(f"wrote {args.out / toy.MANIFEST}: {json.dumps(manifest['metrics']['final'])}")
+
+
+if __name__ == "__main__":
+    main()

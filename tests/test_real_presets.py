@@ -1,0 +1,62 @@
+"""Every real preset (family x preset x method), with only the resolution lowered, builds
+for any step count within bounds and trains a few steps on the tiny models."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpu_runner.training.config import (
+    BOUNDS,
+    FAMILIES,
+    METHODS,
+    PRESETS,
+    make_config,
+    preset_defaults,
+)
+
+COMBOS = list(itertools.product(FAMILIES, PRESETS, METHODS))
+
+
+@pytest.mark.parametrize(("family", "preset", "method"), COMBOS)
+@pytest.mark.parametrize("steps", [1, 9, 80, 150, 999, int(BOUNDS["steps"][1])])
+def test_real_preset_builds_for_any_step_count(
+    family: str, preset: str, method: str, steps: int
+) -> None:
+    cfg = make_config(method, family, preset, trigger="zxq", steps=steps)
+    assert cfg.steps == steps
+    assert 0 <= cfg.warmup_steps <= max(1, steps // 10)
+    full = preset_defaults(method, family, preset)
+    if steps >= 10 * full["warmup_steps"]:
+        assert cfg.warmup_steps == full["warmup_steps"]  # long runs keep the preset's warmup
+
+
+def test_explicit_warmup_is_kept_and_checked() -> None:
+    assert make_config("lora", trigger="zxq", steps=80, warmup_steps=40).warmup_steps == 40
+    with pytest.raises(ValueError, match=r"warmup_steps \(90\) must not exceed steps \(80\)"):
+        make_config("lora", trigger="zxq", steps=80, warmup_steps=90)
+
+
+@pytest.mark.runner
+@pytest.mark.parametrize(("family", "preset", "method"), COMBOS)
+def test_real_preset_trains_a_few_steps(
+    family: str, preset: str, method: str, tmp_path: Path, tiny_builders: Any, demo_items: Any
+) -> None:
+    from gpu_runner.training.loop import train
+
+    cfg = make_config(
+        method, family, preset, trigger="zxq", steps=3, resolution=64, sample_seeds=[1]
+    )
+    result = train(
+        cfg, demo_items, tiny_builders[family](0), tmp_path / "out", checkpoint_dir=tmp_path / "c"
+    )
+    assert result.final_step == 3 and not result.stopped
+    assert all(v == v for v in result.loss_history)  # no NaN
+    written = result.embedding_path if method == "textual_inversion" else result.kohya_path
+    assert written is not None and written.stat().st_size > 0
+
+
+pytest_plugins = ("runner_fixtures",)

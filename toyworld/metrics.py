@@ -1,0 +1,150 @@
+"""Exact, analytic scores of toy-world images: prompt adherence and one score per style.
+
+Adherence reads the background from the image border (median colour, nearest background),
+the shape colour from the non-background pixels (nearest palette colour or its stripe tint),
+and the shape class from the filled silhouette (a triangle widens top to bottom; a square
+fills its bounding box, a circle about pi/4 of it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from toyworld.scenes import BACKGROUNDS, COLOURS, SIDE, Scene
+from toyworld.styles import GRID_PERIOD, OUTLINE_WIDTH, STRIPE_PERIOD, erode, grid_line_colour, tint
+
+# A pixel belongs to the shape when it is this far (RGB distance) from the background
+# and from the background's grid-line colour.
+_FOREGROUND_DISTANCE = 60.0
+# Above these a style "shows"; ground truth sits far on either side (see tests).
+STYLE_THRESHOLDS: dict[str, float] = {"stripes": 0.2, "outline": 0.5, "grid": 0.4}
+
+_BG_NAMES = list(BACKGROUNDS)
+_BG_RGB = np.array([BACKGROUNDS[n] for n in _BG_NAMES], np.float32)
+_COLOUR_NAMES = list(COLOURS)
+# Each palette colour and its stripe tint vote for the same name.
+_PALETTE_RGB = np.array(
+    [COLOURS[n] for n in _COLOUR_NAMES] + [tint(COLOURS[n]) for n in _COLOUR_NAMES], np.float32
+)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the metrics see in one image."""
+
+    shape: str | None
+    colour: str | None
+    background: str
+    stripes: float
+    outline: float
+    grid: float
+
+    def adherence(self, scene: Scene) -> dict[str, bool]:
+        hits = {
+            "shape": self.shape == scene.shape,
+            "colour": self.colour == scene.colour,
+            "background": self.background == scene.background,
+        }
+        hits["all"] = all(hits.values())
+        return hits
+
+    def shows(self, style: str) -> bool:
+        return getattr(self, style) > STYLE_THRESHOLDS[style]
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    image = image.convert("RGB")
+    if image.size != (SIDE, SIDE):
+        image = image.resize((SIDE, SIDE), Image.Resampling.BOX)
+    return np.asarray(image, np.float32)
+
+
+def _nearest(rgb: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return np.argmin(((rgb[..., None, :] - table) ** 2).sum(-1), axis=-1)
+
+
+def _row_fill(mask: np.ndarray) -> np.ndarray:
+    """Fill each row between its first and last set pixel (shapes are convex)."""
+    filled = np.zeros_like(mask)
+    for y in np.flatnonzero(mask.any(axis=1)):
+        xs = np.flatnonzero(mask[y])
+        filled[y, xs[0] : xs[-1] + 1] = True
+    return filled
+
+
+def _classify_shape(filled: np.ndarray) -> str | None:
+    rows = filled.sum(axis=1)
+    ys = np.flatnonzero(rows)
+    if len(ys) < 4:
+        return None
+    top, bottom = ys[0], ys[-1]
+    height = bottom - top + 1
+    widths = rows[top : bottom + 1].astype(np.float32)
+    quarter = max(1, height // 4)
+    taper = widths[:quarter].mean() / max(widths[-quarter:].mean(), 1.0)
+    if taper < 0.6:
+        return "triangle"
+    xs = np.flatnonzero(filled.any(axis=0))
+    box = height * (xs[-1] - xs[0] + 1)
+    return "square" if filled.sum() / box > 0.89 else "circle"
+
+
+def _stripe_score(pixels: np.ndarray, region: np.ndarray) -> float:
+    """Amplitude of the diagonal stripe frequency inside the shape, per pixel, over 255.
+
+    Two times the Fourier coefficient at the stripe frequency of the mean-removed colour,
+    searched over nearby periods; a 50% square wave of colour difference D scores 2D/(pi 255).
+    """
+    n = int(region.sum())
+    if n < 16:
+        return 0.0
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+    inside = pixels[region]
+    centred = inside - inside.mean(axis=0)
+    best = 0.0
+    for period in np.linspace(STRIPE_PERIOD - 1.5, STRIPE_PERIOD + 1.5, 7):
+        phase = np.exp(-2j * np.pi * (xx + yy)[region] / period)
+        amplitude = np.linalg.norm((centred * phase[:, None]).sum(axis=0))
+        best = max(best, 2 * float(amplitude) / (n * 255))
+    return best
+
+
+def read(image: Image.Image) -> Reading:
+    pixels = _pixels(image)
+    border = np.concatenate(
+        [
+            pixels[:2].reshape(-1, 3),
+            pixels[-2:].reshape(-1, 3),
+            pixels[:, :2].reshape(-1, 3),
+            pixels[:, -2:].reshape(-1, 3),
+        ]
+    )
+    bg_index = int(_nearest(np.median(border, axis=0), _BG_RGB))
+    bg_name = _BG_NAMES[bg_index]
+    bg = _BG_RGB[bg_index]
+    line = np.asarray(grid_line_colour(BACKGROUNDS[bg_name]), np.float32)
+    far_bg = np.linalg.norm(pixels - bg, axis=-1) > _FOREGROUND_DISTANCE
+    far_line = np.linalg.norm(pixels - line, axis=-1) > _FOREGROUND_DISTANCE * 0.8
+    mask = far_bg & far_line
+    filled = _row_fill(mask)
+    shape = _classify_shape(filled)
+    colour = None
+    if mask.sum() >= 8:
+        votes = _nearest(pixels[mask], _PALETTE_RGB) % len(_COLOUR_NAMES)
+        colour = _COLOUR_NAMES[int(np.bincount(votes, minlength=len(_COLOUR_NAMES)).argmax())]
+    # Stripes: inside the silhouette, away from its antialiased edge.
+    core = erode(filled.astype(np.float32), 1) > 0.5
+    stripes = _stripe_score(pixels, core)
+    # Outline: how much of the silhouette's deep interior is not shape-coloured.
+    interior = erode(filled.astype(np.float32), OUTLINE_WIDTH + 2) > 0.5
+    outline = 1.0 - float(mask[interior].mean()) if interior.sum() >= 4 else 0.0
+    # Grid: the share of background pixels nearer the grid-line colour than the background.
+    ground = ~(erode((~filled).astype(np.float32), 2) < 0.5) & ~filled
+    near_line = np.linalg.norm(pixels - line, axis=-1) < np.linalg.norm(pixels - bg, axis=-1)
+    grid_share = float(near_line[ground].mean()) if ground.sum() else 0.0
+    # Lines cover about 2 * width / period of the ground; scale so full lines read ~1.
+    grid = grid_share / (2 * 2 / GRID_PERIOD)
+    return Reading(shape, colour, bg_name, stripes, outline, grid)
