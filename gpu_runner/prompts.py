@@ -1,8 +1,8 @@
-"""Prompt parsing and request validation.
+"""Prompt parsing and request validation on the runner.
 
 Trigger words of known styles select their adapters at weight 1.0; A1111's
-`<lora:name:weight>` tags select by name with a weight and are removed from the text the
-model sees. Torch-free, so the bot can validate a request before it is queued.
+`<lora:name:weight>` tags select by name or trigger with a weight and are removed from the
+text the model sees. The rules are storage.prompt_rules, the ones the bot applies in chat.
 """
 
 from __future__ import annotations
@@ -12,10 +12,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-AdapterKind = Literal["lora", "embedding"]
+# MIN_WEIGHT, MAX_WEIGHT and strip_lora_tags are re-exported: the runner's modules name
+# them from here, while the rules themselves live in storage.
+from storage.prompt_rules import MAX_WEIGHT as MAX_WEIGHT
+from storage.prompt_rules import MIN_WEIGHT as MIN_WEIGHT
+from storage.prompt_rules import (
+    PromptError,
+    find_trigger,
+    lora_tags,
+    tag_names,
+)
+from storage.prompt_rules import strip_lora_tags as strip_lora_tags
 
-_LORA_TAG = re.compile(r"<\s*lora\s*:([^>]*)>", re.IGNORECASE)
-MIN_WEIGHT, MAX_WEIGHT = -4.0, 4.0
+AdapterKind = Literal["lora", "embedding"]
 
 
 class InvalidRequestError(ValueError):
@@ -54,75 +63,40 @@ class ParsedPrompt:
     adapters: tuple[AdapterUse, ...]
 
 
-def strip_lora_tags(prompt: str) -> str:
-    """The prompt without `<lora:...>` tags, whitespace tidied."""
-    text = _LORA_TAG.sub(" ", prompt)
-    text = re.sub(r"[ \t]+", " ", text)
-    text = re.sub(r" +([,.;])", r"\1", text)
-    return "\n".join(line.strip() for line in text.split("\n")).strip()
-
-
-def _trigger_pattern(trigger: str) -> re.Pattern[str]:
-    # Whole word, any case: "mystyle" must not fire inside "mystyles" or "notmystyle".
-    return re.compile(rf"(?<![\w]){re.escape(trigger)}(?![\w])", re.IGNORECASE)
-
-
-def _parse_weight(raw: str, tag: str) -> float:
-    try:
-        weight = float(raw)
-    except ValueError:
-        raise InvalidRequestError(
-            f"'{tag}' has weight '{raw}', which is not a number; write e.g. <lora:name:0.8>"
-        ) from None
-    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
-        raise InvalidRequestError(
-            f"'{tag}' has weight {weight}; use a weight between {MIN_WEIGHT} and {MAX_WEIGHT}"
-        )
-    return weight
-
-
 def parse_prompt(prompt: str, known: Mapping[str, AdapterInfo]) -> ParsedPrompt:
-    """Select adapters from `known` (trigger word -> adapter) and `<lora:name:w>` tags.
+    """Select adapters from `known` (trigger word -> adapter) and `<lora:...>` tags, by the
+    rules the bot applies in chat (storage.prompt_rules).
 
     A tag naming an adapter also selected by its trigger overrides the trigger's weight
     of 1.0. Adapters keep the order in which they first appear in the prompt.
     """
-    by_name: dict[str, AdapterInfo] = {}
-    for info in known.values():
-        by_name.setdefault(info.name.lower(), info)
     found: dict[str, tuple[int, AdapterUse]] = {}  # adapter name -> (position, use)
-    tagged: set[str] = set()
-
-    for match in _LORA_TAG.finditer(prompt):
-        tag = match.group(0)
-        parts = [p.strip() for p in match.group(1).split(":")]
-        if not parts[0] or len(parts) > 2:
-            raise InvalidRequestError(
-                f"'{tag}' is not a LoRA tag; write <lora:name> or <lora:name:0.8>"
-            )
-        info = by_name.get(parts[0].lower())
+    try:
+        tags = lora_tags(prompt)
+    except PromptError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    for tag in tags:
+        info = next((i for i in known.values() if tag_names(tag, i.name, i.trigger)), None)
         if info is None:
             names = ", ".join(sorted(i.name for i in known.values())) or "none yet"
-            raise InvalidRequestError(f"'{tag}' names no known style; known styles: {names}")
+            raise InvalidRequestError(f"{tag.text} names no known style; known styles: {names}")
         if info.kind == "embedding":
             raise InvalidRequestError(
                 f"'{info.name}' is a textual-inversion embedding; use its trigger word "
                 f"'{info.trigger}' instead of a <lora:...> tag"
             )
-        if info.name in tagged:
+        if info.name in found:
             raise InvalidRequestError(f"'{info.name}' is named twice in <lora:...> tags; keep one")
-        weight = _parse_weight(parts[1], tag) if len(parts) == 2 else 1.0
-        tagged.add(info.name)
-        found[info.name] = (match.start(), AdapterUse(info, weight))
+        found[info.name] = (tag.start, AdapterUse(info, tag.weight))
 
     text = strip_lora_tags(prompt)
     for trigger, info in known.items():
-        if info.name in found or not trigger:
+        if info.name in found:
             continue
-        hit = _trigger_pattern(trigger).search(text)
-        if hit:
+        at = find_trigger(trigger, text)
+        if at is not None:
             # Position offset keeps tags and triggers in prompt order well enough.
-            found[info.name] = (hit.start(), AdapterUse(info, 1.0))
+            found[info.name] = (at, AdapterUse(info, 1.0))
 
     ordered = tuple(use for _, use in sorted(found.values(), key=lambda item: item[0]))
     return ParsedPrompt(text=text, adapters=ordered)

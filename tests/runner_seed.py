@@ -100,7 +100,9 @@ def approved_style(
         return style.id
 
 
-def enqueue_training(stores: Stores, style_id: int, **params: Any) -> tuple[int, int]:
+def enqueue_training(
+    stores: Stores, style_id: int, method: str = "lora", **params: Any
+) -> tuple[int, int]:
     """A training run of the style's dataset and its job. Returns (run id, job id)."""
     with stores.db.session(write=True) as s:
         style = s.get(Style, style_id)
@@ -109,7 +111,7 @@ def enqueue_training(stores: Stores, style_id: int, **params: Any) -> tuple[int,
         run = TrainingRun(
             style_id=style_id,
             dataset_version_id=dataset.id,
-            method="lora",
+            method=method,
             params=params,
             requested_by="ana",
         )

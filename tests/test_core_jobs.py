@@ -141,6 +141,74 @@ def test_lora_tags_and_several_styles_combine(rig: Rig) -> None:
     assert "between -4 and 4" in rig.text("imagine", {"prompt": "<lora:ink:9> cat"})
 
 
+# Prompts, and whether they select style "zx" (trigger "ZXStyle"). The runner's parser must
+# answer the same: one rule for both (storage.prompt_rules).
+SELECTS_ZX = [
+    ("a ZXStyle cat", True),
+    ("a zxstyle cat", True),
+    ("zxstyle, a cat", True),
+    ("a zxstyles cat", False),
+    ("a zxstyle-like cat", False),  # "-" belongs to a word, as it may belong to a trigger
+    ("a pre-zxstyle cat", False),
+    ("a cat <lora:zx:0.5>", True),
+    ("a cat <lora:ZXSTYLE:0.5>", True),  # by trigger: what Atelier's own infotext writes
+    ("a zxstyle cat <lora:zxstyle:-0.5>", True),  # the tag's weight wins over the word's
+]
+
+
+@pytest.mark.parametrize(("prompt", "selected"), SELECTS_ZX)
+def test_chat_and_runner_select_the_same_styles(rig: Rig, prompt: str, selected: bool) -> None:
+    from gpu_runner.prompts import AdapterInfo, parse_prompt
+
+    approved_style(rig, "zx", "ZXStyle")
+    add_model_version(rig, "zx")
+    rig.run("imagine", {"prompt": prompt})
+    (job,) = rig.jobs("generate")
+    chat = [(a["name"], a["weight"]) for a in job.payload["adapters"]]
+    zx = AdapterInfo("zx", "/loras/ZXStyle.safetensors", trigger="ZXStyle")
+    runner = [(u.adapter.name, u.weight) for u in parse_prompt(prompt, {"ZXStyle": zx}).adapters]
+    assert chat == runner
+    assert bool(chat) == selected
+
+
+def test_atelier_infotext_pasted_back_selects_its_style_at_its_weight(rig: Rig) -> None:
+    from gpu_runner.png_metadata import (
+        A1111Parameters,
+        LoraRef,
+        format_parameters,
+        parse_parameters,
+    )
+
+    approved_style(rig, "ink", "InkStyle")
+    ink = add_model_version(rig, "ink")
+    # The runner names the LoRA by its trigger: the exported file's stem, which A1111 finds.
+    infotext = format_parameters(
+        A1111Parameters(
+            prompt="a harbour at dawn, InkStyle",
+            negative_prompt="",
+            steps=20,
+            sampler="Euler a",
+            cfg=7.0,
+            seed=3,
+            width=64,
+            height=64,
+            loras=(LoraRef("InkStyle", 0.8, "ab" * 32),),
+        )
+    )
+    pasted = parse_parameters(infotext)["prompt"]
+    assert "<lora:InkStyle:0.8>" in pasted
+    rig.run("imagine", {"prompt": pasted})
+    (job,) = rig.jobs("generate")
+    assert [(a["model_version_id"], a["weight"]) for a in job.payload["adapters"]] == [(ink, 0.8)]
+
+
+def test_a_style_named_twice_in_tags_is_refused(rig: Rig) -> None:
+    approved_style(rig)
+    add_model_version(rig, "ink")
+    text = rig.text("imagine", {"prompt": "<lora:ink:0.5> cat <lora:inkstyle:1>"})
+    assert "ink is named twice in <lora:...> tags" in text and rig.jobs("generate") == []
+
+
 def test_styles_on_different_base_models_cannot_combine(rig: Rig) -> None:
     approved_style(rig)
     approved_style(rig, "sketch", "sketchy", seeds=(4, 5))

@@ -90,3 +90,41 @@ def test_config_round_trips_and_fingerprint_tracks_weights_settings() -> None:
     renamed = cfg.model_copy(update={"output_name": "other"})
     assert renamed.fingerprint() == cfg.fingerprint()  # cosmetic
     assert cfg.model_copy(update={"rank": 4}).fingerprint() != cfg.fingerprint()
+
+
+# --- chat and runner read one table (storage.training_bounds) -----------------------------
+
+# Chat argument -> the config setting it overrides.
+CHAT_SETTINGS = {"steps": "steps", "rank": "rank", "lr": "learning_rate"}
+
+
+@pytest.mark.parametrize(("arg", "setting"), CHAT_SETTINGS.items())
+def test_chat_accepts_exactly_what_the_runner_accepts(arg: str, setting: str) -> None:
+    from bot.core.arguments import validate_args
+    from bot.core.errors import UserError
+    from storage.training_bounds import BOUNDS, WHOLE_BOUNDS
+
+    low, high = BOUNDS[setting]
+    step = 1 if setting in WHOLE_BOUNDS else low / 2
+    for value in (low, high):  # the edges pass both
+        chat = validate_args("style train", {"name": "ink", arg: str(value)})
+        assert getattr(chat, arg) == value
+        make_config("lora", trigger="zxq", **{setting: value, "warmup_steps": 0})
+    for value in (low - step, high + step):  # just past them fails both
+        with pytest.raises(UserError, match=f"(?i){arg} must be between"):
+            validate_args("style train", {"name": "ink", arg: str(value)})
+        with pytest.raises(ConfigError, match=f"{setting} must be between"):
+            make_config("lora", trigger="zxq", **{setting: value, "warmup_steps": 0})
+
+
+def test_chat_runner_and_database_name_the_same_methods_and_presets() -> None:
+    from bot.core.arguments import validate_args
+    from gpu_runner.training.config import METHODS, PRESETS
+    from storage.models import StyleKind, TrainingMethod
+
+    assert METHODS == tuple(TrainingMethod) and PRESETS == tuple(StyleKind)
+    for method in METHODS:
+        assert validate_args("style train", {"name": "ink", "method": method}).method == method
+        preset_defaults(method, "sd15", "style")
+    for preset in PRESETS:
+        assert validate_args("style train", {"name": "ink", "preset": preset}).preset == preset

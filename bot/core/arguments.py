@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from bot.core.errors import UserError
 from bot.core.parsing import PARSE_ERROR, usage
 from storage.models import StyleKind
+from storage.training_bounds import METHODS, PRESETS, REAL_BOUNDS, WHOLE_BOUNDS
 
 MAX_SEED = 2**32 - 1
 _NAME = re.compile(r"\w[\w-]{0,39}")
@@ -227,26 +228,20 @@ class StyleNameArgs(Args):
     name: StyleName
 
 
+# "ti" is chat shorthand; the runner knows the method by its full name only.
+_METHOD_NAMES = {**{m: m for m in METHODS}, "ti": "textual_inversion"}
+
+
 class StyleTrainArgs(Args):
+    """The bounds are the runner's own (storage.training_bounds), checked here so a typo is
+    answered in chat at once instead of failing the queued job."""
+
     name: StyleName
-    preset: Annotated[str | None, _choice("preset", {"style": "style", "concept": "concept"})] = (
-        None
-    )
-    steps: Annotated[int | None, _whole("steps", 1, 20_000)] = None
-    rank: Annotated[int | None, _whole("rank", 1, 128)] = None
-    lr: Annotated[float | None, _real("lr", 1e-6, 1e-2)] = None
-    method: Annotated[
-        str | None,
-        _choice(
-            "method",
-            {
-                "lora": "lora",
-                "dora": "dora",
-                "ti": "textual_inversion",
-                "textual_inversion": "textual_inversion",
-            },
-        ),
-    ] = None
+    preset: Annotated[str | None, _choice("preset", {p: p for p in PRESETS})] = None
+    steps: Annotated[int | None, _whole("steps", *WHOLE_BOUNDS["steps"])] = None
+    rank: Annotated[int | None, _whole("rank", *WHOLE_BOUNDS["rank"])] = None
+    lr: Annotated[float | None, _real("lr", *REAL_BOUNDS["learning_rate"])] = None
+    method: Annotated[str | None, _choice("method", _METHOD_NAMES)] = None
 
 
 class NoArgs(Args):

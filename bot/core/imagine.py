@@ -1,9 +1,10 @@
 """`/imagine` and 🔁 rerolls: choose the styles' model versions and queue a `generate` job.
 
 A style's trigger word in the prompt (whole word, any case) applies its model at weight 1;
-A1111's `<lora:name:0.8>` applies a style by name or trigger with a weight. Each style uses
-its latest approved model version, else its latest one. The prompt goes to the runner as
-written; the adapter list is authoritative.
+A1111's `<lora:name:0.8>` applies a style by name or trigger with a weight (the rules are
+storage.prompt_rules, shared with the runner). Each style uses its latest approved model
+version, else its latest one. The prompt goes to the runner as written; the adapter list is
+authoritative.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from storage.job_payloads import (
     batch_key,
 )
 from storage.models import Generation, Job, ModelVersion, Style
+from storage.prompt_rules import PromptError, find_trigger, lora_tags, strip_lora_tags, tag_names
 
 REROLL = "🔁"
-_LORA_TAG = re.compile(r"<\s*lora\s*:\s*([^:>]+?)\s*(?::\s*([^>]*?))?\s*>", re.IGNORECASE)
 _RESULT_KEY = re.compile(r"job:(\d+):result")
 
 
@@ -73,9 +74,7 @@ def imagine(ctx: Context, args: ImagineArgs) -> list[Reply]:
                 adapters=chosen.adapters,
                 compare=args.compare,
                 **{k: v for k, v in options.items() if v is not None},
-            ).with_defaults(
-                generation_defaults(chosen.base_model, services.settings.base_models)
-            )
+            ).with_defaults(generation_defaults(chosen.base_model, services.settings.base_models))
         except ValidationError as exc:
             raise UserError(f"That request can't run: {exc.errors()[0]['msg']}.") from None
         job = _enqueue(ctx, s, team.id, payload, ctx.idempotency_key)
@@ -132,28 +131,29 @@ def _check_blocklist(ctx: Context, prompt: str) -> None:
         )
 
 
-def _trigger_in(trigger: str, text: str) -> bool:
-    # Whole word, any case: "inkstyle" must not fire inside "inkstyles".
-    return re.search(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", text, re.IGNORECASE) is not None
-
-
 def select_adapters(s: Session, team_id: int, prompt: str, policy: CorePolicy) -> Selection:
-    """The team's styles the prompt asks for, with their model versions and the base model."""
+    """The team's styles the prompt asks for, with their model versions and the base model.
+
+    By the rules the runner captions and renders with (storage.prompt_rules): a trigger as
+    a whole word in any case, or `<lora:NAME:w>` naming a style's name or trigger (the
+    trigger is what Atelier's own infotext writes, so a pasted result selects its style).
+    """
     styles = team_styles(s, team_id)
     weights: dict[int, float] = {}
-    for match in _LORA_TAG.finditer(prompt):
-        wanted = match.group(1).casefold()
-        style = next(
-            (x for x in styles if wanted in (x.name.casefold(), x.trigger.casefold())), None
-        )
+    try:
+        tags = lora_tags(prompt)
+    except PromptError as exc:
+        raise UserError(f"{exc}.") from None
+    for tag in tags:
+        style = next((x for x in styles if tag_names(tag, x.name, x.trigger)), None)
         if style is None:
-            raise UserError(
-                f"<lora:{match.group(1)}> names no style in this team; `/style list` shows them."
-            )
-        weights[style.id] = _weight(match.group(2), match.group(0))
-    plain = _LORA_TAG.sub(" ", prompt)
+            raise UserError(f"{tag.text} names no style in this team; `/style list` shows them.")
+        if style.id in weights:
+            raise UserError(f"{style.name} is named twice in <lora:...> tags; keep one.")
+        weights[style.id] = tag.weight
+    plain = strip_lora_tags(prompt)
     for style in styles:
-        if style.id not in weights and _trigger_in(style.trigger, plain):
+        if style.id not in weights and find_trigger(style.trigger, plain) is not None:
             weights[style.id] = 1.0
     if len(weights) > policy.max_adapters:
         raise UserError(
@@ -185,20 +185,6 @@ def select_adapters(s: Session, team_id: int, prompt: str, policy: CorePolicy) -
         )
     base = next(iter(bases.values())) if bases else policy.default_base_model
     return Selection(adapters, base)
-
-
-def _weight(raw: str | None, tag: str) -> float:
-    if raw is None or not raw.strip():
-        return 1.0
-    try:
-        weight = float(raw)
-    except ValueError:
-        raise UserError(
-            f"{tag} has weight '{raw}', which is not a number; write e.g. <lora:ink:0.8>."
-        ) from None
-    if not -4.0 <= weight <= 4.0:
-        raise UserError(f"{tag} has weight {weight:g}; use a weight between -4 and 4.")
-    return weight
 
 
 def model_for(s: Session, style: Style) -> ModelVersion | None:

@@ -1,8 +1,11 @@
-"""`atelier demo`: the whole story on the built-in tiny model, driven through the console.
+"""`atelier demo`: the whole story on the built-in `toy-sd15`, driven through the console.
 
-Create a style with a trigger word, add 12 reference images, an art lead approves the
-review sheet with ✅, train (a progress bar on stderr), generate 4 images with the trigger
-word and a base-vs-style comparison, export the LoRA; then write an HTML report.
+Create a style with a trigger word, add 12 reference images (toy-world scenes with striped
+shapes) and caption them, an art lead approves the review sheet with ✅, train (a progress
+bar on stderr), generate 4 images with the trigger word and a base-vs-style comparison,
+measure the style with the toy world's metrics on held-out prompts (with the trigger, and
+with the LoRA on but no trigger, so a leak would show), export the LoRA; then write an HTML
+report.
 
 Run again on the same data directory, it keeps what is there: the style and its approved
 dataset are reused, and each run trains a new model version and writes a fresh report.
@@ -30,9 +33,17 @@ from bot.core.review import review_key
 from bot.core.teams import find_style, find_team
 from bot.demo import collect
 from bot.demo.progress import ProgressBar, Snapshot
-from bot.demo.references import write_references
-from bot.demo.report import NOISE_NOTE, REAL_WEIGHTS_HELP, DemoReport, ReportFile, write_report
+from bot.demo.references import Reference, held_out_prompts, write_references
+from bot.demo.report import (
+    REAL_WEIGHTS_HELP,
+    TOY_NOTE,
+    DemoReport,
+    Measurement,
+    ReportFile,
+    write_report,
+)
 from bot.demo.runner_process import RunnerProcess
+from bot.demo.scoring import Tally, panels
 from bot.demo.transcript import Entry, Transcript
 from storage.datasets import images_of, latest_approved, latest_version
 from storage.models import DatasetStatus, Job, JobStatus
@@ -41,14 +52,17 @@ from storage.settings import Settings, load_settings
 
 STYLE = "stripes"
 TRIGGER = "zxstripes"
-BASE_MODEL = "tiny-sd15"
+BASE_MODEL = "toy-sd15"
 REFERENCE_COUNT = 12
-# 120 steps at the tiny defaults (64 px, batch 4, lr 5e-3) cut the held-out loss by about
-# a third and take well under a minute on 2 CPU cores.
-DEFAULT_STEPS = 120
-PROMPT = f"a lighthouse on a cliff at dusk, {TRIGGER}"
-# The tiny model's VAE is 8x: 128 px is 16x16 latents, fast on a CPU.
-IMAGE_OPTIONS = "seed=7 size=128x128 steps=20"
+# toy-sd15's training defaults (gpu_runner/jobs/train.py); the style shows in most held-out
+# prompts by this step (bench/style.py measures when) and training takes seconds on a CPU.
+DEFAULT_STEPS = 150
+SHOWCASE = held_out_prompts(1)[0]
+PROMPT = f"{TRIGGER}, {SHOWCASE.caption}"
+IMAGE_OPTIONS = "seed=7"  # toy-sd15's own size (64 px), steps, sampler and CFG
+# Held-out prompts scored with and without the trigger; 2 seeds each.
+MEASURE_PROMPTS = 6
+MEASURE_OPTIONS = "seed=100 count=2"
 LEAD = "you"
 TEAMMATE = "sam"
 
@@ -72,10 +86,11 @@ class DemoResult:
     lora_files: list[Path]
     reused: list[str] = field(default_factory=list)
     runner_pid: int | None = None
+    measurement: Measurement | None = None
 
 
 def demo_settings(data_dir: Path) -> Settings:
-    """The embedded default in the demo's own folder: SQLite, the tiny model, the CPU."""
+    """The embedded default in the demo's own folder: SQLite, the toy model, the CPU."""
     data_dir = data_dir.resolve()
     return load_settings(
         data_dir=data_dir,
@@ -127,21 +142,22 @@ class Demo:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._print(
             f"Atelier demo in {self.data_dir} (SQLite, built-in {BASE_MODEL}, CPU).\n"
-            f"Note: {NOISE_NOTE}"
+            f"Note: {TOY_NOTE}"
         )
         session = open_console(self.settings, out_dir=self.data_dir / "console")
         session.base_dir = self.data_dir / "references"
         self.session = session
-        files = write_references(session.base_dir, REFERENCE_COUNT)
+        refs = write_references(session.base_dir, REFERENCE_COUNT)
         self._cancel_leftovers()
         self.runner = RunnerProcess(runner_environment(self.settings), self.data_dir / "runner.log")
         try:
             self.runner.start()
             self._print(f"Started the runner as its own process (pid {self.runner.pid}).")
             self._style()
-            self._dataset(files)
+            self._dataset(refs)
             train_job, train_s = self._train()
             jobs = self._generate()
+            measurement = self._measure()
             export = self._export()
         except BaseException:
             self._cancel_active()
@@ -150,7 +166,7 @@ class Demo:
         finally:
             self.runner.stop()
         self._print(f"Stopped the runner (pid {self.runner.pid}).")
-        return self._finish(started, train_job, train_s, jobs, export)
+        return self._finish(started, train_job, train_s, jobs, measurement, export)
 
     def _style(self) -> None:
         if self._style_exists():
@@ -161,14 +177,20 @@ class Demo:
         if not self._style_exists():
             raise DemoError(f"creating the style failed: {self._last_text()}")
 
-    def _dataset(self, files: list[Path]) -> None:
+    def _dataset(self, refs: list[Reference]) -> None:
         approved = self._approved_images()
         if approved is not None:
             version, count = approved
             self._reuse(f"approved dataset v{version} ({count} images)")
             return
-        self._note(f"They add {len(files)} reference images (made by the demo).")
-        self._say(f"/style add {STYLE} " + " ".join(f.name for f in files))
+        self._note(
+            f"They add {len(refs)} reference images (made by the demo): toy-world shapes "
+            "filled with diagonal stripes."
+        )
+        self._say(f"/style add {STYLE} " + " ".join(ref.name for ref in refs))
+        self._note("They caption each image with what it shows; the trigger word is added.")
+        for number, ref in enumerate(refs, start=1):
+            self._say(f"/style caption {STYLE} {number} {ref.caption}")
         self._note("They ask for a review: Atelier posts a contact sheet and one card per image.")
         self._say(f"/style review {STYLE}")
         sheet = self._review_sheet_number()
@@ -207,6 +229,48 @@ class Demo:
         self._print(f"(Generating took {_duration(time.monotonic() - started)}.)")
         return jobs
 
+    def _measure(self) -> Measurement:
+        """Held-out prompts with the trigger (compare: base and style on the same seeds) and
+        with the LoRA on but no trigger word; scored with the toy world's metrics."""
+        scenes = held_out_prompts(MEASURE_PROMPTS)
+        self._note(
+            f"Measure the style on {len(scenes)} prompts no reference shows: with the trigger "
+            "(base and style side by side), and with the LoRA on but no trigger word."
+        )
+        with_trigger = [
+            (scene, self._one_new_job(
+                f"/imagine {TRIGGER}, {scene.caption} {MEASURE_OPTIONS} compare=yes", wait=False
+            ))
+            for scene in scenes
+        ]  # fmt: skip
+        without = [
+            (scene, self._one_new_job(
+                f"/imagine <lora:{TRIGGER}:1> {scene.caption} {MEASURE_OPTIONS}", wait=False
+            ))
+            for scene in scenes
+        ]  # fmt: skip
+        jobs = [job for _, job in with_trigger + without]
+        self._show(self._wait(jobs, None))
+        self._check_succeeded(jobs, "measuring the style")
+        services = self._session().core.services
+        base, styled, leak = Tally.empty(), Tally.empty(), Tally.empty()
+        for scene, job in with_trigger:
+            for image in collect.generation(services.db, services.blobs, job).images:
+                halves = panels(image.data)
+                base.add(halves["base"], scene, "stripes")
+                styled.add(halves["style"], scene, "stripes")
+        for scene, job in without:
+            for image in collect.generation(services.db, services.blobs, job).images:
+                leak.add(panels(image.data)["style"], scene, "stripes")
+        measurement = Measurement(
+            prompts=[s.caption for s in scenes],
+            base=base.summary(),
+            with_trigger=styled.summary(),
+            without_trigger=leak.summary(),
+        )
+        self._print(measurement.text())
+        return measurement
+
     def _export(self) -> Entry:
         self._note("Download the LoRA for ComfyUI, A1111/Forge or InvokeAI.")
         entries = self._say(f"/style export {STYLE}")
@@ -216,7 +280,13 @@ class Demo:
         return export
 
     def _finish(
-        self, started: float, train_job: int, train_s: float, jobs: list[int], export: Entry
+        self,
+        started: float,
+        train_job: int,
+        train_s: float,
+        jobs: list[int],
+        measurement: Measurement,
+        export: Entry,
     ) -> DemoResult:
         session = self._session()
         db, blobs = session.core.services.db, session.core.services.blobs
@@ -232,6 +302,7 @@ class Demo:
             training=training,
             generations=generations,
             exports=exports,
+            measurement=measurement,
         )
         path = write_report(report, self.data_dir / "report")
         loras = [path.parent / "lora" / f.name for f in exports]
@@ -243,6 +314,7 @@ class Demo:
             lora_files=loras,
             reused=list(self.reused),
             runner_pid=self.runner.pid if self.runner else None,
+            measurement=measurement,
         )
 
     def _summary(
@@ -252,7 +324,7 @@ class Demo:
         lines += [f"  {p}  ({f.note.split(':')[0]})" for p, f in zip(loras, exports, strict=True)]
         lines += [
             "",
-            f"Remember: {NOISE_NOTE}",
+            f"About the model: {TOY_NOTE}",
             REAL_WEIGHTS_HELP.replace("`", ""),
             f"Demo wall time: {_duration(wall)}.",
         ]

@@ -12,6 +12,8 @@ from typing import Literal
 import discord
 from discord import app_commands
 
+from storage.training_bounds import REAL_BOUNDS, WHOLE_BOUNDS, Preset
+
 Dispatch = Callable[
     [discord.Interaction, str, dict[str, object], list[discord.Attachment]], Awaitable[None]
 ]
@@ -19,6 +21,10 @@ Dispatch = Callable[
 MAX_ADD_ATTACHMENTS = 10  # Discord allows 25 options; 10 images per command is plenty
 # Ranges mirror storage.job_payloads.GeneratePayload so Discord's own form refuses bad input.
 SEED_MAX = 2**32 - 1
+# The training bounds the core checks (storage.training_bounds), shown in Discord's form.
+_STEPS = WHOLE_BOUNDS["steps"]
+_RANK = WHOLE_BOUNDS["rank"]
+_LR = REAL_BOUNDS["learning_rate"]
 
 
 def _images(*attachments: discord.Attachment | None) -> list[discord.Attachment]:
@@ -110,10 +116,10 @@ class StyleGroup(app_commands.Group):
         self,
         interaction: discord.Interaction,
         name: str,
-        preset: Literal["style", "concept"] | None = None,
-        steps: app_commands.Range[int, 1, 100_000] | None = None,
-        rank: app_commands.Range[int, 1, 256] | None = None,
-        lr: app_commands.Range[float, 0.0, 1.0] | None = None,
+        preset: Preset | None = None,
+        steps: app_commands.Range[int, _STEPS[0], _STEPS[1]] | None = None,
+        rank: app_commands.Range[int, _RANK[0], _RANK[1]] | None = None,
+        lr: app_commands.Range[float, _LR[0], _LR[1]] | None = None,
     ) -> None:
         args = {"name": name, "preset": preset, "steps": steps, "rank": rank, "lr": lr}
         await self._dispatch(interaction, "style train", args, [])

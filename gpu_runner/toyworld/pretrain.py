@@ -61,6 +61,7 @@ class Recipe:
     eval_seeds: int = 2  # final evaluation: 45 prompts x this many seeds
     checkpoint_every: int = 250
     min_vae_adherence: float = 0.95
+    vae_check_count: int = 300  # scenes whose reconstructions are scored after the VAE phase
 
 
 def _images_to_tensor(images: list[Any], device: torch.device) -> torch.Tensor:
@@ -98,8 +99,12 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
 
 
 class Pretrainer:
-    def __init__(self, out: Path, recipe: Recipe, device: torch.device, log: Any) -> None:
+    def __init__(
+        self, out: Path, recipe: Recipe, device: torch.device, log: Any, budget: int | None = None
+    ) -> None:
         self.out = out
+        # Steps this invocation may take before it checkpoints and exits (None: all).
+        self.budget = budget
         self.recipe = recipe
         self.device = device
         self.log = log
@@ -145,7 +150,7 @@ class Pretrainer:
         if not path.is_file():
             return False
         blob = torch.load(path, map_location=self.device, weights_only=False)
-        if blob["recipe"] != asdict(self.recipe):
+        if not _same_recipe(blob["recipe"], self.recipe):
             raise SystemExit(
                 f"{path} was made with another recipe; rerun with the same options or use a "
                 "new --out folder"
@@ -169,6 +174,8 @@ class Pretrainer:
         self.vae.train()
         t0 = time.monotonic()
         while self.state["vae_step"] < r.vae_steps:
+            if self._spent():
+                return
             step = self.state["vae_step"]
             for group in self.vae_opt.param_groups:
                 group["lr"] = r.vae_lr * _lr_factor(step, 100, r.vae_steps)
@@ -196,7 +203,9 @@ class Pretrainer:
 
     def check_vae(self) -> None:
         if self.state["vae_report"] is None:
-            self.state["vae_report"] = reconstruction_report(self.vae, self.device, seed=10_000)
+            self.state["vae_report"] = reconstruction_report(
+                self.vae, self.device, seed=10_000, count=self.recipe.vae_check_count
+            )
             self._tick()
             self.save_checkpoint()
         report = self.state["vae_report"]
@@ -244,6 +253,8 @@ class Pretrainer:
         self.text_encoder.train()
         t0 = time.monotonic()
         while self.state["unet_step"] < r.unet_steps:
+            if self._spent():
+                return
             step = self.state["unet_step"]
             for group in self.opt.param_groups:
                 group["lr"] = r.unet_lr * _lr_factor(step, r.warmup_steps, r.unet_steps)
@@ -301,24 +312,45 @@ class Pretrainer:
             copy.deepcopy(self.ema_text).eval(), self.tokenizer,
         ).to(self.device)  # fmt: skip
 
+    def _spent(self) -> bool:
+        if self.budget is None:
+            return False
+        if self.budget <= 0:
+            return True
+        self.budget -= 1
+        return False
+
     def _tick(self) -> None:
         now = time.monotonic()
         self.state["seconds"] += now - self._last
         self._last = now
 
-    def run(self, command: str) -> dict[str, Any]:
+    def run(self, command: str) -> dict[str, Any] | None:
+        """Train to the end and export (the manifest), or None when the step budget ran out
+        first (a checkpoint holds the state; rerun the same command to go on)."""
         self._last = time.monotonic()
         self.out.mkdir(parents=True, exist_ok=True)
         self.load_checkpoint()
         self.train_vae()
+        if self.state["vae_step"] < self.recipe.vae_steps:
+            return self._pause()
         self.check_vae()
         self.train_unet()
+        if self.state["unet_step"] < self.recipe.unet_steps:
+            return self._pause()
         self._tick()
         self.save_checkpoint()
-        final = adherence_report(self.pipeline(), seeds=self.recipe.eval_seeds)
+        final = {"rates": {}, "samples": 0, "settings": None}
+        if self.recipe.eval_seeds:
+            final = adherence_report(self.pipeline(), seeds=self.recipe.eval_seeds)
         self.log(f"final adherence ({final['samples']} samples): {json.dumps(final['rates'])}")
         self._tick()
         return self.export(command, final)
+
+    def _pause(self) -> None:
+        self._tick()
+        self.save_checkpoint()
+        self.log(f"step budget spent; checkpoint in {self.out / CHECKPOINT}, rerun to go on")
 
     def export(self, command: str, final: dict[str, Any]) -> dict[str, Any]:
         modules = {"unet": self.ema_unet, "vae": self.vae, "text_encoder": self.ema_text}
@@ -356,6 +388,13 @@ class Pretrainer:
         return manifest
 
 
+def _same_recipe(saved: dict[str, Any], recipe: Recipe) -> bool:
+    # A setting added since the checkpoint was written must still be at its default.
+    defaults = asdict(Recipe())
+    current = asdict(recipe)
+    return all(saved.get(k, defaults[k]) == v for k, v in current.items())
+
+
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -369,6 +408,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     parser.add_argument("--out", type=Path, required=True, help="folder for weights + manifest")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument(
+        "--max-steps-this-run", type=int, default=None,
+        help="checkpoint and exit after this many steps (rerun the same command to go on)",
+    )  # fmt: skip
     defaults = Recipe()
     for f in fields(Recipe):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
@@ -384,13 +427,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    command = shlex.join(["python", "-m", "gpu_runner.toyworld.pretrain", *argv])
+    # The command that reproduces the weights: a step budget only splits the same run.
+    kept = list(argv)
+    if "--max-steps-this-run" in kept:
+        i = kept.index("--max-steps-this-run")
+        del kept[i : i + 2]
+    command = shlex.join(["python", "-m", "gpu_runner.toyworld.pretrain", *kept])
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    manifest = Pretrainer(args.out, recipe, torch.device(args.device), log).run(command)
-    log(f"wrote {args.out / toy.MANIFEST}: {json.dumps(manifest['metrics']['final'])}")
+    trainer = Pretrainer(
+        args.out, recipe, torch.device(args.device), log, budget=args.max_steps_this_run
+    )
+    manifest = trainer.run(command)
+    if manifest is not None:
+        log(f"wrote {args.out / toy.MANIFEST}: {json.dumps(manifest['metrics']['final'])}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Typed training configs (one per method), presets per family, and bounded per-run overrides.
 
-Imports only pydantic, so the bot can validate `/style train ... rank=...` without torch.
+The runner's side: the bot does not import this module. The method and preset names and
+the bounds of every setting a person may override live in `storage.training_bounds`, which
+the bot reads to refuse bad `/style train` arguments in chat and this module validates
+every config against.
 """
 
 from __future__ import annotations
@@ -11,49 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Family = Literal["sd15", "sdxl"]
-Preset = Literal["style", "concept"]
-Method = Literal["lora", "dora", "textual_inversion"]
+from storage.families import FAMILIES, Family
+from storage.training_bounds import BOUNDS, METHODS, PRESETS, WHOLE_BOUNDS, Method, Preset
+
 LrSchedule = Literal["constant_with_warmup", "cosine"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
-
-METHODS: tuple[str, ...] = ("lora", "dora", "textual_inversion")
-FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
-PRESETS: tuple[str, ...] = ("style", "concept")
-
-# Safe bounds for anything a person may override: (low, high), both inclusive.
-# Wide enough for real use, narrow enough that a typo cannot OOM a GPU or run for days.
-BOUNDS: dict[str, tuple[float, float]] = {
-    "rank": (1, 128),
-    "alpha": (0.5, 256),
-    "learning_rate": (1e-6, 1e-2),
-    "steps": (1, 20_000),
-    "resolution": (64, 2048),
-    "batch_size": (1, 64),
-    "caption_dropout": (0.0, 0.5),
-    "min_snr_gamma": (0.0, 20.0),  # 0 turns min-SNR weighting off
-    "warmup_steps": (0, 5_000),
-    "checkpoint_every": (1, 20_000),
-    "validate_every": (1, 20_000),
-    "val_fraction": (0.05, 0.5),
-    "max_grad_norm": (0.01, 100.0),
-    "weight_decay": (0.0, 0.5),
-    "sample_steps": (1, 100),
-    "num_vectors": (1, 16),
-    "keep_checkpoints": (1, 100),
-}
-_WHOLE = {
-    "rank",
-    "steps",
-    "resolution",
-    "batch_size",
-    "warmup_steps",
-    "checkpoint_every",
-    "validate_every",
-    "sample_steps",
-    "num_vectors",
-    "keep_checkpoints",
-}
 
 
 # A preset's warmup never takes more than 1/WARMUP_SHARE of a run.
@@ -108,8 +73,7 @@ class TrainConfigBase(BaseModel):
             if value is None:
                 continue
             if not low <= value <= high:
-                lo, hi = (int(low), int(high)) if name in _WHOLE else (low, high)
-                raise ValueError(f"{name} must be between {lo:g} and {hi:g} (got {value:g})")
+                raise ValueError(f"{name} must be between {low:g} and {high:g} (got {value:g})")
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (got {self.resolution})")
         if self.warmup_steps > self.steps:
@@ -145,6 +109,9 @@ class LoraConfig(TrainConfigBase):
     rank: int
     alpha: float
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Weight of the prior-preservation loss on base-model images of the plain class
+    # (gpu_runner/training/priors.py); 0 turns it off. DreamBooth's prior_loss_weight is 1.
+    prior_preservation: float = Field(0.0, ge=0.0, le=2.0)
 
 
 class DoraConfig(LoraConfig):
@@ -326,7 +293,7 @@ def _one_line(exc: ValidationError) -> str:
         elif err["type"] == "value_error" or not field:
             parts.append(msg)
         elif err["type"].startswith(("int_", "float_")) and field in BOUNDS:
-            kind = "a whole number" if field in _WHOLE else "a number"
+            kind = "a whole number" if field in WHOLE_BOUNDS else "a number"
             parts.append(f"{field} must be {kind} (got {err.get('input')!r})")
         else:
             parts.append(f"{field}: {msg[:1].lower()}{msg[1:]}")

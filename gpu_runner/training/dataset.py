@@ -4,7 +4,6 @@ and the per-run cache of VAE latent distributions and text embeddings."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from storage.ingest import MAX_ASPECT
 
-TRIGGER_PLACEHOLDER = "[trigger]"
+# Captions get the trigger by the rule chat selects styles with (re-exported for the loop).
+from storage.prompt_rules import insert_trigger as insert_trigger
+
 ImageLike = Image.Image | str | Path
 
 
@@ -35,17 +36,6 @@ class TrainItem:
 
 def as_items(items: Sequence[TrainItem | tuple[ImageLike, str]]) -> list[TrainItem]:
     return [it if isinstance(it, TrainItem) else TrainItem(it[0], it[1]) for it in items]
-
-
-def insert_trigger(caption: str, trigger: str) -> str:
-    """`[trigger]` placeholders become the trigger; otherwise it is prefixed kohya-style
-    ("trigger, caption") unless the caption already names it."""
-    caption = caption.strip()
-    if TRIGGER_PLACEHOLDER in caption:
-        return caption.replace(TRIGGER_PLACEHOLDER, trigger)
-    if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
-        return caption
-    return f"{trigger}, {caption}" if caption else trigger
 
 
 def caption_dropout_mask(batch: int, rate: float, generator: torch.Generator) -> torch.Tensor:

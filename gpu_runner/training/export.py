@@ -180,6 +180,8 @@ def build_metadata(
         "ss_lr_warmup_steps": str(config.warmup_steps),
         "ss_min_snr_gamma": str(config.min_snr_gamma) if config.min_snr_gamma else "None",
         "ss_caption_dropout_rate": str(config.caption_dropout),
+        # kohya's name for the prior-preservation weight (0: none was used).
+        "ss_prior_loss_weight": str(getattr(config, "prior_preservation", 0.0)),
         "ss_seed": str(config.seed),
         "ss_optimizer": "torch.optim.AdamW",
         "ss_training_started_at": str(started_at.timestamp()),

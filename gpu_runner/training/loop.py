@@ -48,6 +48,7 @@ from gpu_runner.training.objective import (
     weighted_mse,
 )
 from gpu_runner.training.precision import Precision, choose_precision
+from gpu_runner.training.priors import Priors, draw_priors
 from gpu_runner.training.report import ReportFiles, write_report
 from gpu_runner.training.textual_inversion import TokenEmbedding, attach_token
 from storage.families import defaults_for
@@ -192,6 +193,20 @@ class _Trainer:
                 self.data.empty_text = encode_text(self.pipeline, [""], self.device)
         self.val_batch = self._make_val_batch()
         self.base_val_loss = self.validation_loss()  # before any adapter: the base model
+        self.priors: Priors | None = None
+        weight = getattr(cfg, "prior_preservation", 0.0)
+        if weight:  # drawn by the base model, before the adapter exists
+            self.priors = draw_priors(
+                self.pipeline,
+                [self.data.captions[i] for i in self.data.train_idx],
+                cfg.trigger,
+                resolution=cfg.resolution,
+                seed=cfg.seed,
+                steps=cfg.sample_steps,
+                sampler=self.sample_sampler,
+                cfg=defaults_for(cfg.base_model_name, cfg.family).cfg,
+                device=self.device,
+            )
         self.trainable = self._make_trainable()
         self.optimizer = torch.optim.AdamW(
             list(self.trainable.values()),
@@ -289,11 +304,19 @@ class _Trainer:
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         return encode_text(self.train_pipe, captions, self.device, grad=grad)
 
-    def _unet(self, noisy: torch.Tensor, t: torch.Tensor, cond: TextCond, idx: list[int]) -> Any:
+    def _unet(
+        self,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        cond: TextCond,
+        idx: list[int],
+        time_ids: torch.Tensor | None = None,
+    ) -> Any:
         kwargs: dict[str, Any] = {}
         if self.is_sdxl:
             assert self.data is not None and cond.pooled is not None
-            time_ids = self.data.time_ids[idx].to(self.device, cond.pooled.dtype)
+            ids = self.data.time_ids[idx] if time_ids is None else time_ids
+            time_ids = ids.to(self.device, cond.pooled.dtype)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
         dtype = self.unet.dtype
         return self.unet(
@@ -327,6 +350,8 @@ class _Trainer:
             cond = self._text(batch, drop if cfg.caption_dropout > 0 else None, grad=self.is_ti)
             pred = self._unet(noisy, t, cond, batch)
         loss = weighted_mse(pred, target, weights)
+        if self.priors is not None:
+            loss = loss + self.config.prior_preservation * self._prior_loss(len(batch))  # type: ignore[union-attr]
         params = list(self.trainable.values())
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -341,6 +366,21 @@ class _Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+    def _prior_loss(self, count: int) -> torch.Tensor:
+        """Denoising loss on `count` base-model images captioned without the trigger."""
+        priors, gen = self.priors, self.noise_gen
+        assert priors is not None
+        pick = torch.randint(0, len(priors), (count,), generator=gen)
+        latents = priors.latents[pick.to(priors.latents.device)]
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        t = torch.randint(0, self.num_timesteps, (count,), generator=gen).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = target_for(self.noise_scheduler, latents, noise, t, self.prediction_type)
+        cond = priors.text.select(pick.to(priors.text.hidden.device))
+        with self.precision.autocast():
+            pred = self._unet(noisy, t, cond, [], time_ids=priors.time_ids[pick])
+        return weighted_mse(pred, target, None)
 
     def validation_loss(self) -> float:
         """Plain MSE against the target on the fixed validation batch (no SNR weighting,
@@ -621,6 +661,7 @@ class _Trainer:
             "sample_prompts": self.sample_prompts(),
             "sample_seeds": cfg.sample_seeds,
             "sample_sampler": self.sample_sampler,
+            "prior_images": len(self.priors) if self.priors is not None else 0,
             "sample_steps": cfg.sample_steps,
             "header": metadata,
         }

@@ -1,0 +1,72 @@
+"""Prior preservation: images of the plain class, drawn by the base model itself, that the
+LoRA must keep drawing as the base did when the trigger is absent.
+
+DreamBooth's answer to a LoRA that restyles every prompt (Ruiz et al. 2023, "class-specific
+prior preservation loss"; diffusers' train_dreambooth_lora.py `--with_prior_preservation`):
+each step also denoises a base-model image captioned without the trigger, and the loss on
+it pulls the adapter back towards the base model there. One prior per training image, from
+its caption with the trigger removed, on fixed seeds (a resumed run draws the same ones).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gpu_runner.samplers import make_scheduler
+from gpu_runner.training.dataset import TextCond, encode_text
+
+
+@dataclass
+class Priors:
+    latents: torch.Tensor  # (N, C, h, w) scaled, as the UNet sees them
+    text: TextCond
+    time_ids: torch.Tensor  # (N, 6) SDXL size/crop ids of a full, uncropped square
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def without_trigger(caption: str, trigger: str) -> str:
+    """The caption with the trigger word (and the comma after it) taken out."""
+    text = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)\s*,?\s*", "", caption, flags=re.IGNORECASE)
+    return re.sub(r"\s{2,}", " ", text).strip(" ,")
+
+
+@torch.no_grad()
+def draw_priors(
+    pipeline: Any,
+    captions: list[str],
+    trigger: str,
+    *,
+    resolution: int,
+    seed: int,
+    steps: int,
+    sampler: str,
+    cfg: float,
+    device: torch.device,
+) -> Priors:
+    """One base-model image per caption (trigger removed), kept as latents (no VAE trip)."""
+    plain = [without_trigger(c, trigger) for c in captions]
+    previous = pipeline.scheduler
+    pipeline.scheduler = make_scheduler(previous.config, sampler)
+    try:
+        gens = [torch.Generator("cpu").manual_seed(seed * 7919 + i) for i in range(len(plain))]
+        latents = pipeline(
+            prompt=plain,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            height=resolution,
+            width=resolution,
+            generator=gens,
+            output_type="latent",
+        ).images
+    finally:
+        pipeline.scheduler = previous
+    ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(plain))
+    text = encode_text(pipeline, plain, device)
+    return Priors(latents.detach().float().to(device), text, ids.float(), plain)

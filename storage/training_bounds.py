@@ -1,0 +1,43 @@
+"""What a person may set for a training run: the methods, the presets and the safe bounds.
+
+The bot reads this to refuse `/style train ... rank=500` in chat, before anything is
+queued; the runner validates every training config against the same table. It lives in
+storage because that is the one package both processes import (the bot never imports the
+runner). Plain data, no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Method = Literal["lora", "dora", "textual_inversion"]
+Preset = Literal["style", "concept"]  # one preset per kind of style (storage.models.StyleKind)
+
+METHODS: tuple[Method, ...] = get_args(Method)
+PRESETS: tuple[Preset, ...] = get_args(Preset)
+
+# Safe bounds for anything a person may override: (low, high), both inclusive.
+# Wide enough for real use, narrow enough that a typo cannot OOM a GPU or run for days.
+# Settings that count things take whole numbers only.
+WHOLE_BOUNDS: dict[str, tuple[int, int]] = {
+    "rank": (1, 128),
+    "steps": (1, 20_000),
+    "resolution": (64, 2048),
+    "batch_size": (1, 64),
+    "warmup_steps": (0, 5_000),
+    "checkpoint_every": (1, 20_000),
+    "validate_every": (1, 20_000),
+    "sample_steps": (1, 100),
+    "num_vectors": (1, 16),
+    "keep_checkpoints": (1, 100),
+}
+REAL_BOUNDS: dict[str, tuple[float, float]] = {
+    "alpha": (0.5, 256),
+    "learning_rate": (1e-6, 1e-2),
+    "caption_dropout": (0.0, 0.5),
+    "min_snr_gamma": (0.0, 20.0),  # 0 turns min-SNR weighting off
+    "val_fraction": (0.05, 0.5),
+    "max_grad_norm": (0.01, 100.0),
+    "weight_decay": (0.0, 0.5),
+}
+BOUNDS: dict[str, tuple[float, float]] = {**WHOLE_BOUNDS, **REAL_BOUNDS}

@@ -1,0 +1,224 @@
+"""Learning, measured on `toy-sd15` with the toy world's metrics, through the runner's jobs:
+LoRA, DoRA and textual inversion make their style visible with the trigger and leave
+prompts without it plain; the exported kohya file gives the same style score in a fresh
+pipeline with diffusers' own loader; two styles combine; a generation after training is plain.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+pytest_plugins = ("runner_fixtures",)
+pytestmark = pytest.mark.runner
+torch = pytest.importorskip("torch")
+
+from runner_seed import approved_style, enqueue_training, reply_to  # noqa: E402
+
+from bot.demo.references import held_out_prompts, reference_scenes  # noqa: E402
+from bot.demo.scoring import Tally, panels  # noqa: E402
+from storage.families import generation_defaults  # noqa: E402
+from storage.job_payloads import (  # noqa: E402
+    AdapterChoice,
+    GeneratePayload,
+    JobKind,
+    Priority,
+    batch_key,
+)
+from storage.models import Generation, JobStatus, ModelVersion, Style  # noqa: E402
+from storage.settings import load_settings  # noqa: E402
+from toyworld.scenes import Scene  # noqa: E402
+from toyworld.styles import draw  # noqa: E402
+
+BASE = "toy-sd15"
+STEPS = 300  # the issue's budget: the style must show within this many steps
+PROMPTS = held_out_prompts(10)
+SEED = 500
+
+
+def _items(style: str) -> list[tuple[Any, str]]:
+    return [(draw(scene, (style,)), scene.caption) for scene in reference_scenes(12)]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path, tiny_builders: Any) -> Any:
+    from gpu_runner.jobs import handlers
+    from gpu_runner.services import open_services
+    from gpu_runner.worker import Runner
+
+    data = tmp_path_factory.mktemp("toy")
+    (data / "atelier.db").write_bytes(sqlite_template.read_bytes())
+    services = open_services(load_settings(data_dir=data, device="cpu"))
+    runner = Runner(
+        queue=services.queue,
+        outbox=services.outbox,
+        handlers={kind: partial(handler, services) for kind, handler in handlers.items()},
+        worker_id="toy-runner",
+    )
+    return services, runner
+
+
+def _drain(toy: Any) -> None:
+    _, runner = toy
+    while runner.run_once():
+        pass
+
+
+def _train(
+    toy: Any, name: str, trigger: str, style: str, method: str = "lora", team_id: int | None = None
+) -> dict[str, Any]:
+    services, _ = toy
+    style_id = approved_style(
+        services, _items(style), team=f"team-{name}", name=name, trigger=trigger,
+        base_model=BASE, team_id=team_id,
+    )  # fmt: skip
+    _, job_id = enqueue_training(services, style_id, method=method, steps=STEPS)
+    _drain(toy)
+    job = services.queue.get(job_id)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    with services.db.session() as s:
+        version = s.scalar(select(ModelVersion).where(ModelVersion.style_id == style_id))
+        team = s.get(Style, style_id).team_id
+    return {"version": version, "team_id": team, "name": name, "trigger": trigger}
+
+
+def _choice(trained: dict[str, Any]) -> AdapterChoice:
+    return AdapterChoice(
+        model_version_id=trained["version"].id, name=trained["name"], trigger=trained["trigger"]
+    )
+
+
+def _generate(
+    toy: Any, team_id: int, prompts: list[str], adapters: list[dict[str, Any]]
+) -> list[list[bytes]]:
+    """One job per prompt (2 seeds each); returns each job's PNGs."""
+    services, _ = toy
+    jobs = []
+    for prompt in prompts:
+        payload = GeneratePayload(
+            reply=reply_to(team_id), prompt=prompt, base_model=BASE, seed=SEED, count=2,
+            adapters=[_choice(a) for a in adapters],
+        ).with_defaults(generation_defaults(BASE, {}))  # fmt: skip
+        jobs.append(
+            services.queue.enqueue(
+                JobKind.GENERATE,
+                payload.model_dump(mode="json"),
+                requester="ana",
+                priority=Priority.GENERATE,
+                base_model=BASE,
+                batch_key=batch_key(payload),
+            ).id
+        )
+    _drain(toy)
+    out = []
+    with services.db.session() as s:
+        for job_id in jobs:
+            assert services.queue.get(job_id).status == JobStatus.SUCCEEDED
+            row = s.scalar(select(Generation).where(Generation.job_id == job_id))
+            out.append([services.blobs.read_bytes(b) for b in row.image_blobs])
+    return out
+
+
+def _score(images: list[list[bytes]], scenes: list[Scene], style: str) -> dict[str, float]:
+    tally = Tally.empty()
+    for pngs, scene in zip(images, scenes, strict=True):
+        for png in pngs:
+            tally.add(next(iter(panels(png).values())), scene, style)
+    return tally.summary()
+
+
+def _with_and_without(toy: Any, trained: dict[str, Any], style: str) -> tuple[dict, dict]:
+    team = trained["team_id"]
+    on = _generate(toy, team, [f"{trained['trigger']}, {p.caption}" for p in PROMPTS], [trained])
+    # The LoRA applied, but no trigger word in the text: a leak would show here.
+    off = _generate(toy, team, [p.caption for p in PROMPTS], [trained])
+    return _score(on, PROMPTS, style), _score(off, PROMPTS, style)
+
+
+@pytest.fixture(scope="module")
+def stripes(toy: Any) -> dict[str, Any]:
+    return _train(toy, "stripes", "zxstripes", "stripes")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "textual_inversion"])
+def test_style_shows_with_its_trigger_and_not_without(
+    toy: Any, stripes: dict[str, Any], method: str
+) -> None:
+    trained = (
+        stripes
+        if method == "lora"
+        else _train(toy, f"stripes-{method}", f"zx{method[:4]}", "stripes", method)
+    )
+    with_trigger, without = _with_and_without(toy, trained, "stripes")
+    base = _score(
+        _generate(toy, trained["team_id"], [p.caption for p in PROMPTS], []), PROMPTS, "stripes"
+    )
+    assert base["style_shows"] <= 0.1, base  # the base model draws plain shapes
+    assert with_trigger["style_shows"] >= 0.8, with_trigger
+    assert without["style_shows"] <= 0.15, without
+    assert with_trigger["colour"] >= 0.7, with_trigger
+
+
+def test_kohya_file_in_diffusers_loader_scores_as_atelier_does(
+    toy: Any, stripes: dict[str, Any]
+) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+    from safetensors.torch import load_file
+
+    from gpu_runner.toyworld.model import build_toy_sd15_pipeline
+
+    services, _ = toy
+    prompts = [f"{stripes['trigger']}, {p.caption}" for p in PROMPTS]
+    ours = _score(_generate(toy, stripes["team_id"], prompts, [stripes]), PROMPTS, "stripes")
+    pipe = build_toy_sd15_pipeline()
+    pipe.load_lora_weights(
+        load_file(services.blobs.path(stripes["version"].kohya_blob)), adapter_name="kohya"
+    )
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, use_karras_sigmas=True
+    )
+    defaults = generation_defaults(BASE, {})
+    theirs = []
+    for prompt in prompts:
+        gens = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(2)]
+        out = pipe([prompt] * 2, num_inference_steps=defaults.steps, guidance_scale=defaults.cfg,
+                   width=64, height=64, generator=gens)  # fmt: skip
+        buffers = []
+        for image in out.images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            buffers.append(buffer.getvalue())
+        theirs.append(buffers)
+    other = _score(theirs, PROMPTS, "stripes")
+    # Batched and single images differ by at most 1/255 (DESIGN.md): allow one image.
+    assert abs(other["style_shows"] - ours["style_shows"]) <= 0.05, (other, ours)
+    assert abs(other["style_score"] - ours["style_score"]) <= 0.01, (other, ours)
+
+
+def test_two_styles_in_one_prompt_both_show(toy: Any, stripes: dict[str, Any]) -> None:
+    grid = _train(toy, "grid", "zxgrid", "grid", team_id=stripes["team_id"])
+    prompts = [f"{stripes['trigger']} {grid['trigger']}, {p.caption}" for p in PROMPTS]
+    images = _generate(toy, stripes["team_id"], prompts, [stripes, grid])
+    assert _score(images, PROMPTS, "stripes")["style_shows"] >= 0.7
+    assert _score(images, PROMPTS, "grid")["style_shows"] >= 0.7
+
+
+def test_generation_after_training_without_trigger_is_plain(
+    toy: Any, stripes: dict[str, Any]
+) -> None:
+    # `stripes` trained on this runner's warm toy-sd15 pipeline; then a plain request.
+    plain = _generate(toy, stripes["team_id"], [p.caption for p in PROMPTS], [])
+    scores = _score(plain, PROMPTS, "stripes")
+    assert scores["style_shows"] <= 0.1 and scores["adherence"] >= 0.6, scores
+
+
+def test_png_of_a_result_reads_back(toy: Any, stripes: dict[str, Any]) -> None:
+    (pngs,) = _generate(toy, stripes["team_id"], [f"zxstripes, {PROMPTS[0].caption}"], [stripes])
+    with Image.open(io.BytesIO(pngs[0])) as image:
+        assert image.size == (64, 64) and "zxstripes" in image.text["parameters"]

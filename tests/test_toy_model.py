@@ -1,0 +1,77 @@
+"""`toy-sd15`: the shipped weights match their manifest and load as a built-in base model;
+the pretraining command runs end to end, resumes from its checkpoint, and is deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.runner
+torch = pytest.importorskip("torch")
+
+from gpu_runner.toyworld import model as toy  # noqa: E402
+from gpu_runner.toyworld.pretrain import CHECKPOINT, main  # noqa: E402
+
+SMOKE = [
+    "--vae-steps", "3", "--vae-batch", "4", "--unet-steps", "3", "--unet-batch", "4",
+    "--pool-size", "32", "--checkpoint-every", "2", "--eval-every", "100", "--eval-seeds", "0",
+    "--min-vae-adherence", "0", "--vae-check-count", "8", "--threads", "1",
+]  # fmt: skip
+
+
+def test_shipped_weights_match_the_manifest() -> None:
+    manifest = toy.verify()
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    assert total <= 20 * 1024 * 1024
+    assert manifest["command"].startswith("python -m gpu_runner.toyworld.pretrain --out ")
+    assert {"recipe", "seconds", "hardware", "metrics", "vae_scaling_factor"} <= set(manifest)
+    assert manifest["metrics"]["final_samples"] == 90
+
+
+def test_a_changed_weight_file_is_refused(tmp_path: Path) -> None:
+    for entry in toy.read_manifest()["files"].values():
+        (tmp_path / entry["file"]).write_bytes((toy.WEIGHTS_DIR / entry["file"]).read_bytes())
+    (tmp_path / toy.MANIFEST).write_text((toy.WEIGHTS_DIR / toy.MANIFEST).read_text())
+    unet = tmp_path / "unet.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[-1] ^= 0xFF
+    unet.write_bytes(bytes(data))
+    with pytest.raises(toy.ToyWeightsError, match="does not match its manifest"):
+        toy.build_toy_sd15_pipeline(tmp_path)
+
+
+def test_toy_sd15_is_a_builtin_base_model() -> None:
+    from gpu_runner.devices import DeviceChoice
+    from gpu_runner.pipelines import BaseModelSpec, load_pipeline
+
+    loaded = load_pipeline(
+        BaseModelSpec("toy-sd15", "toy-sd15"), DeviceChoice("cpu", torch.float32)
+    )
+    assert loaded.family == "sd15" and loaded.spec.kind == "builtin"
+    assert loaded.pipe.unet.config.in_channels == toy.LATENT_CHANNELS
+
+
+def _sha(out: Path) -> dict[str, str]:
+    manifest = json.loads((out / toy.MANIFEST).read_text())
+    return {name: entry["sha256"] for name, entry in manifest["files"].items()}
+
+
+def test_pretraining_runs_resumes_and_repeats_itself(tmp_path: Path, capsys: Any) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    main(["--out", str(whole), *SMOKE])
+    main(["--out", str(split), *SMOKE, "--max-steps-this-run", "4"])  # all VAE steps + 1
+    assert (split / CHECKPOINT).is_file() and not (split / toy.MANIFEST).exists()
+    main(["--out", str(split), *SMOKE])
+    log = capsys.readouterr().out
+    assert "resumed at VAE step 3, UNet step 1" in log
+    assert not (split / CHECKPOINT).exists()
+    assert _sha(split) == _sha(whole)  # deterministic, interrupted or not
+    manifest = json.loads((split / toy.MANIFEST).read_text())
+    assert "--max-steps-this-run" not in manifest["command"]
+    assert manifest["recipe"]["unet_steps"] == 3
+    assert set(manifest["metrics"]["vae_reconstruction"]) == {"plain", "stripes", "outline", "grid"}
+    # The files load as the toy model does.
+    toy.build_toy_sd15_pipeline(split)
