@@ -45,12 +45,15 @@ def items() -> list[tuple[Any, str]]:
     return [(draw(s, (STYLE,)), s.caption) for s in reference_scenes(12)]
 
 
+OVERRIDES: dict[str, Any] = {}  # from the command line (--lr, --prior)
+
+
 def settings(steps: int) -> dict[str, Any]:
     # toy-sd15's training defaults (gpu_runner/jobs/train.py) with only the run length set.
     from gpu_runner.jobs.train import BUILTIN_TRAINING
 
     base = dict(BUILTIN_TRAINING["toy-sd15"])
-    base.update(steps=steps, sample_seeds=[1])
+    base.update(steps=steps, sample_seeds=[1], **OVERRIDES)
     return base
 
 
@@ -163,11 +166,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=None, help="override the learning rate")
+    parser.add_argument("--prior", type=float, default=None, help="prior-preservation weight")
+    parser.add_argument("--atelier-only", action="store_true", help="skip the plain loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.lr is not None:
+        OVERRIDES["learning_rate"] = args.lr
+    if args.prior is not None:
+        OVERRIDES["prior_preservation"] = args.prior
     runs: dict[str, Callable[[int, int], tuple[list, float]]] = {
         "atelier": atelier, "plain loop (no cache)": plain_loop,
     }  # fmt: skip
+    if args.atelier_only:
+        del runs["plain loop (no cache)"]
     results = {}
     for name, fn in runs.items():
         curve, seconds = fn(args.steps, args.every)
@@ -184,6 +196,8 @@ def main() -> None:
         when = f"step {n}, {t:.1f} s" if n is not None else f"not within {args.steps} steps"
         print(f"  {name:24s} {when}; final: shows {final['shows']:.0%}, leak "
               f"{final['leak']:.0%}, colour {final['colour']:.0%}")  # fmt: skip
+    if args.atelier_only:
+        return
     (na, ta), (nb, tb) = reach["atelier"], reach["plain loop (no cache)"]
     if ta and tb:
         print(f"  seconds ratio plain/atelier: {tb / ta:.2f}x (steps {nb}/{na})")

@@ -17,6 +17,21 @@ class FileTooLarge(Exception):
     """Raised by `IncomingFile.read` when the file is bigger than the limit asked for."""
 
 
+class FileUnavailable(Exception):
+    """Raised by `IncomingFile.read` when the platform will not or cannot hand the file over
+    (a link off its file servers, a missing permission, an expired link, no network).
+
+    `reason` is what the person reads after the file's name: why, and what to do about it.
+    It leaves the name out so that the core shows the name in its own safe form (a file
+    name is anyone's text: newlines, bidi overrides).
+    """
+
+    def __init__(self, filename: str, reason: str) -> None:
+        super().__init__(f"{filename}: {reason}")
+        self.filename = filename
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class TeamRef:
     """A Discord guild or a Slack workspace (or the console's single team)."""
@@ -40,7 +55,8 @@ class IncomingFile:
     """An attachment, downloaded only when the core decides to take it.
 
     `read(limit)` returns the bytes, or raises FileTooLarge past `limit` bytes (the adapter
-    must stop downloading there). `size` is the platform's declared size, if any.
+    must stop downloading there), or FileUnavailable saying why it cannot. `size` is the
+    platform's declared size, if any.
     """
 
     filename: str

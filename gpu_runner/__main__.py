@@ -1,4 +1,9 @@
-"""`atelier runner` (python -m gpu_runner): claim and run jobs on this machine's GPU."""
+"""`atelier runner` (python -m gpu_runner): claim and run jobs on this machine's GPU.
+
+SIGTERM (docker stop, systemd) or Ctrl-C stops it gracefully: the job at hand stops after
+its current step (a training writes a checkpoint first), goes straight back to the queue,
+and the runner exits. A second signal ends it at once.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,55 @@ import sys
 import threading
 from collections.abc import Sequence
 from functools import partial
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from storage.db import SchemaOutOfDate
 from storage.job_payloads import JobKind
 from storage.settings import ConfigError, load_settings
 from storage.work_signal import open_work_signal
 
+if TYPE_CHECKING:
+    from gpu_runner.services import RunnerServices
+    from gpu_runner.worker import Runner
+
 log = logging.getLogger("gpu_runner")
+
+
+def build_runner(
+    services: RunnerServices,
+    kinds: Sequence[str],
+    worker_id: str,
+    stopping: threading.Event | None = None,
+) -> Runner:
+    """The runner for these services; it reads the device's free memory at each claim."""
+    from gpu_runner.jobs import handlers
+    from gpu_runner.worker import Runner
+
+    return Runner(
+        queue=services.queue,
+        outbox=services.outbox,
+        handlers={kind: partial(handlers[kind], services) for kind in kinds},
+        worker_id=worker_id,
+        base_models=services.models.names(),
+        memory_mb=lambda: services.memory_mb,
+        stopping=stopping,
+    )
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT set `stop`; a second one of either exits at once (default action)."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        log.info("%s: stopping after the current step", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,11 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    stop = threading.Event()
+    stop_on_signals(stop)  # first, so a stop while models load is not lost
     try:
         settings = load_settings()
-        from gpu_runner.jobs import handlers
         from gpu_runner.services import open_services
-        from gpu_runner.worker import Runner
 
         services = open_services(settings, device=args.device)
     except (ConfigError, SchemaOutOfDate, ValueError) as exc:
@@ -48,22 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"unknown job kind(s) {', '.join(sorted(unknown))}; use {', '.join(JobKind)}")
         return 2
-    runner = Runner(
-        queue=services.queue,
-        outbox=services.outbox,
-        handlers={kind: partial(handlers[kind], services) for kind in kinds},
-        worker_id=args.id,
-        base_models=services.models.names(),
-        memory_mb=services.memory_mb,
-    )
+    runner = build_runner(services, kinds, args.id, stopping=stop)
     log.info("runner %s on %s (%s)", args.id, services.device.device, services.device.dtype)
     if args.until_idle:
         while runner.run_once():
             pass
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     work = open_work_signal(services.db)
     try:
         runner.run_forever(work, stop)

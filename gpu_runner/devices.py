@@ -176,8 +176,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def release_cached_memory(choice: DeviceChoice) -> None:
     """Give freed blocks back to the driver (after eviction or an OOM)."""
     if choice.kind == "cuda":
-        # empty_cache() acts on the current device: make sure that is ours (a library may
-        # have switched it) rather than clearing GPU 0.
+        # Ours must be the current device while torch frees: a library may have switched
+        # it, and whatever runs on the current device would open a context on GPU 0.
         index = cuda_index(choice)
         if torch.cuda.current_device() != index:
             torch.cuda.set_device(index)

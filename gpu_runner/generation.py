@@ -25,10 +25,8 @@ from safetensors.torch import load_file
 from gpu_runner.devices import DeviceError, is_out_of_memory, release_cached_memory
 from gpu_runner.lora_import import (
     FAMILY_LABELS,
-    LoraFileInfo,
     LoraImportError,
     file_sha256,
-    import_adapter,
     inspect_adapter_file,
 )
 from gpu_runner.pipelines import (
@@ -329,12 +327,6 @@ class Generator:
         return outcomes
 
     # -- adapters ------------------------------------------------------------------------
-
-    def import_adapter(self, path: str | Path, base_model: str) -> LoraFileInfo:
-        """Check an uploaded LoRA/embedding against a configured base model (loading it if
-        needed); raises LoraImportError with the reason when it does not fit."""
-        loaded = self.cache.get(base_model)
-        return import_adapter(path, loaded.pipe, loaded.name)
 
     def _check_adapters(self, loaded: LoadedPipeline, adapters: Sequence[AdapterUse]) -> None:
         loras = sum(1 for use in adapters if use.adapter.kind == "lora")

@@ -16,8 +16,9 @@ import json
 import logging
 import re
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,12 @@ from diffusers import (
 )
 
 from gpu_runner.adapter_state import AdapterState
-from gpu_runner.devices import DeviceChoice, memory_budget_bytes, release_cached_memory
+from gpu_runner.devices import (
+    DeviceChoice,
+    free_memory_bytes,
+    memory_budget_bytes,
+    release_cached_memory,
+)
 from gpu_runner.lora_import import (
     FAMILY_LABELS,
     Family,
@@ -362,7 +368,12 @@ Loader = Callable[[BaseModelSpec, DeviceChoice], LoadedPipeline]
 class PipelineCache:
     """Warm pipelines, least recently used evicted first when a new one would not fit in
     `budget_bytes` (estimated from parameter bytes). A model larger than the whole budget
-    still loads, alone."""
+    still loads, alone.
+
+    A pinned model (one being trained) is never evicted: a generation served between
+    training steps that needs room takes it from the others, and never makes the cache load
+    a second copy of the model the training still holds.
+    """
 
     def __init__(
         self,
@@ -378,7 +389,10 @@ class PipelineCache:
         )
         self._loader = loader
         self._loaded: OrderedDict[str, LoadedPipeline] = OrderedDict()
+        self._pins: Counter[str] = Counter()
         self._lock = threading.RLock()
+        # How much the device has free now; None where no limit applies (CPU, MPS).
+        self.free_bytes: Callable[[], int | None] = lambda: free_memory_bytes(self.choice)
 
     def names(self) -> list[str]:
         return list(self.specs)
@@ -386,6 +400,9 @@ class PipelineCache:
     def loaded_names(self) -> list[str]:
         """Warm models, least recently used first."""
         return list(self._loaded)
+
+    def pinned_names(self) -> list[str]:
+        return [name for name, count in self._pins.items() if count > 0]
 
     @property
     def used_bytes(self) -> int:
@@ -408,8 +425,10 @@ class PipelineCache:
                 return self._loaded[name]
             spec = self.spec(name)
             loaded = self._loader(spec, self.choice)  # on the CPU: nothing evicted yet
-            while self._loaded and self.used_bytes + loaded.nbytes > self.budget_bytes:
-                self.evict(next(iter(self._loaded)))
+            for victim in self._evictable():
+                if self.used_bytes + loaded.nbytes <= self.budget_bytes:
+                    break
+                self.evict(victim)
             if loaded.nbytes > self.budget_bytes:
                 log.warning(
                     "base model %s (%d MiB) is larger than the cache budget (%d MiB)",
@@ -419,8 +438,49 @@ class PipelineCache:
             self._loaded[name] = loaded
             return loaded
 
-    def evict(self, name: str) -> bool:
+    def _evictable(self, keep: str | None = None) -> list[str]:
+        """Warm models that may go, least recently used first."""
+        return [n for n in self._loaded if n != keep and self._pins[n] <= 0]
+
+    @contextmanager
+    def pinned(self, name: str) -> Iterator[LoadedPipeline]:
+        """The model, loaded and kept loaded until the block ends (pins nest)."""
         with self._lock:
+            loaded = self.get(name)
+            self._pins[name] += 1
+        try:
+            yield loaded
+        finally:
+            with self._lock:
+                self._pins[name] -= 1
+                if self._pins[name] <= 0:
+                    del self._pins[name]
+
+    def make_room(self, need_bytes: int, *, keep: str) -> list[str]:
+        """Evict other unpinned warm models, least recently used first, until the device has
+        `need_bytes` free (training needs its activations; idle warm models only wait for a
+        generation). Nothing happens where no limit applies. Returns what was evicted."""
+        evicted: list[str] = []
+        with self._lock:
+            for victim in self._evictable(keep):
+                free = self.free_bytes()
+                if free is None or free >= need_bytes:
+                    break
+                if self.evict(victim):
+                    evicted.append(victim)
+            free = self.free_bytes()
+            if free is not None and free < need_bytes:
+                log.warning(
+                    "%d MiB free on %s after releasing warm models; this job expects to need "
+                    "%d MiB", free >> 20, self.choice.device, need_bytes >> 20,
+                )  # fmt: skip
+        return evicted
+
+    def evict(self, name: str) -> bool:
+        """Drop a warm model (False if it is not loaded, or pinned by a training)."""
+        with self._lock:
+            if self._pins[name] > 0:
+                return False
             loaded = self._loaded.pop(name, None)
             if loaded is None:
                 return False
@@ -430,6 +490,7 @@ class PipelineCache:
             return True
 
     def clear(self) -> None:
+        """Drop every warm model that is not pinned."""
         with self._lock:
             for name in list(self._loaded):
                 self.evict(name)

@@ -7,7 +7,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpu_runner.devices import DeviceChoice, device_memory_bytes, resolve_device
+from gpu_runner.devices import (
+    DeviceChoice,
+    device_memory_bytes,
+    free_memory_bytes,
+    pin_device,
+    resolve_device,
+)
 from gpu_runner.generation import Generator
 from gpu_runner.pipelines import BUILTIN_MODELS, BaseModelSpec, PipelineCache
 from storage.blobs import BlobStore
@@ -35,8 +41,20 @@ class RunnerServices:
 
     @property
     def memory_mb(self) -> int:
-        """The device's memory: jobs that need more are left to other runners."""
-        return device_memory_bytes(self.device) >> 20
+        """Memory a job could have on this device now (MiB): jobs needing more are left to
+        other runners. Read at each claim, since other programs come and go on a GPU.
+
+        On a GPU: what is free, plus this runner's warm models. A job on a warm model finds
+        its weights already there (its estimate counts them), and one on a cold model gets
+        the room of unpinned warm models by eviction; only a cold model claimed while a
+        training pins another can find less than this (the generator reports that OOM).
+        On CPU/MPS: all of RAM, where the OS pages and no limit applies.
+        """
+        free = free_memory_bytes(self.device)
+        if free is None:
+            return device_memory_bytes(self.device) >> 20
+        total = device_memory_bytes(self.device)
+        return min(total, free + self.models.used_bytes) >> 20
 
     def adapter_file(self, sha256: str) -> Path:
         """A `.safetensors` name for a stored adapter blob (loaders go by the suffix)."""
@@ -64,6 +82,7 @@ def open_services(settings: Settings, *, device: str | None = None) -> RunnerSer
     db = Database(settings.database_url)
     db.prepare(auto_migrate=settings.auto_migrate)
     choice = resolve_device(device or settings.device)
+    pin_device(choice)  # before anything touches CUDA, so nothing lands on GPU 0
     models = PipelineCache(base_model_specs(settings), choice, settings.model_cache_bytes)
     return RunnerServices(
         settings=settings,

@@ -56,9 +56,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for _, c in order]
 
 
-def build_tiny_tokenizer(
-    pad_token: str = EOS, words: tuple[str, ...] = _WORDS
-) -> CLIPTokenizer:
+def build_tiny_tokenizer(pad_token: str = EOS, words: tuple[str, ...] = _WORDS) -> CLIPTokenizer:
     """A CLIP BPE tokenizer made with no files (transformers 5 accepts vocab/merges directly).
     Each of `words` becomes one token; any other text falls back to byte-level symbols."""
     symbols = _bytes_to_unicode()

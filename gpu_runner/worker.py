@@ -2,10 +2,15 @@
 
 Handlers are plain callables `(JobContext) -> result dict`. Anything they raise ends that
 job (retried or failed, with a message to the requester) and never the runner.
+
+Stopping the runner (SIGTERM from `docker stop` or systemd, or Ctrl-C) sets `stopping`:
+handlers see it between steps like a cancel, a training writes a checkpoint there, and the
+job goes straight back to the queue for any runner, with no lease to wait out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -31,7 +36,8 @@ class JobFailed(Exception):
 
 
 class JobStopped(Exception):
-    """Raised inside a handler when it noticed cancel (or a lost lease) between steps."""
+    """Raised inside a handler when it noticed cancel, a lost lease or the runner stopping
+    between steps."""
 
 
 @dataclass
@@ -47,6 +53,8 @@ class JobContext:
     extra_jobs: list[JobView] = field(default_factory=list)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    # The runner is shutting down: stop at the next step, the job goes back to the queue.
+    runner_stopping: threading.Event = field(default_factory=threading.Event)
     # Runs another claimed job to completion inside this one (a generation served while a
     # training pauses between steps).
     run_nested: Callable[[JobView], None] | None = None
@@ -54,11 +62,21 @@ class JobContext:
     _last_progress_post: float = 0.0
 
     def should_stop(self) -> bool:
-        return self.cancel_requested.is_set() or self.lease_lost.is_set()
+        return (
+            self.cancel_requested.is_set()
+            or self.lease_lost.is_set()
+            or self.runner_stopping.is_set()
+        )
 
     def check_stop(self) -> None:
         if self.should_stop():
-            raise JobStopped("canceled" if self.cancel_requested.is_set() else "lease lost")
+            raise JobStopped(self.stop_reason)
+
+    @property
+    def stop_reason(self) -> str:
+        if self.cancel_requested.is_set():
+            return "canceled"
+        return "lease lost" if self.lease_lost.is_set() else "runner stopping"
 
     def progress(
         self,
@@ -132,17 +150,25 @@ class Runner:
         handlers: Mapping[str, Handler],
         worker_id: str,
         base_models: list[str] | None = None,
-        memory_mb: int | None = None,
+        memory_mb: int | Callable[[], int | None] | None = None,
         heartbeat_every_s: float | None = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.queue = queue
         self.outbox = outbox
         self.handlers = dict(handlers)
         self.worker_id = worker_id
         self.base_models = base_models
+        # A number, or a function read at each claim (free GPU memory changes over time).
         self.memory_mb = memory_mb
         self.database_errors = 0
         self.heartbeat_every_s = heartbeat_every_s or max(0.05, queue.lease_seconds / 3)
+        # Set by a signal handler: the running job stops at its next step and is released.
+        self.stopping = stopping or threading.Event()
+
+    def stop(self) -> None:
+        """Stop soon: the current job at its next step (back to the queue), then the loop."""
+        self.stopping.set()
 
     def run_forever(
         self, signal: WorkSignal, stop: threading.Event, *, max_backoff_s: float = 30.0
@@ -164,24 +190,35 @@ class Runner:
 
     def run_once(self) -> bool:
         """Claim and run one job. Returns False when there was nothing to do."""
-        job = self.queue.claim(
-            self.worker_id,
-            kinds=list(self.handlers),
-            base_models=self.base_models,
-            memory_mb=self.memory_mb,
-        )
+        if self.stopping.is_set():
+            return False
+        job = self.claim()
         if job is None:
             return False
         self.run_job(job)
         return True
 
+    def claim(self) -> JobView | None:
+        """The next job this runner can take, given the memory it has free right now."""
+        memory = self.memory_mb() if callable(self.memory_mb) else self.memory_mb
+        return self.queue.claim(
+            self.worker_id,
+            kinds=list(self.handlers),
+            base_models=self.base_models,
+            memory_mb=memory,
+        )
+
     def run_job(self, job: JobView) -> None:
         failpoints.hit("after_claim")
+        if self.stopping.is_set():  # claimed on the way out (a training serving a generation)
+            self._settle(lambda: self.queue.release(job.id, self.worker_id))
+            return
         ctx = JobContext(
             job=job,
             queue=self.queue,
             outbox=self.outbox,
             worker_id=self.worker_id,
+            runner_stopping=self.stopping,
             run_nested=self.run_job,
         )
         done = threading.Event()
@@ -229,10 +266,29 @@ class Runner:
         if ctx.lease_lost.is_set():
             log.warning("job %s was taken over by another runner; dropped it", ctx.job.id)
             return
+        self._release_extras(ctx)
+        if not ctx.cancel_requested.is_set():  # the runner is stopping: any runner may resume
+            log.info("runner stopping: job %s goes back to the queue", ctx.job.id)
+            if ctx.job.kind == "train":  # its progress message would otherwise look stuck
+                ctx.post(
+                    progress_key(ctx.job.id),
+                    f"Training job {ctx.job.id} is back in the queue: its runner is shutting "
+                    "down. It resumes from its last checkpoint on the next free runner.",
+                )
+            self._settle(lambda: self.queue.release(ctx.job.id, self.worker_id))
+            return
         # Message first: a crash before the state change re-runs the job, and the same key
         # then edits the message rather than losing it.
         ctx.post(progress_key(ctx.job.id), f"Job {ctx.job.id} was canceled.")
         self._settle(lambda: self.queue.acknowledge_cancel(ctx.job.id, self.worker_id))
+
+    def _release_extras(self, ctx: JobContext) -> None:
+        """Jobs claimed to share this one's pipeline call that it never settled: back to
+        the queue now rather than after their leases run out."""
+        for extra in list(ctx.extra_jobs):
+            with contextlib.suppress(LeaseLost):  # another runner has it: nothing to hand back
+                self.queue.release(extra.id, self.worker_id)
+            ctx.extra_jobs.remove(extra)
 
     def _failed(self, ctx: JobContext, message: str, *, retryable: bool) -> None:
         job = ctx.job

@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 Family = Literal["sd15", "sdxl"]
 FAMILIES: tuple[Family, ...] = ("sd15", "sdxl")
-FAMILY_LABELS: dict[str, str] = {"sd15": "SD1.5/SD2", "sdxl": "SDXL"}
 
 
 @dataclass(frozen=True)
@@ -65,14 +64,63 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     )
 }
 
-# Typical device memory (MB) a job needs, by family: fp16 SD1.5 generates in ~4 GB and
-# trains a LoRA in ~8 GB; SDXL needs ~8 GB and ~16 GB (kohya sd-scripts and diffusers
-# training docs give figures in these ranges). The built-in models need nothing.
-MEMORY_MB: dict[tuple[str, Family], int] = {
-    ("generate", "sd15"): 4_000,
-    ("train", "sd15"): 8_000,
-    ("generate", "sdxl"): 8_000,
-    ("train", "sdxl"): 16_000,
+# --- Device memory ------------------------------------------------------------------------
+# Peak GPU memory (MiB) of a job on a real model in fp16/bf16, so that a runner claims only
+# what fits in the memory it has free. Built-in models need nothing. bench/gpu.py prints the
+# measured peaks of full-size architectures: correct these from its figures.
+#
+# [params] Parameter counts of the published configs, counted from diffusers'
+#          UNet2DConditionModel / AutoencoderKL and transformers' CLIPTextModel built from
+#          them: SD1.5 UNet 859.5M + CLIP ViT-L/14 123.1M + VAE 83.7M; SDXL UNet 2567.5M +
+#          CLIP ViT-L 123.1M + OpenCLIP ViT-bigG 694.7M + the same VAE. 2 bytes each.
+# [lora]   Inputs + outputs of the to_q/to_k/to_v/to_out.0 layers (the training targets),
+#          counted the same way: LoRA parameters per unit of rank.
+# [adamw]  A trainable fp32 parameter holds its weight, gradient and AdamW's two moments.
+# [kohya]  kohya-ss/sd-scripts README, SDXL training: an SDXL LoRA trains in 8 GB (10 GB
+#          recommended) at batch 1 with gradient checkpointing, cached latents and text
+#          embeddings, an 8-bit optimizer and dim 4-8: ~2.5 GB of activations beside the
+#          5 GB UNet. Atelier also keeps the text encoders on the GPU and uses AdamW.
+# [est]    Estimates (no GPU measurement yet): training without gradient checkpointing
+#          keeps every block's activations, several times the checkpointed figure; SDXL
+#          decodes with its VAE upcast to fp32 at 1024 px (force_upcast), which dominates a
+#          generation's peak; cuBLAS/cuDNN workspaces and allocator fragmentation.
+WEIGHTS_MB: dict[Family, int] = {"sd15": 2_035, "sdxl": 6_616}  # [params]
+LORA_PARAMS_PER_RANK: dict[Family, int] = {"sd15": 199_296, "sdxl": 1_451_520}  # [lora]
+TRAINABLE_BYTES_PER_PARAM = 16  # [adamw] 4 B weight + 4 B gradient + 8 B moments
+# Activations of one training image at the family's native side, with and without gradient
+# checkpointing (key: family, checkpointing); they grow with the pixel count.
+TRAIN_IMAGE_MB: dict[tuple[Family, bool], int] = {
+    ("sd15", True): 800,  # [est] scaled from [kohya] by SD1.5's 4x fewer latent pixels
+    ("sd15", False): 2_400,  # [est]
+    ("sdxl", True): 2_500,  # [kohya]
+    ("sdxl", False): 14_000,  # [est]
+}
+# One generated image at the native side: the UNet on the CFG pair, then the VAE decode.
+GENERATE_IMAGE_MB: dict[Family, int] = {"sd15": 1_000, "sdxl": 4_000}  # [est]
+WORKSPACE_MB = 600  # [est]
+# DoRA: peft rebuilds each adapted weight (W + BA) to take its norm on every forward, and
+# keeps extra activations for the magnitude vector.
+DORA_ACTIVATION_FACTOR = 1.3  # [est]
+# Textual inversion back-propagates through the text encoder(s) (77 tokens a caption) and
+# keeps private token tables: 49408 x (768 [+ 1280]) x 2 B [params].
+TI_TEXT_IMAGE_MB: dict[Family, int] = {"sd15": 60, "sdxl": 250}  # [est]
+TI_TABLES_MB: dict[Family, int] = {"sd15": 75, "sdxl": 195}  # [params]
+# The training loop checkpoints the UNet for every method on CUDA (gpu_runner/training/loop.py
+# `_setup`), textual inversion included.
+TI_UNET_CHECKPOINTING = True
+# Each preset's batch size and rank (gpu_runner/training/config.py; tests/test_memory.py
+# checks they agree), for estimates made before a config exists: the bot's, at enqueue.
+# Every preset trains at the family's native side.
+PRESET_BATCH_RANK: dict[tuple[Family, str, str], tuple[int, int | None]] = {
+    ("sd15", "lora", "style"): (4, 32),
+    ("sd15", "lora", "concept"): (2, 16),
+    ("sdxl", "lora", "style"): (1, 32),
+    ("sdxl", "lora", "concept"): (1, 16),
+    ("sd15", "dora", "style"): (4, 16),
+    ("sd15", "dora", "concept"): (2, 8),
+    ("sdxl", "dora", "style"): (1, 16),
+    ("sdxl", "dora", "concept"): (1, 8),
+    **{(f, "textual_inversion", p): (4, None) for f in FAMILIES for p in ("style", "concept")},
 }
 
 
@@ -105,7 +153,77 @@ def defaults_for(base_model: str, family: str) -> GenerationDefaults:
     return defaults
 
 
-def memory_needed_mb(kind: str, base_model: str, configured: Mapping[str, Any]) -> int | None:
+def _pixels_ratio(family: Family, width: int, height: int) -> float:
+    side = FAMILY_DEFAULTS[family].width
+    return (width * height) / (side * side)
+
+
+def generation_memory_mb(family: Family, *, width: int, height: int, count: int = 1) -> int:
+    """Peak memory of one pipeline call making `count` images (all decoded at once)."""
+    images = GENERATE_IMAGE_MB[family] * _pixels_ratio(family, width, height) * count
+    return round(WEIGHTS_MB[family] + images + WORKSPACE_MB)
+
+
+def training_memory_mb(
+    base_model: str,
+    family: str,
+    *,
+    method: str,
+    resolution: int,
+    batch_size: int,
+    rank: int | None,
+    gradient_checkpointing: bool = True,
+) -> int | None:
+    """Peak memory of a training run (None for the built-in models)."""
     if base_model in BUILTIN_MODELS:
         return None
-    return MEMORY_MB.get((kind, model_family(base_model, configured)))
+    fam: Family = "sdxl" if family == "sdxl" else "sd15"
+    ti = method == "textual_inversion"
+    checkpointed = gradient_checkpointing and (TI_UNET_CHECKPOINTING or not ti)
+    per_image = TRAIN_IMAGE_MB[(fam, checkpointed)] * _pixels_ratio(fam, resolution, resolution)
+    if method == "dora":
+        per_image *= DORA_ACTIVATION_FACTOR
+    if ti:
+        per_image += TI_TEXT_IMAGE_MB[fam]
+        state = TI_TABLES_MB[fam]
+    else:
+        params = LORA_PARAMS_PER_RANK[fam] * (rank or 0)
+        state = params * TRAINABLE_BYTES_PER_PARAM / 2**20
+    return round(WEIGHTS_MB[fam] + state + per_image * batch_size + WORKSPACE_MB)
+
+
+def memory_needed_mb(
+    kind: str,
+    base_model: str,
+    configured: Mapping[str, Any],
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    count: int = 1,
+    method: str | None = None,
+    preset: str | None = None,
+    rank: int | None = None,
+) -> int | None:
+    """Device memory (MiB) a job needs, for the queue's claim filter: generations by size
+    and count, trainings by method, preset and rank (the preset's when not given). None
+    where no estimate applies (built-in models, captioning)."""
+    if base_model in BUILTIN_MODELS:
+        return None
+    family = model_family(base_model, configured)
+    side = FAMILY_DEFAULTS[family].width
+    if kind == "generate":
+        return generation_memory_mb(
+            family, width=width or side, height=height or side, count=max(1, count)
+        )
+    if kind == "train":
+        method = method or "lora"
+        batch, preset_rank = PRESET_BATCH_RANK[(family, method, preset or "style")]
+        return training_memory_mb(
+            base_model,
+            family,
+            method=method,
+            resolution=side,
+            batch_size=batch,
+            rank=rank if rank is not None and preset_rank is not None else preset_rank,
+        )
+    return None

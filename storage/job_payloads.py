@@ -10,6 +10,7 @@ from enum import IntEnum, StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.families import GenerationDefaults
+from storage.prompt_rules import MAX_WEIGHT, MIN_WEIGHT
 
 
 class JobKind(StrEnum):
@@ -60,7 +61,7 @@ class AdapterChoice(BaseModel):
     model_version_id: int
     name: str
     trigger: str
-    weight: float = Field(1.0, ge=-4.0, le=4.0)
+    weight: float = Field(1.0, ge=MIN_WEIGHT, le=MAX_WEIGHT)
 
 
 class GeneratePayload(_Payload):
@@ -80,7 +81,6 @@ class GeneratePayload(_Payload):
     adapters: list[AdapterChoice] = Field(default_factory=list)
     # Set by a 🔁 reroll: the generation it repeats with a new seed.
     reroll_of: int | None = None
-
 
     def with_defaults(self, defaults: GenerationDefaults) -> GeneratePayload:
         """This payload with every unset setting taken from `defaults`."""

@@ -11,7 +11,8 @@ is what the model was trained to answer to.
   infotext Atelier writes names the trigger: it is the exported file's stem, which is what
   A1111 looks up). Tags are removed from the text the model sees.
 - A training caption gets the trigger in front, kohya-style, unless it already holds it
-  by the rule above, so "zxstyle, a cat" is not prefixed again for trigger "ZXStyle".
+  by the rule above, so "zxstyle, a cat" is not prefixed again for trigger "ZXStyle"; a
+  prior-preservation caption has it taken out by the same rule.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ class LoraTag:
     start: int  # where it stands in the prompt
 
 
+def _trigger_word(trigger: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", re.IGNORECASE)
+
+
 def find_trigger(trigger: str, text: str) -> int | None:
     """Where `trigger` first stands in `text` as a whole word, in any case; None if nowhere."""
-    if not trigger:
-        return None
-    hit = re.search(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", text, re.IGNORECASE)
+    hit = _trigger_word(trigger).search(text) if trigger else None
     return None if hit is None else hit.start()
 
 
@@ -85,6 +88,13 @@ def insert_trigger(caption: str, trigger: str) -> str:
     if find_trigger(trigger, caption) is not None:
         return caption
     return f"{trigger}, {caption}" if caption else trigger
+
+
+def without_trigger(caption: str, trigger: str) -> str:
+    """The caption with the trigger (and the comma after it) taken out wherever it holds it
+    (`find_trigger`): what the base model is asked to draw for prior preservation."""
+    text = re.sub(rf"{_trigger_word(trigger).pattern}\s*,?\s*", "", caption, flags=re.IGNORECASE)
+    return re.sub(r"\s{2,}", " ", text).strip(" ,")
 
 
 def _weight(raw: str, tag: str) -> float:

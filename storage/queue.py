@@ -284,6 +284,20 @@ class JobQueue:
         """The runner stopped the job because cancel was requested."""
         return self._finish(job_id, worker_id, JobStatus.CANCELED, None)
 
+    def release(self, job_id: int, worker_id: str) -> JobView:
+        """Hand a running job back to the queue now (its runner is shutting down), instead of
+        leaving it until the lease expires. Any runner may claim it at once; the attempt it
+        used is given back. Raises LeaseLost if this worker no longer holds it."""
+        with self.db.transaction(write=True) as conn:
+            row = conn.execute(
+                self.sql.release, {"id": job_id, "worker": worker_id, "now": utcnow()}
+            ).first()
+            if row is not None and not self.db.is_sqlite:
+                conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))  # wake idle runners elsewhere
+        if row is None:
+            raise LeaseLost(f"job {job_id} is no longer held by {worker_id}")
+        return JobView.of(row)
+
     def _finish(
         self, job_id: int, worker_id: str, status: JobStatus, result: dict[str, Any] | None
     ) -> JobView:

@@ -53,6 +53,7 @@ class QueueSQL:
     claim_batch: TextClause
     heartbeat: TextClause
     finish: TextClause
+    release: TextClause
     skip_locked: str
 
     def claim(self, *, by_kind: bool, by_model: bool, by_memory: bool) -> TextClause:
@@ -108,6 +109,18 @@ def _insert(greatest: str) -> TextClause:
 
 _HELD = "id = :id AND status = 'running' AND lease_owner = :worker"
 
+# Hand a running job back (its runner is stopping): claimable at once by any runner, in its
+# old place in line (fair_seq is kept). The stop was no failed try, so the claim's attempt
+# is given back. A cancel that raced in ends it instead.
+_RELEASE = (
+    "UPDATE jobs SET"
+    " status = CASE WHEN cancel_requested THEN 'canceled' ELSE 'queued' END,"
+    " finished_at = CASE WHEN cancel_requested THEN :now ELSE finished_at END,"
+    " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,"
+    f" run_after = :now, lease_owner = NULL, lease_expires_at = NULL WHERE {_HELD}"
+    f" RETURNING {RETURNING}"
+)
+
 
 @cache
 def queue_sql(dialect: str) -> QueueSQL:
@@ -128,5 +141,6 @@ def queue_sql(dialect: str) -> QueueSQL:
             "UPDATE jobs SET status = :status, result = :result, finished_at = :now,"
             f" lease_owner = NULL, lease_expires_at = NULL WHERE {_HELD} RETURNING {RETURNING}"
         ),
+        release=_prepare(_RELEASE),
         skip_locked="" if sqlite else " FOR UPDATE SKIP LOCKED",
     )

@@ -324,21 +324,6 @@ def sdxl_lora() -> bytes:
     return safetensors_bytes(tensors, {"modelspec.architecture": "stable-diffusion-xl-v1-base"})
 
 
-def sd15_shaped_lora_wrong_widths() -> bytes:
-    """SD1.5 layer names, but widths of the real 768-wide SD1.5 (not our 32-wide tiny one)."""
-    base = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2"
-    return safetensors_bytes(
-        {**lora_pair(f"{base}.to_k", 4, 768, 320), **lora_pair(f"{base}.to_v", 4, 768, 320)}
-    )
-
-
-def flux_lora() -> bytes:
-    """Another architecture entirely (a Flux-style transformer LoRA)."""
-    return safetensors_bytes(
-        lora_pair("transformer.single_transformer_blocks.0.attn.to_q", 4, 3072, 3072)
-    )
-
-
 def lycoris_loha() -> bytes:
     return safetensors_bytes(
         {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": (4, 4), "x.alpha": ()}

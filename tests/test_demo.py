@@ -1,7 +1,9 @@
 """`atelier demo`: the whole story in a subprocess, then its report and files checked.
 
-The demo runs once per session (about a minute on 2 cores) with fewer training steps than
-its default; a second, shorter run on the same data folder checks the reuse path. A third
+The demo runs once per session (under a minute on 2 cores) with its default training
+steps, and its measured style is checked (the LoRA trained from chat shows its style with
+the trigger and not without); a second, shorter run on the same data folder checks the
+reuse path. A third
 start is interrupted with SIGINT as soon as its runner is up. The transcript parser and the
 progress bar are checked directly.
 """
@@ -29,14 +31,14 @@ from PIL import Image
 from sqlalchemy import select
 
 from bot.demo.progress import ProgressBar, Snapshot, render_bar
-from bot.demo.story import STYLE, TRIGGER
+from bot.demo.story import DEFAULT_STEPS, STYLE, TRIGGER
 from bot.demo.transcript import Transcript, parse_block
 from storage.db import Database
 from storage.job_payloads import GeneratePayload, JobKind, ReplyTarget
 from storage.models import DatasetVersion, Generation, Job, JobStatus, ModelVersion, Style, Team
 from storage.queue import JobQueue
 
-FIRST_STEPS = 30
+FIRST_STEPS = DEFAULT_STEPS
 SECOND_STEPS = 8
 RUN_TIMEOUT_S = 600
 
@@ -194,15 +196,35 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 @needs_runner
-def test_demo_prints_its_report_wall_time_and_the_noise_warning(first_run: DemoRun) -> None:
+def test_demo_prints_its_report_wall_time_and_what_the_model_is(first_run: DemoRun) -> None:
     out, err = first_run.done.stdout, first_run.done.stderr
     assert re.search(r"^Demo wall time: \d+( min \d+)? s\.$", out, re.MULTILINE)
-    assert "noise" in out and "ATELIER_BASE_MODELS" in out
+    assert "toy-sd15 is Atelier's own" in out and "ATELIER_BASE_MODELS" in out
+    assert "noise" not in out
     # The progress bar came from the runner's progress events, up to the last step.
     assert f"Training {STYLE} [" in err and f"{FIRST_STEPS}/{FIRST_STEPS}" in err
     page = first_run.report.read_text(encoding="utf-8")
-    assert "These images are noise." in page and "ATELIER_BASE_MODELS" in page
+    assert "About the model." in page and "ATELIER_BASE_MODELS" in page
     assert "loss-curve.png" in page and "base-vs-style" in page
+
+
+def _measured(out: str, label: str) -> list[int]:
+    line = next(x for x in out.splitlines() if x.strip().startswith(label))
+    return [int(v) for v in re.findall(r"(\d+)%", line)]
+
+
+@needs_runner
+def test_the_lora_trained_from_chat_shows_its_style_only_with_its_trigger(
+    first_run: DemoRun,
+) -> None:
+    out = first_run.done.stdout
+    base, trained = _measured(out, "Stripes show with the trigger (base → trained)")
+    (leak,) = _measured(out, "Stripes show without the trigger")
+    (colour,) = _measured(out, "Colour right with the style on")
+    assert base <= 10 and trained >= 80, out[-1500:]
+    assert leak <= 15 and colour >= 70, out[-1500:]
+    page = first_run.report.read_text(encoding="utf-8")
+    assert "What the LoRA learned" in page
 
 
 @needs_runner
@@ -240,7 +262,7 @@ def test_each_png_parameters_chunk_matches_the_seed_shown_beside_it(first_run: D
             parameters = image.text["parameters"]  # type: ignore[attr-defined]
         in_file = re.search(r"\bSeed: (\d+)", parameters)
         assert in_file and in_file.group(1) == shown.group(1), (figure.src, parameters)
-        assert TRIGGER in parameters.split("\n")[0] and "Size: 128x128" in parameters
+        assert TRIGGER in parameters.split("\n")[0] and "Size: 64x64" in parameters
 
 
 @needs_runner

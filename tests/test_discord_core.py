@@ -210,3 +210,52 @@ def test_style_thread_references_and_lead_approval_through_the_core(
     asyncio.run(scenario())
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(ReferenceImage)) == 1
+
+
+def test_an_attachment_off_discords_file_servers_is_refused_with_the_reason(
+    api: FakeDiscordAPI, db: Database, core: tuple[CommandCore, Outbox, BlobStore]
+) -> None:
+    handler, outbox, blobs = core
+    lead = member_payload(LEAD_USER, [LEAD_ROLE_ID])
+    art_channel = text_channel_payload(CHANNEL_ID, GUILD_ID, "art")
+    api.serve_file("planted.png", png(4))
+    planted = f"http://localhost:{api.port}/attachments/planted.png"  # not Discord's host
+
+    async def scenario() -> list[str]:
+        async with connected(api, handler) as client:
+            deliverer = OutboxDeliverer(outbox, blobs, DiscordSender(client), "discord")
+            style = {"name": "ink", "trigger": "inkwsh"}
+            client._connection.parse_interaction_create(
+                command(1_300_000_000_000_000_001, art_channel, lead, "create", **style)
+            )
+            await settle()
+            await asyncio.to_thread(deliverer.deliver_due)
+            (opened,) = api.find("POST", rf"/channels/{CHANNEL_ID}/messages/\d+/threads")
+            thread_id = int(opened.path.split("/")[4])
+            client._connection.parse_thread_create(
+                {**thread_payload(thread_id, GUILD_ID, CHANNEL_ID, "ink"), "newly_created": True}
+            )
+            client._connection.parse_message_create(
+                message_create_payload(
+                    message_id=1_300_000_000_000_000_060,
+                    channel_id=thread_id,
+                    guild_id=GUILD_ID,
+                    member=lead,
+                    content="",
+                    attachments=[
+                        attachment_payload(1_300_000_000_000_000_061, planted, "planted.png", 100)
+                    ],
+                )
+            )
+            await settle()
+            return [c.json["content"] for c in api.find("POST", rf"/channels/{thread_id}/messages")]
+
+    said = asyncio.run(scenario())
+    assert any(
+        "planted.png: not an https link to Discord's file servers, so it was not downloaded; "
+        "attach the image to a message again." in text
+        for text in said
+    ), said
+    assert api.find("GET", "/attachments/planted.png") == []
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(ReferenceImage)) == 0

@@ -77,7 +77,7 @@ def test_tag_weight_overrides_trigger_weight() -> None:
     [
         ("<lora:nope:1>", "names no known style; known styles: inkwash, neon, zqx"),
         ("<lora:inkwash:lots>", "not a number"),
-        ("<lora:inkwash:9>", "between -4.0 and 4.0"),
+        ("<lora:inkwash:9>", "between -4 and 4"),
         ("<lora:inkwash:1> <lora:inkwash:0.2>", "named twice"),
         ("<lora:zqx:1>", "textual-inversion embedding; use its trigger word 'zqxstyle'"),
         ("<lora:inkwash:1:2:3>", "is not a LoRA tag"),
@@ -373,13 +373,3 @@ def test_progress_callback_sees_each_step(generator: Any) -> None:
         GenerationRequest("a cat", seed=1, **FAST), on_step=lambda s, t: seen.append((s, t))
     )
     assert seen == [(1, 3), (2, 3), (3, 3)]
-
-
-def test_generator_import_checks_against_the_named_base(
-    generator: Any, sd15_lora: Path, sdxl_lora: Path
-) -> None:
-    from gpu_runner.lora_import import LoraImportError
-
-    assert generator.import_adapter(sd15_lora, "tiny-sd15").family == "sd15"
-    with pytest.raises(LoraImportError, match="made for SDXL"):
-        generator.import_adapter(sdxl_lora, "tiny-sd15")

@@ -277,7 +277,7 @@ def test_slack_failures_after_the_ack_never_show_a_token(
     assert _dispatch(app, json.dumps(event), "application/json").status == 200
     assert rig.count(ReferenceImage) == 0
     [answer] = fake_slack.calls_to("chat.postMessage")[1:]  # tried, refused: invalid_auth
-    assert "ref.png could not be downloaded" in answer.params["text"]
+    assert "ref.png: Slack sent its sign-in page instead of the file" in answer.params["text"]
 
     # The outbox deliverer: an auth failure, a server error and a permanent refusal.
     for error in ("invalid_auth", "internal_error", "channel_not_found"):

@@ -405,7 +405,7 @@ def test_file_links_off_slacks_file_server_are_not_followed(
     with pytest.raises(SlackFileError) as refused:
         incoming.read(10_000_000)
     assert str(refused.value) == (
-        "ref.png was not downloaded: its link does not lead to Slack's file server; "
+        "ref.png: its link does not lead to Slack's file server, so it was not downloaded; "
         "share the image in Slack again."
     )
     assert fake.calls_to("download") == []

@@ -220,7 +220,12 @@ def test_a_file_link_off_slacks_file_server_is_not_followed_and_stores_nothing(
     studio.event(file_share_event([shared], thread_ts=thread), "Ev0PLANTED")
     assert reference_count(studio.db) == 0
     assert studio.fake.calls_to("download") == []
-    assert any("planted.png could not be downloaded" in t for t in _thread_replies(studio, thread))
+    # The reason reaches the person, not just "could not be downloaded".
+    reason = (
+        "planted.png: its link does not lead to Slack's file server, so it was not downloaded; "
+        "share the image in Slack again."
+    )
+    assert any(reason in t for t in _thread_replies(studio, thread))
 
 
 def test_an_image_named_outside_ascii_is_taken(studio: Studio) -> None:

@@ -122,7 +122,7 @@ def test_chat_runner_and_database_name_the_same_methods_and_presets() -> None:
     from gpu_runner.training.config import METHODS, PRESETS
     from storage.models import StyleKind, TrainingMethod
 
-    assert METHODS == tuple(TrainingMethod) and PRESETS == tuple(StyleKind)
+    assert tuple(TrainingMethod) == METHODS and tuple(StyleKind) == PRESETS
     for method in METHODS:
         assert validate_args("style train", {"name": "ink", "method": method}).method == method
         preset_defaults(method, "sd15", "style")

@@ -36,10 +36,27 @@ from gpu_runner.training.dataset import (  # noqa: E402
         ("  ", "zxq"),
         ("zxq, already named", "zxq, already named"),
         ("zxqz is not the trigger", "zxq, zxqz is not the trigger"),
+        ("ZXQ, named in capitals", "ZXQ, named in capitals"),  # as chat matches it
+        ("zxq-like is another word", "zxq, zxq-like is another word"),
     ],
 )
 def test_trigger_insertion(caption: str, expected: str) -> None:
     assert insert_trigger(caption, "zxq") == expected
+
+
+def test_a_caption_naming_the_trigger_in_another_case_is_not_prefixed_twice() -> None:
+    assert insert_trigger("zxstyle, a cat", "ZXStyle") == "zxstyle, a cat"
+
+
+def test_the_text_encoder_reads_a_trigger_the_same_in_any_case() -> None:
+    """Why captions and chat match triggers in any case: CLIP's tokenizer lowercases, even
+    the token textual inversion adds for the trigger."""
+    from gpu_runner.tiny_models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens(["ZXStyle"])
+    ids = {tuple(tokenizer(text)["input_ids"]) for text in ("ZXStyle cat", "zxstyle cat")}
+    assert len(ids) == 1
 
 
 def test_caption_dropout_is_seeded_and_near_its_rate() -> None:

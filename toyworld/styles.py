@@ -15,8 +15,9 @@ from PIL import Image
 
 from toyworld.scenes import BACKGROUNDS, COLOURS, SIDE, Scene, compose, flat, shape_mask
 
-# Stripe period in pixels at 64 px (scaled with the side); 45 degree diagonal.
-STRIPE_PERIOD = 8
+# Stripe period in pixels at 64 px (scaled with the side); 45 degree diagonal. Two latent
+# cells wide: a factor-8 VAE could not keep 8 px stripes (one cell per period).
+STRIPE_PERIOD = 16
 GRID_PERIOD = 16
 OUTLINE_WIDTH = 3
 TINT = 0.55  # share of white mixed into the stripes' light colour

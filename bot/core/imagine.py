@@ -100,7 +100,12 @@ def _enqueue(ctx: Context, s: Session, team_id: int, payload: GeneratePayload, k
         team_id=team_id,
         base_model=payload.base_model,
         min_memory_mb=memory_needed_mb(
-            JobKind.GENERATE, payload.base_model, ctx.services.settings.base_models
+            JobKind.GENERATE,
+            payload.base_model,
+            ctx.services.settings.base_models,
+            width=payload.width,
+            height=payload.height,
+            count=payload.count,
         ),
         batch_key=batch_key(payload),
         session=s,

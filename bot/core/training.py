@@ -90,7 +90,12 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
             team_id=team.id,
             base_model=style.base_model,
             min_memory_mb=memory_needed_mb(
-                JobKind.TRAIN, style.base_model, services.settings.base_models
+                JobKind.TRAIN,
+                style.base_model,
+                services.settings.base_models,
+                method=method,
+                preset=params["preset"],
+                rank=params.get("rank"),
             ),
             session=s,
         )

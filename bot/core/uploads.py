@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bot.commands import FileTooLarge, IncomingFile, Reply
+from bot.commands import FileTooLarge, FileUnavailable, IncomingFile, Reply
 from bot.core import audit
 from bot.core.arguments import StyleAddArgs, with_usage
 from bot.core.context import Context
@@ -98,6 +98,11 @@ def _check(file: IncomingFile, limits: IngestLimits) -> FileResult:
             name,
             refusal=f"{name} is over the {limit_mb} limit; export a smaller copy and try again.",
         )
+    except FileUnavailable as exc:
+        # The platform said why (a link off its file servers, a missing scope): pass it on,
+        # under the name as the core shows it rather than the platform's raw one.
+        log.warning("reading %s failed: %s", name, exc.reason)
+        return FileResult(name, refusal=f"{name}: {exc.reason}")
     except Exception as exc:  # a failed download: the person can simply post it again
         log.warning("reading %s failed: %s", name, exc)
         return FileResult(name, refusal=f"{name} could not be downloaded; post it again.")

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from email.message import Message as HTTPMessage
 from functools import partial
 from typing import IO, Any
-from urllib.parse import quote, urlsplit
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot.commands import FileTooLarge, IncomingFile
+from bot.commands import FileUnavailable, IncomingFile
+from bot.downloads import ascii_url, origin, origins, read_capped
 
-_CHUNK = 64 * 1024
 # Where Slack serves shared files. A file URL anywhere else is not followed.
 SLACK_FILE_ORIGINS = ("https://files.slack.com",)
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
@@ -39,31 +36,16 @@ class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
         newurl: str,
     ) -> urllib.request.Request | None:
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and _origin(newurl) != _origin(req.full_url):
+        if new is not None and origin(newurl) != origin(req.full_url):
             new.remove_header("Authorization")
         return new
-
-
-def _origin(url: str) -> tuple[str, str | None, int | None] | None:
-    parts = urlsplit(url)
-    try:
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
-    except ValueError:  # a port that is not a number
-        return None
-    return parts.scheme.lower(), parts.hostname, port
-
-
-def _ascii_url(url: str) -> str:
-    """Non-ASCII characters (a file named café.png) and spaces percent-encoded as UTF-8;
-    urllib refuses them, and Slack's own links leave them raw."""
-    return re.sub(r"[^\x21-\x7e]+", lambda m: quote(m.group(), safe=""), url)
 
 
 _OPENER = urllib.request.build_opener(_TokenStaysHome)
 
 
-class SlackFileError(Exception):
-    """A shared file could not be fetched; the message says what to do about it."""
+class SlackFileError(FileUnavailable):
+    """A shared file could not be fetched; the reason says what to do about it."""
 
 
 class SlackFiles:
@@ -80,7 +62,7 @@ class SlackFiles:
         self._timeout = timeout
         # The API's own origin too: it gets the token already, and where the API is moved
         # (a proxy, a test's fake Slack) its files are served from there.
-        self._origins = {_origin(o) for o in (*file_origins, client.base_url)} - {None}
+        self._origins = origins((*file_origins, client.base_url))
 
     def incoming(self, file: Mapping[str, Any]) -> IncomingFile:
         name = str(file.get("name") or file.get("title") or file.get("id") or "file")
@@ -98,10 +80,11 @@ class SlackFiles:
             # Slack Connect shares arrive with file_access=check_file_info and no URL.
             url = self._lookup_url(file, name)
         url = str(url)
-        if _origin(url) not in self._origins:
+        if origin(url) not in self._origins:
             raise SlackFileError(
-                f"{name} was not downloaded: its link does not lead to Slack's file server; "
-                "share the image in Slack again."
+                name,
+                "its link does not lead to Slack's file server, so it was not downloaded; "
+                "share the image in Slack again.",
             )
         return self.download(url, name, limit)
 
@@ -110,52 +93,36 @@ class SlackFiles:
             info = self._client.files_info(file=str(file.get("id") or ""))["file"]
         except SlackApiError as exc:
             raise SlackFileError(
-                f"Slack would not show {name} to the bot ({exc.response.get('error')}); "
-                "give the app the files:read scope, or post the image again."
+                name,
+                f"Slack would not show it to the bot ({exc.response.get('error')}); "
+                "give the app the files:read scope, or post the image again.",
             ) from None
         url = info.get("url_private") or info.get("url_private_download")
         if not url:
-            raise SlackFileError(f"Slack gave no download address for {name}; post it again.")
+            raise SlackFileError(name, "Slack gave no download address for it; post it again.")
         return str(url)
 
     def download(self, url: str, name: str, limit: int) -> bytes:
         """GET `url` with the bot token, stopping (FileTooLarge) once past `limit` bytes."""
         token = self._client.token or ""
         request = urllib.request.Request(
-            _ascii_url(url), headers={"Authorization": f"Bearer {token}"}
+            ascii_url(url), headers={"Authorization": f"Bearer {token}"}
         )
         try:
             with _OPENER.open(request, timeout=self._timeout) as response:
                 if response.headers.get_content_type() == "text/html":
                     # Slack answers a request it does not accept with its sign-in page.
                     raise SlackFileError(
-                        f"Slack sent a sign-in page instead of {name}: give the app the "
-                        "files:read scope and reinstall it."
+                        name,
+                        "Slack sent its sign-in page instead of the file; give the app the "
+                        "files:read scope and reinstall it.",
                     )
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise FileTooLarge(_too_large(name, limit))
-                return _read_capped(response, name, limit)
+                return read_capped(response, name, limit)
         except urllib.error.HTTPError as exc:
             raise SlackFileError(
-                f"Slack refused to send {name} (HTTP {exc.code}); post the image again."
+                name, f"Slack refused to send it (HTTP {exc.code}); post the image again."
             ) from None
         except urllib.error.URLError as exc:
             raise SlackFileError(
-                f"Could not reach Slack to fetch {name} ({exc.reason}); try again shortly."
+                name, f"could not reach Slack to fetch it ({exc.reason}); try again shortly."
             ) from None
-
-
-def _read_capped(response: Any, name: str, limit: int) -> bytes:
-    parts: list[bytes] = []
-    total = 0
-    while chunk := response.read(_CHUNK):
-        total += len(chunk)
-        if total > limit:
-            raise FileTooLarge(_too_large(name, limit))
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def _too_large(name: str, limit: int) -> str:
-    return f"{name} is larger than {limit / 1_000_000:.1f} MB; post a smaller image."

@@ -25,6 +25,7 @@ from gpu_runner.training.loop import PauseFn, TrainingError, TrainResult, train
 from gpu_runner.training.textual_inversion import TextualInversionError
 from gpu_runner.worker import JobContext, JobFailed, JobStopped
 from storage.datasets import content_hash, effective_captions, images_of
+from storage.families import training_memory_mb
 from storage.job_payloads import JobKind, TrainPayload, progress_key, result_key
 from storage.models import (
     DatasetStatus,
@@ -90,21 +91,24 @@ def run_train(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
         return {"model_version_id": done.id, "final_step": None, "resumed_from": None}
     try:
         inputs = _load_inputs(services, payload.training_run_id)
-        loaded = services.models.get(inputs.base_model)
-        config = _config(inputs, loaded)
-        _mark(services, inputs.run_id, status=RunStatus.RUNNING, started=True)
-        result = train(
-            config,
-            inputs.items,
-            loaded.pipe,
-            services.runs_dir / str(inputs.run_id) / "out",
-            checkpoint_dir=services.runs_dir / str(inputs.run_id) / "checkpoints",
-            progress=_progress_reporter(services, ctx, inputs),
-            should_stop=ctx.should_stop,
-            between_steps=_generation_server(services, ctx, loaded),
-            device=services.device.torch_device,
-            adapters=loaded.adapters,
-        )
+        # Pinned for the whole run: a generation served at a checkpoint on another model
+        # cannot evict it (and a later one reload a second copy of it).
+        with services.models.pinned(inputs.base_model) as loaded:
+            config = _config(inputs, loaded)
+            _make_room(services, inputs, loaded, config)
+            _mark(services, inputs.run_id, status=RunStatus.RUNNING, started=True)
+            result = train(
+                config,
+                inputs.items,
+                loaded.pipe,
+                services.runs_dir / str(inputs.run_id) / "out",
+                checkpoint_dir=services.runs_dir / str(inputs.run_id) / "checkpoints",
+                progress=_progress_reporter(services, ctx, inputs),
+                should_stop=ctx.should_stop,
+                between_steps=_generation_server(services, ctx, loaded),
+                device=services.device.torch_device,
+                adapters=loaded.adapters,
+            )
     # Each says what to change; trying again unchanged would fail the same way.
     except (
         BaseModelError,
@@ -203,6 +207,23 @@ def _config(inputs: RunInputs, loaded: LoadedPipeline) -> Any:
     )
 
 
+def _make_room(
+    services: RunnerServices, inputs: RunInputs, loaded: LoadedPipeline, config: Any
+) -> None:
+    """Release other warm models first when the device lacks what this training needs."""
+    need_mb = training_memory_mb(
+        inputs.base_model,
+        loaded.family,
+        method=config.method,
+        resolution=config.resolution,
+        batch_size=config.batch_size,
+        rank=getattr(config, "rank", None),
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    if need_mb is not None:
+        services.models.make_room(need_mb << 20, keep=loaded.name)
+
+
 def _progress_reporter(services: RunnerServices, ctx: JobContext, inputs: RunInputs):  # type: ignore[no-untyped-def]
     def report(step: int, total: int, loss: float, extras: dict[str, Any]) -> None:
         failpoints.hit("mid_training")
@@ -246,6 +267,8 @@ def _generation_server(services: RunnerServices, ctx: JobContext, loaded: Loaded
             return
         models = services.models.names() if at_checkpoint else [loaded.name]
         for _ in range(MAX_GENERATIONS_PER_PAUSE):
+            if ctx.should_stop():  # a stopping runner claims nothing more
+                return
             job = services.queue.claim(
                 ctx.worker_id,
                 kinds=[JobKind.GENERATE],

@@ -43,13 +43,13 @@ CHECKPOINT = "checkpoint.pt"
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     kl_weight: float = 1e-6
     styled_share: float = 0.5  # of VAE training images drawn in a random style
     pool_size: int = 12288  # plain scenes encoded once for the UNet phase
-    unet_steps: int = 4000
+    unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 200
@@ -150,7 +150,8 @@ class Pretrainer:
         if not path.is_file():
             return False
         blob = torch.load(path, map_location=self.device, weights_only=False)
-        if not _same_recipe(blob["recipe"], self.recipe):
+        started = blob["state"]["unet_step"] > 0
+        if not _same_recipe(blob["recipe"], self.recipe, unet_started=started):
             raise SystemExit(
                 f"{path} was made with another recipe; rerun with the same options or use a "
                 "new --out folder"
@@ -388,11 +389,23 @@ class Pretrainer:
         return manifest
 
 
-def _same_recipe(saved: dict[str, Any], recipe: Recipe) -> bool:
+# Settings that decide when to check, save or evaluate, not what the weights become.
+_COSMETIC = {"eval_every", "eval_seeds", "checkpoint_every", "min_vae_adherence", "vae_check_count"}
+
+
+# The UNet phase's settings: free to change until its first step (the VAE is the same).
+_UNET_PHASE = {
+    "pool_size", "unet_steps", "unet_batch", "unet_lr", "warmup_steps", "min_snr_gamma",
+    "caption_dropout", "noise_offset", "ema_decay",
+}  # fmt: skip
+
+
+def _same_recipe(saved: dict[str, Any], recipe: Recipe, *, unet_started: bool) -> bool:
     # A setting added since the checkpoint was written must still be at its default.
     defaults = asdict(Recipe())
+    ignored = _COSMETIC | (set() if unet_started else _UNET_PHASE)
     current = asdict(recipe)
-    return all(saved.get(k, defaults[k]) == v for k, v in current.items())
+    return all(saved.get(k, defaults[k]) == v for k, v in current.items() if k not in ignored)
 
 
 def _hardware(device: torch.device) -> str:

@@ -179,10 +179,18 @@ def encode_text(
         return TextCond(hidden)
 
 
+# Pixels the VAE encodes at once: its full-resolution activations are ~2 GB per 1024 px
+# image in fp32 (SDXL's VAE upcasts), so 8 at a time put a 16 GB spike before step 1.
+_ENCODE_PIXELS = 4 * 512 * 512
+
+
 def encode_latent_dist(
-    vae: Any, pixels: torch.Tensor, batch: int = 8
+    vae: Any, pixels: torch.Tensor, batch: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior mean and std for each image (fp32, on the pixels' device)."""
+    """VAE posterior mean and std for each image (fp32, on the pixels' device), `batch`
+    images at a time (default: 4 at 512 px, 1 at 1024 px)."""
+    if batch is None:
+        batch = max(1, _ENCODE_PIXELS // (pixels.shape[-2] * pixels.shape[-1]))
     means, stds = [], []
     with torch.no_grad():
         for start in range(0, pixels.shape[0], batch):

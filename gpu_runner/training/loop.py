@@ -120,11 +120,15 @@ def train(
     trainer = _Trainer(config, items, pipeline, Path(out_dir), Path(checkpoint_dir), device, owner)
     try:
         return trainer.run(progress, should_stop, between_steps)
-    except torch.OutOfMemoryError:
-        raise TrainingError(
-            f"out of GPU memory at batch size {config.batch_size} and resolution "
-            f"{config.resolution}: lower batch_size or resolution and train again"
-        ) from None
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # MPS/CPU say OOM in a RuntimeError
+        from gpu_runner.devices import is_out_of_memory
+        from gpu_runner.training.oom import out_of_memory_message
+
+        if not is_out_of_memory(exc):
+            raise
+        # Advises only options `/style train` has (batch size and resolution come from the
+        # preset).
+        raise TrainingError(out_of_memory_message(config)) from None
     finally:
         trainer.cleanup()
 
@@ -184,7 +188,11 @@ class _Trainer:
         if self.is_ti:
             assert isinstance(cfg, TextualInversionConfig)
             self.train_pipe, self.token = attach_token(
-                self.pipeline, cfg.trigger, cfg.initializer_token, cfg.num_vectors
+                self.pipeline,
+                cfg.trigger,
+                cfg.initializer_token,
+                cfg.num_vectors,
+                gradient_checkpointing=self.device.type == "cuda" and cfg.gradient_checkpointing,
             )
         if cfg.cache_latents:
             self._encode_vae_all()
@@ -230,7 +238,8 @@ class _Trainer:
         self.sample_paths: list[Path] = []
         self.resumed_from: int | None = None
         self.last_checkpoint: Path | None = None
-        if self.device.type == "cuda" and cfg.gradient_checkpointing and not self.is_ti:
+        # TI backpropagates through the UNet to the token too: checkpointing saves as much.
+        if self.device.type == "cuda" and cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.checkpointing_on = True
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_runner.devices import has_native_bf16
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -33,9 +35,13 @@ class Precision:
 
 def choose_precision(device: torch.device, setting: str) -> Precision:
     """`setting`: auto | no | fp16 | bf16. Only CUDA gets mixed precision; CPU/MPS train in
-    fp32 (CPU autocast is slower than fp32 for these sizes, and MPS lacks a grad scaler)."""
+    fp32 (CPU autocast is slower than fp32 for these sizes, and MPS lacks a grad scaler).
+
+    auto picks bf16 only where `device` (not whichever GPU is current) computes it natively;
+    emulated bf16 on a T4/V100/RTX 20xx is several times slower than fp16 + grad scaler.
+    """
     if device.type != "cuda" or setting == "no":
         return Precision(device, None, False)
-    if setting == "bf16" or (setting == "auto" and torch.cuda.is_bf16_supported()):
+    if setting == "bf16" or (setting == "auto" and has_native_bf16(device)):
         return Precision(device, torch.bfloat16, False)
     return Precision(device, torch.float16, True)

@@ -10,7 +10,6 @@ its caption with the trigger removed, on fixed seeds (a resumed run draws the sa
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,9 @@ import torch
 
 from gpu_runner.samplers import make_scheduler
 from gpu_runner.training.dataset import TextCond, encode_text
+
+# The trigger leaves prior captions by the rule captions and chat find it with.
+from storage.prompt_rules import without_trigger
 
 
 @dataclass
@@ -29,12 +31,6 @@ class Priors:
 
     def __len__(self) -> int:
         return len(self.captions)
-
-
-def without_trigger(caption: str, trigger: str) -> str:
-    """The caption with the trigger word (and the comma after it) taken out."""
-    text = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)\s*,?\s*", "", caption, flags=re.IGNORECASE)
-    return re.sub(r"\s{2,}", " ", text).strip(" ,")
 
 
 @torch.no_grad()
