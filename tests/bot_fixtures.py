@@ -321,12 +321,14 @@ def add_model_version(
     approved: bool = False,
     kohya: bytes | None = None,
     diffusers: bytes | None = None,
+    method: str = "lora",
 ) -> int:
     style = rig.style(style_name)
     with rig.db.session(write=True) as s:
         model = ModelVersion(
             style_id=style.id,
             version=version,
+            method=method,
             base_model=base,
             kohya_blob=rig.blobs.put_bytes(kohya).sha256 if kohya else None,
             diffusers_blob=rig.blobs.put_bytes(diffusers).sha256 if diffusers else None,

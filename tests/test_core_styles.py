@@ -271,8 +271,16 @@ def test_export_sends_the_files_named_for_each_tool(rig: Rig) -> None:
     ]
     assert "model v2" in reply.text
     assert "ComfyUI → models/loras" in reply.text and "A1111/Forge → models/Lora" in reply.text
-    assert "InvokeAI" in reply.text
+    assert "InvokeAI" in reply.text and "DoRA" not in reply.text
     assert len(rig.audit("model.export")) == 1
+
+
+def test_a_dora_export_says_which_tools_apply_it_as_trained(rig: Rig) -> None:
+    rig.run("style create", {"name": "ink", "trigger": "inkstyle"})
+    add_model_version(rig, "ink", kohya=b"k", diffusers=b"d", method="dora")
+    (reply,) = rig.run("style export", {"name": "ink"})
+    line = next(x for x in reply.text.splitlines() if x.startswith("• DoRA"))
+    assert "ComfyUI and Forge apply" in line and "A1111 and InvokeAI do not" in line
 
 
 def test_every_write_is_audited_with_its_team(rig: Rig) -> None:

@@ -244,6 +244,12 @@ _KOHYA_HELP = (
 _DIFFUSERS_HELP = (
     "diffusers format: pipe.load_lora_weights(folder, weight_name=...) in your own scripts"
 )
+# Which tools apply a DoRA as trained (gpu_runner/training/dora.py says why).
+_DORA_HELP = (
+    "DoRA: ComfyUI and Forge apply the kohya file's weight decomposition as trained, and "
+    "the diffusers file keeps it exactly; A1111 and InvokeAI do not render a DoRA as "
+    "trained, so use ComfyUI or Forge there"
+)
 _EMBEDDING_HELP = (
     "textual-inversion embedding: ComfyUI → models/embeddings; A1111/Forge → embeddings; "
     "InvokeAI → Model Manager → Import"
@@ -275,6 +281,7 @@ def export(ctx: Context, args: StyleNameArgs) -> list[Reply]:
             detail={"style": style.name, "version": model.version},
         )
         version, name, trigger = model.version, style.name, style.trigger
+        is_dora = model.method == "dora"
     files: list[OutgoingFile] = []
     lines = [f"**{name}** model v{version} (trigger `{trigger}`):"]
     for blob, filename, where in wanted:
@@ -286,6 +293,8 @@ def export(ctx: Context, args: StyleNameArgs) -> list[Reply]:
             lines.append(f"• {filename}: missing from storage; ask whoever runs Atelier")
             continue
         lines.append(f"• {filename}: {where}")
+    if is_dora and files:
+        lines.append(f"• {_DORA_HELP}")
     if not files:
         raise UserError(
             f"{name} model v{version} has no files in storage; train it again with "
