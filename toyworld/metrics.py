@@ -66,6 +66,31 @@ def _nearest(rgb: np.ndarray, table: np.ndarray) -> np.ndarray:
     return np.argmin(((rgb[..., None, :] - table) ** 2).sum(-1), axis=-1)
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of `mask`: a generated image's stray specks (a VAE
+    artefact at the border, say) must not count as part of the shape."""
+    labels = np.zeros(mask.shape, np.int32)
+    sizes = [0]
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask), strict=True):
+        if labels[y0, x0]:
+            continue
+        label = len(sizes)
+        labels[y0, x0] = label
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        sizes.append(size)
+    if len(sizes) == 1:
+        return mask
+    return labels == int(np.argmax(sizes))
+
+
 def _row_fill(mask: np.ndarray) -> np.ndarray:
     """Fill each row between its first and last set pixel (shapes are convex)."""
     filled = np.zeros_like(mask)
@@ -128,7 +153,7 @@ def read(image: Image.Image) -> Reading:
     line = np.asarray(grid_line_colour(BACKGROUNDS[bg_name]), np.float32)
     far_bg = np.linalg.norm(pixels - bg, axis=-1) > _FOREGROUND_DISTANCE
     far_line = np.linalg.norm(pixels - line, axis=-1) > _FOREGROUND_DISTANCE * 0.8
-    mask = far_bg & far_line
+    mask = largest_component(far_bg & far_line)
     filled = _row_fill(mask)
     shape = _classify_shape(filled)
     colour = None

@@ -203,7 +203,9 @@ class Pretrainer:
         self.vae.eval()
 
     def check_vae(self) -> None:
-        if self.state["vae_report"] is None:
+        stored = self.state["vae_report"]
+        # Measured again when it failed: the gate or the metrics may have changed since.
+        if stored is None or stored["plain"]["all"] < self.recipe.min_vae_adherence:
             self.state["vae_report"] = reconstruction_report(
                 self.vae, self.device, seed=10_000, count=self.recipe.vae_check_count
             )
