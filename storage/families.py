@@ -42,6 +42,9 @@ class BuiltinModel:
     native_side: int  # what it was made or trained for
     random: bool  # random weights: images are noise
     description: str
+    # Its own sampler and CFG where the family's do not suit it (None: the family's).
+    sampler: str | None = None
+    cfg: float | None = None
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -60,6 +63,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             False,
             "Atelier's own small SD1.5-layout model pretrained on the toy world (shapes, "
             "colours, backgrounds at 64 px)",
+            # Zero terminal SNR with trailing timesteps (gpu_runner/toyworld/model.py): plain
+            # DPM++ 2M, whose sigmas end where the schedule does, not Karras' re-spacing.
+            sampler="DPM++ 2M",
         ),
     )
 }
@@ -149,7 +155,13 @@ def defaults_for(base_model: str, family: str) -> GenerationDefaults:
     builtin = BUILTIN_MODELS.get(base_model)
     if builtin is not None:
         side = builtin.native_side
-        return GenerationDefaults(side, side, defaults.steps, defaults.sampler, defaults.cfg)
+        return GenerationDefaults(
+            side,
+            side,
+            defaults.steps,
+            builtin.sampler or defaults.sampler,
+            builtin.cfg if builtin.cfg is not None else defaults.cfg,
+        )
     return defaults
 
 

@@ -8,12 +8,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpu_runner.samplers import make_scheduler
+from storage.families import generation_defaults
 from toyworld.metrics import read
 from toyworld.scenes import SIDE, all_prompts, random_scenes
 from toyworld.styles import STYLES, draw
 
-# What "the default CFG" means for the targets: the settings /imagine uses on SD1.5.
-EVAL_SETTINGS = {"steps": 25, "cfg": 7.0, "sampler": "DPM++ 2M"}
+# What "the default CFG" means for the targets: the settings /imagine uses on toy-sd15.
+_DEFAULTS = generation_defaults("toy-sd15", {})
+EVAL_SETTINGS = {"steps": _DEFAULTS.steps, "cfg": _DEFAULTS.cfg, "sampler": _DEFAULTS.sampler}
 
 
 def rates(hits: list[dict[str, bool]]) -> dict[str, float]:
@@ -45,12 +48,9 @@ def reconstruction_report(vae: Any, device: torch.device, seed: int, count: int 
 @torch.no_grad()
 def adherence_report(pipe: Any, seeds: int = 2, prefix: str = "") -> dict[str, Any]:
     """Generate every prompt with `seeds` seeds and score shape, colour, background."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(pipe.scheduler.config, str(EVAL_SETTINGS["sampler"]))
     scenes = all_prompts()
     hits = []
-    device = pipe.unet.device
     for seed in range(seeds):
         prompts = [prefix + s.caption for s in scenes]
         gens = [
@@ -65,5 +65,4 @@ def adherence_report(pipe: Any, seeds: int = 2, prefix: str = "") -> dict[str, A
             width=SIDE,
         ).images
         hits += [read(im).adherence(s) for im, s in zip(images, scenes, strict=True)]
-    del device
     return {"rates": rates(hits), "samples": len(hits), "settings": EVAL_SETTINGS}

@@ -31,8 +31,13 @@ LATENT_CHANNELS = 16
 # Every word of the toy world's captions is one token; anything else (trigger words
 # included) falls back to byte-level symbols, as rare words do in real CLIP.
 VOCABULARY = ("a", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS)
-# SD1.5's scheduler config (its model repo's scheduler_config.json).
+# SD1.5's betas (its model repo's scheduler_config.json), rescaled to zero terminal SNR with
+# v-prediction and trailing timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and
+# Sample Steps are Flawed"): with 8x8x16 latents SD's last step still carries enough signal
+# that an epsilon model read the background from the noise and ignored the prompt there
+# (measured: background at chance, 36%, after 1000 steps); at zero SNR only the text is left.
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+NOISE_SCHEDULE = {**SD_BETAS, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
 
 
 class ToyWeightsError(RuntimeError):
@@ -76,7 +81,7 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def build_scheduler() -> DPMSolverMultistepScheduler:
-    return DPMSolverMultistepScheduler(**SD_BETAS, steps_offset=1)
+    return DPMSolverMultistepScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing")
 
 
 def assemble(

@@ -49,13 +49,13 @@ class Recipe:
     kl_weight: float = 1e-6
     styled_share: float = 0.5  # of VAE training images drawn in a random style
     pool_size: int = 12288  # plain scenes encoded once for the UNet phase
-    unet_steps: int = 3000
+    unet_steps: int = 2000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 200
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 0.0  # off: min-SNR's v weights would mute the steps text decides
     caption_dropout: float = 0.1
-    noise_offset: float = 0.05
+    noise_offset: float = 0.0  # zero terminal SNR makes it unneeded
     ema_decay: float = 0.999
     eval_every: int = 1000
     eval_seeds: int = 2  # final evaluation: 45 prompts x this many seeds
@@ -250,7 +250,11 @@ class Pretrainer:
         empty = self.tokenizer(
             [""], padding="max_length", max_length=toy.MAX_TOKENS, return_tensors="pt"
         ).input_ids.to(self.device)
-        sched = DDPMScheduler(num_train_timesteps=1000, **toy.SD_BETAS)
+        sched = DDPMScheduler(num_train_timesteps=1000, **toy.NOISE_SCHEDULE)
+        if self.state["unet_step"] == 0:
+            # The UNet phase draws from its own stream: it does not depend on how the VAE
+            # phase's run was split.
+            self.generator.manual_seed(r.seed + 1)
         alphas = sched.alphas_cumprod.to(self.device)
         self.unet.train()
         self.text_encoder.train()
@@ -279,10 +283,12 @@ class Pretrainer:
             noisy = sched.add_noise(latents, noise, t)
             hidden = self.text_encoder(batch_ids)[0]
             pred = self.unet(noisy, t, hidden).sample
-            snr = alphas[t] / (1 - alphas[t])
-            weights = torch.clamp(snr, max=r.min_snr_gamma) / snr
-            per = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-            loss = (per * weights).mean()
+            target = sched.get_velocity(latents, noise, t)
+            per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            if r.min_snr_gamma:
+                snr = alphas[t] / (1 - alphas[t])
+                per = per * torch.clamp(snr, max=r.min_snr_gamma) / (snr + 1)
+            loss = per.mean()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             params = [*self.unet.parameters(), *self.text_encoder.parameters()]
