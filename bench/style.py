@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,19 +22,25 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Run as a script, bench/ is first on sys.path and bench/queue.py would shadow the stdlib
+# `queue` that torch imports: put the repository root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from bot.demo.references import held_out_prompts, reference_scenes
-from bot.demo.scoring import Tally
-from gpu_runner.samplers import make_scheduler
-from gpu_runner.toyworld.model import build_toy_sd15_pipeline
-from gpu_runner.training.config import make_config
-from gpu_runner.training.loop import ADAPTER_NAME, train
-from storage.families import generation_defaults
-from toyworld.styles import draw
+from bot.demo.references import held_out_prompts, reference_scenes  # noqa: E402
+from bot.demo.scoring import Tally  # noqa: E402
+from gpu_runner.samplers import make_scheduler  # noqa: E402
+from gpu_runner.toyworld.model import build_toy_sd15_pipeline  # noqa: E402
+from gpu_runner.training.config import make_config  # noqa: E402
+from gpu_runner.training.loop import ADAPTER_NAME, train  # noqa: E402
+from storage.families import generation_defaults  # noqa: E402
+from storage.prompt_rules import TRIGGER_PLACEHOLDER  # noqa: E402
+from toyworld.styles import draw  # noqa: E402
 
 TRIGGER = "zxstripes"
 STYLE = "stripes"
@@ -42,7 +49,11 @@ PROMPTS = held_out_prompts(10)
 
 
 def items() -> list[tuple[Any, str]]:
-    return [(draw(s, (STYLE,)), s.caption) for s in reference_scenes(12)]
+    # The trigger goes last: toy-sd15's text encoder never saw a made-up word, and with
+    # CLIP's causal attention words after it would read differently.
+    return [
+        (draw(s, (STYLE,)), f"{s.caption}, {TRIGGER_PLACEHOLDER}") for s in reference_scenes(12)
+    ]
 
 
 OVERRIDES: dict[str, Any] = {}  # from the command line (--lr, --prior)
@@ -63,8 +74,8 @@ def score(pipe: Any) -> dict[str, float]:
     d = generation_defaults("toy-sd15", {})
     pipe.scheduler = make_scheduler(pipe.scheduler.config, d.sampler)
     on, off = Tally.empty(), Tally.empty()
-    for tally, prefix in ((on, f"{TRIGGER}, "), (off, "")):
-        prompts = [prefix + p.caption for p in PROMPTS]
+    for tally, suffix in ((on, f", {TRIGGER}"), (off, "")):
+        prompts = [p.caption + suffix for p in PROMPTS]
         gens = [torch.Generator("cpu").manual_seed(1000 + i) for i in range(len(prompts))]
         images = pipe(
             prompts, num_inference_steps=d.steps, guidance_scale=d.cfg, width=64, height=64,
@@ -79,8 +90,8 @@ def score(pipe: Any) -> dict[str, float]:
 def atelier(steps: int, every: int) -> tuple[list[tuple[int, float, dict]], float]:
     """Atelier's trainer; scored between steps with its own adapter on (timer paused)."""
     pipe = build_toy_sd15_pipeline()
-    config = make_config("lora", "sd15", "style", trigger=TRIGGER, **settings(steps),
-                         checkpoint_every=steps, validate_every=steps)  # fmt: skip
+    chosen = {**settings(steps), "checkpoint_every": steps, "validate_every": steps}
+    config = make_config("lora", "sd15", "style", trigger=TRIGGER, **chosen)
     curve: list[tuple[int, float, dict]] = []
     clock = {"train": 0.0, "since": time.perf_counter()}
     step = {"n": 0}
@@ -122,7 +133,7 @@ def plain_loop(steps: int, every: int) -> tuple[list[tuple[int, float, dict]], f
     data = items()
     arrays = [np.asarray(im, dtype=np.float32) / 127.5 - 1 for im, _ in data]
     pixels = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
-    captions = [f"{TRIGGER}, {c}" for _, c in data]
+    captions = [c.replace(TRIGGER_PLACEHOLDER, TRIGGER) for _, c in data]
     gen = torch.Generator().manual_seed(0)
     curve: list[tuple[int, float, dict]] = []
     trained = 0.0

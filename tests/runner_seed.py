@@ -92,7 +92,8 @@ def approved_style(
             )
             s.add(ref)
             s.flush()
-            s.add(Caption(image_id=ref.id, text=f"[trigger], {caption}", author="ana"))
+            text = caption if "[trigger]" in caption else f"[trigger], {caption}"
+            s.add(Caption(image_id=ref.id, text=text, author="ana"))
         s.flush()
         images = images_of(s, dataset.id)
         dataset.status = DatasetStatus.APPROVED

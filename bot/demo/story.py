@@ -58,7 +58,9 @@ REFERENCE_COUNT = 12
 # prompts by this step (bench/style.py measures when) and training takes seconds on a CPU.
 DEFAULT_STEPS = 150
 SHOWCASE = held_out_prompts(1)[0]
-PROMPT = f"{TRIGGER}, {SHOWCASE.caption}"
+# The trigger goes last: toy-sd15's text encoder never saw a made-up word, and with CLIP's
+# causal attention the words after it would read differently (colour fell from 90% to 30%).
+PROMPT = f"{SHOWCASE.caption}, {TRIGGER}"
 IMAGE_OPTIONS = "seed=7"  # toy-sd15's own size (64 px), steps, sampler and CFG
 # Held-out prompts scored with and without the trigger; 2 seeds each.
 MEASURE_PROMPTS = 6
@@ -188,9 +190,9 @@ class Demo:
             "filled with diagonal stripes."
         )
         self._say(f"/style add {STYLE} " + " ".join(ref.name for ref in refs))
-        self._note("They caption each image with what it shows; the trigger word is added.")
+        self._note("They caption each image with what it shows, and the trigger word.")
         for number, ref in enumerate(refs, start=1):
-            self._say(f"/style caption {STYLE} {number} {ref.caption}")
+            self._say(f"/style caption {STYLE} {number} {ref.caption}, {TRIGGER}")
         self._note("They ask for a review: Atelier posts a contact sheet and one card per image.")
         self._say(f"/style review {STYLE}")
         sheet = self._review_sheet_number()
@@ -239,7 +241,7 @@ class Demo:
         )
         with_trigger = [
             (scene, self._one_new_job(
-                f"/imagine {TRIGGER}, {scene.caption} {MEASURE_OPTIONS} compare=yes", wait=False
+                f"/imagine {scene.caption}, {TRIGGER} {MEASURE_OPTIONS} compare=yes", wait=False
             ))
             for scene in scenes
         ]  # fmt: skip

@@ -81,7 +81,10 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def build_scheduler() -> DPMSolverMultistepScheduler:
-    return DPMSolverMultistepScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing")
+    # steps_offset only shifts "leading" spacing; 1 is what SD pipelines expect to see.
+    return DPMSolverMultistepScheduler(
+        **NOISE_SCHEDULE, timestep_spacing="trailing", steps_offset=1
+    )
 
 
 def assemble(
