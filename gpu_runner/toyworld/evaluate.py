@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from gpu_runner.samplers import make_scheduler
 from storage.families import generation_defaults
@@ -17,6 +18,12 @@ from toyworld.styles import STYLES, draw
 # What "the default CFG" means for the targets: the settings /imagine uses on toy-sd15.
 _DEFAULTS = generation_defaults("toy-sd15", {})
 EVAL_SETTINGS = {"steps": _DEFAULTS.steps, "cfg": _DEFAULTS.cfg, "sampler": _DEFAULTS.sampler}
+
+
+def images_to_tensor(images: list[Any], device: torch.device) -> torch.Tensor:
+    """RGB images as a (N, 3, H, W) batch in [-1, 1], as the VAE takes them."""
+    arr = np.stack([np.asarray(im, np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(device)
 
 
 def rates(hits: list[dict[str, bool]]) -> dict[str, float]:
@@ -31,12 +38,9 @@ def reconstruction_report(vae: Any, device: torch.device, seed: int, count: int 
     report: dict[str, Any] = {}
     for style in ((), *((name,) for name in STYLES)):
         images = [draw(s, style) for s in scenes]
-        x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images]) / 127.5 - 1)
-        x = x.permute(0, 3, 1, 2).to(device)
+        x = images_to_tensor(images, device)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        from PIL import Image
-
         readings = [read(Image.fromarray(a)) for a in arr]
         entry = rates([r.adherence(s) for r, s in zip(readings, scenes, strict=True)])
         if style:

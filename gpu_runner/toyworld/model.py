@@ -8,7 +8,6 @@ red into orange in the planning spike, and colour is half of what the toy world 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from diffusers import (
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from gpu_runner.lora_import import file_sha256
 from gpu_runner.tiny_models import MAX_TOKENS, TEXT_HIDDEN, build_tiny_tokenizer, text_config
 from toyworld.scenes import BACKGROUNDS, COLOURS, SHAPES, SIDE
 
@@ -105,10 +105,6 @@ def assemble(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_manifest(folder: Path = WEIGHTS_DIR) -> dict:

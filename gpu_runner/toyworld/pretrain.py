@@ -32,8 +32,13 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
+from gpu_runner.lora_import import file_sha256
 from gpu_runner.toyworld import model as toy
-from gpu_runner.toyworld.evaluate import adherence_report, reconstruction_report
+from gpu_runner.toyworld.evaluate import (
+    adherence_report,
+    images_to_tensor,
+    reconstruction_report,
+)
 from toyworld.scenes import random_scene
 from toyworld.styles import STYLES, draw
 
@@ -64,11 +69,6 @@ class Recipe:
     vae_check_count: int = 300  # scenes whose reconstructions are scored after the VAE phase
 
 
-def _images_to_tensor(images: list[Any], device: torch.device) -> torch.Tensor:
-    arr = np.stack([np.asarray(im, np.float32) for im in images]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(device)
-
-
 def _vae_batch(recipe: Recipe, step: int, device: torch.device) -> torch.Tensor:
     rng = np.random.default_rng([recipe.seed, 1, step])
     names = list(STYLES)
@@ -82,7 +82,7 @@ def _vae_batch(recipe: Recipe, step: int, device: torch.device) -> torch.Tensor:
                 pick[rng.integers(len(names))] = True
             styles = tuple(n for n, p in zip(names, pick, strict=True) if p)
         images.append(draw(scene, styles))
-    return _images_to_tensor(images, device)
+    return images_to_tensor(images, device)
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -228,7 +228,7 @@ class Pretrainer:
         scenes = [random_scene(rng) for _ in range(r.pool_size)]
         means, stds = [], []
         for start in range(0, len(scenes), 256):
-            x = _images_to_tensor([draw(s) for s in scenes[start : start + 256]], self.device)
+            x = images_to_tensor([draw(s) for s in scenes[start : start + 256]], self.device)
             dist = self.vae.encode(x).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
@@ -371,7 +371,7 @@ class Pretrainer:
             save_file(state, str(path))
             files[name] = {
                 "file": path.name,
-                "sha256": toy.file_sha256(path),
+                "sha256": file_sha256(path),
                 "bytes": path.stat().st_size,
                 "parameters": sum(p.numel() for p in module.parameters()),
             }
