@@ -246,3 +246,38 @@ def test_prediction_type_is_written_as_modelspec_names_it(
         finished_at=now, steps_done=1, prediction_type=scheduler,
     )  # fmt: skip
     assert meta["modelspec.prediction_type"] == spec
+
+
+def test_locon_files_load_every_layer_and_render_as_trained(
+    tiny_builders: Builders, tmp_path: Path
+) -> None:
+    # LoCon targets (conv, ff, proj beside attention), as toy-sd15 trains: diffusers' loader
+    # once dropped every attention layer of such a file without a word.
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from gpu_runner.training.export import export_diffusers
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+               "ff.net.2", "conv1", "conv2"]  # fmt: skip
+    trained = tiny_builders["sd15"](0)
+    config = LoraConfig(r=4, lora_alpha=2, target_modules=targets, init_lora_weights="gaussian")
+    trained.unet.add_adapter(config, adapter_name="style")
+    torch.manual_seed(1)
+    for name, param in trained.unet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    state = get_peft_model_state_dict(trained.unet, adapter_name="style")
+    layers = {k.split(".lora_")[0] for k in state}
+    assert any(".attn2." in m for m in layers) and any(".conv1" in m for m in layers)
+    kohya = export_kohya(tmp_path / "style.safetensors", state, 2.0, {})
+    diffusers_file = export_diffusers(
+        tmp_path / "diffusers", StableDiffusionPipeline, state, config.to_dict()
+    )
+    want = _image(trained)
+    for source in (kohya, diffusers_file):
+        fresh = tiny_builders["sd15"](0)
+        fresh.load_lora_weights(str(source), adapter_name="loaded")
+        loaded = {n.split(".lora_")[0] for n, _ in fresh.unet.named_parameters() if "lora_" in n}
+        assert loaded == layers, (source.name, sorted(layers - loaded)[:5])
+        np.testing.assert_allclose(_image(fresh), want, atol=1e-5, err_msg=source.name)

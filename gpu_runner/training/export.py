@@ -250,18 +250,20 @@ def export_diffusers(
     adapter_metadata: dict[str, Any],
 ) -> Path:
     """diffusers' format via the pipeline class's own `save_lora_weights` (peft config, incl.
-    alpha and DoRA, travels in the file's header)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    alpha and DoRA, travels in the file's header).
 
+    The keys stay in peft's `lora_A`/`lora_B` form. diffusers' `convert_state_dict_to_diffusers`
+    renames only attention projections (`to_q.lora.down`), and its loader decides the format
+    from the first key alone: with LoCon targets (conv, ff, proj) that first key is `lora_A`,
+    so every renamed attention key was silently dropped on load.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     metadata = dict(adapter_metadata)
     if isinstance(metadata.get("target_modules"), set):
         metadata["target_modules"] = sorted(metadata["target_modules"])
     pipeline_cls.save_lora_weights(
         save_directory=directory,
-        unet_lora_layers=convert_state_dict_to_diffusers(
-            {k: v.detach().float().cpu() for k, v in peft_state.items()}
-        ),
+        unet_lora_layers={k: v.detach().float().cpu() for k, v in peft_state.items()},
         unet_lora_adapter_metadata=metadata,
         weight_name=DIFFUSERS_WEIGHT_NAME,
         safe_serialization=True,
