@@ -75,3 +75,22 @@ def test_pretraining_runs_resumes_and_repeats_itself(tmp_path: Path, capsys: Any
     assert set(manifest["metrics"]["vae_reconstruction"]) == {"plain", "stripes", "outline", "grid"}
     # The files load as the toy model does.
     toy.build_toy_sd15_pipeline(split)
+
+
+def test_pretraining_pool_knows_one_style_word_and_ignores_made_up_ones() -> None:
+    from gpu_runner.toyworld.pretrain import OUTLINED_WORD, Recipe, pool_captions
+    from toyworld.metrics import read
+    from toyworld.scenes import random_scenes
+    from toyworld.styles import draw
+
+    scenes = random_scenes(3, 400)
+    styles, captions = pool_captions(scenes, Recipe(outlined_share=0.2, nonsense_share=0.3))
+    outlined = [i for i, c in enumerate(captions) if c.endswith(f", {OUTLINED_WORD}")]
+    made_up = [i for i, c in enumerate(captions) if c != scenes[i].caption and i not in outlined]
+    assert 0.12 < len(outlined) / 400 < 0.28 and 0.22 < len(made_up) / 400 < 0.38
+    # Exactly the "outlined" captions show outlines; a made-up word leaves the scene plain.
+    assert all(read(draw(scenes[i], styles[i])).shows("outline") for i in outlined)
+    assert all(styles[i] == () for i in range(400) if i not in outlined)
+    words = {captions[i].rsplit(", ", 1)[1] for i in made_up}
+    assert len(words) > 0.9 * len(made_up) and not words & set(toy.VOCABULARY)
+    assert pool_captions(scenes, Recipe()) == ([()] * 400, [s.caption for s in scenes])

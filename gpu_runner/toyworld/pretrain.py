@@ -60,6 +60,13 @@ class Recipe:
     warmup_steps: int = 200
     min_snr_gamma: float = 0.0  # off: min-SNR's v weights would mute the steps text decides
     caption_dropout: float = 0.1
+    # Pool scenes drawn outlined and captioned "..., outlined": a look the base model knows
+    # by a word, as real models know "line art" (textual inversion can only find looks the
+    # model can already draw).
+    outlined_share: float = 0.0
+    # Plain pool scenes captioned with a made-up word appended: unknown words must mean
+    # nothing, so a fresh trigger starts plain and only "outlined" outlines.
+    nonsense_share: float = 0.0
     noise_offset: float = 0.0  # zero terminal SNR makes it unneeded
     ema_decay: float = 0.999
     eval_every: int = 1000
@@ -83,6 +90,31 @@ def _vae_batch(recipe: Recipe, step: int, device: torch.device) -> torch.Tensor:
             styles = tuple(n for n, p in zip(names, pick, strict=True) if p)
         images.append(draw(scene, styles))
     return images_to_tensor(images, device)
+
+
+OUTLINED_WORD = "outlined"
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def pool_captions(scenes: list[Any], recipe: Recipe) -> tuple[list[tuple[str, ...]], list[str]]:
+    """Each pool scene's style and caption: plain, outlined ("..., outlined") or plain with a
+    made-up word appended, drawn from their own stream (the scenes do not change)."""
+    rng = np.random.default_rng([recipe.seed, 4])
+    styles: list[tuple[str, ...]] = []
+    captions: list[str] = []
+    for scene in scenes:
+        roll = rng.random()
+        word = "".join(rng.choice(list(_LETTERS), int(rng.integers(4, 10))))
+        if roll < recipe.outlined_share:
+            styles.append(("outline",))
+            captions.append(f"{scene.caption}, {OUTLINED_WORD}")
+        elif roll < recipe.outlined_share + recipe.nonsense_share:
+            styles.append(())
+            captions.append(f"{scene.caption}, {word}")
+        else:
+            styles.append(())
+            captions.append(scene.caption)
+    return styles, captions
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -226,15 +258,17 @@ class Pretrainer:
         r = self.recipe
         rng = np.random.default_rng([r.seed, 2])
         scenes = [random_scene(rng) for _ in range(r.pool_size)]
+        styles, captions = pool_captions(scenes, r)
         means, stds = [], []
         for start in range(0, len(scenes), 256):
-            x = images_to_tensor([draw(s) for s in scenes[start : start + 256]], self.device)
+            chunk = range(start, min(start + 256, len(scenes)))
+            x = images_to_tensor([draw(scenes[i], styles[i]) for i in chunk], self.device)
             dist = self.vae.encode(x).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
         mean, std = torch.cat(means), torch.cat(stds)
         ids = self.tokenizer(
-            [s.caption for s in scenes], padding="max_length", max_length=toy.MAX_TOKENS,
+            captions, padding="max_length", max_length=toy.MAX_TOKENS,
             truncation=True, return_tensors="pt",
         ).input_ids.to(self.device)  # fmt: skip
         if self.state["scaling_factor"] is None:
@@ -404,7 +438,7 @@ _COSMETIC = {"eval_every", "eval_seeds", "checkpoint_every", "min_vae_adherence"
 # The UNet phase's settings: free to change until its first step (the VAE is the same).
 _UNET_PHASE = {
     "pool_size", "unet_steps", "unet_batch", "unet_lr", "warmup_steps", "min_snr_gamma",
-    "caption_dropout", "noise_offset", "ema_decay",
+    "caption_dropout", "noise_offset", "ema_decay", "outlined_share", "nonsense_share",
 }  # fmt: skip
 
 
