@@ -253,6 +253,7 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
 # at 64 px, use the VAE's factor of 8 instead.
 SIZE_MULTIPLE = 64
 SMALL_SIZE_MULTIPLE = 8
+MIN_SIDE = 64
 
 
 def aspect_size(
@@ -265,4 +266,6 @@ def aspect_size(
     rw, rh = ratio
     width = (area * rw / rh) ** 0.5
     height = width * rh / rw
-    return max(step, round(width / step) * step), max(step, round(height / step) * step)
+    # Never below the smallest side a generation takes (built-in models are 64 px).
+    grow = max(1.0, MIN_SIDE / min(width, height))
+    return round(width * grow / step) * step, round(height * grow / step) * step

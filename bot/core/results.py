@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -45,7 +46,10 @@ def press(ctx: Context, button: ButtonId, values: Mapping[str, str]) -> list[Rep
             return [_delete(ctx, tx, generation)]
         original = _payload(tx, generation)
         check_blocklist(ctx, values.get("prompt") or original.prompt)
-        payload = _derive(ctx, tx, generation, original, button, values)
+        try:
+            payload = _derive(ctx, tx, generation, original, button, values)
+        except ValidationError as exc:
+            raise UserError(f"That request can't run: {exc.errors()[0]['msg']}.") from None
         job = enqueue_generation(ctx, tx.session, tx.team.id, payload, ctx.idempotency_key)
         audit.record(
             tx.session,
