@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import re
 import secrets
 from collections import OrderedDict
@@ -526,13 +527,16 @@ class Generator:
             "width": request.width,
             "height": request.height,
         }
-        total = request.steps
+        steps = total = request.steps
         if request.init_image is not None:
             # The same modules (and loaded LoRAs) wired as an image-to-image pipeline.
             pipe = AutoPipelineForImage2Image.from_pipe(loaded.pipe)
             start = _open_init(request.init_image, request.width, request.height)
-            kwargs = {"image": [start] * len(chunk), "strength": request.strength}
-            total = max(1, int(request.steps * (request.strength or 1.0)))
+            strength = request.strength or 1.0
+            kwargs = {"image": [start] * len(chunk), "strength": strength}
+            # diffusers runs int(steps x strength) steps: at least one, however few asked.
+            steps = max(steps, math.ceil(1 / strength))
+            total = int(steps * strength)
         pipe.scheduler = self._scheduler(loaded, request.sampler)
         if on_step is not None:
 
@@ -548,7 +552,7 @@ class Generator:
             out = pipe(
                 prompt=[render.text for render, _ in chunk],
                 negative_prompt=[render.request.negative_prompt for render, _ in chunk],
-                num_inference_steps=request.steps,
+                num_inference_steps=steps,
                 guidance_scale=request.cfg,
                 generator=generators,
                 output_type="pil",

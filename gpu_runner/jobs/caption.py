@@ -88,7 +88,7 @@ def _update_cards(
     )
     for image_id in list(same_number):
         row = s.scalar(select(OutboxMessage).where(OutboxMessage.key == card_key(image_id)))
-        if row is None or row.platform_message_id is None:
+        if row is None:  # never reviewed: no card to edit
             continue
         services.outbox.put(
             row.key,
