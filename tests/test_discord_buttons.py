@@ -53,7 +53,7 @@ def _message(message_id: int) -> dict[str, Any]:
             "discriminator": "0",
             "avatar": None,
             "bot": True,
-        },  # fmt: skip
+        },
         "content": "Seed 11",
         "timestamp": "2025-01-01T12:00:00.000000+00:00",
         "edited_timestamp": None,

@@ -5,19 +5,29 @@ SlackSender drawing Block Kit buttons on the fake Web API."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 from fake_slack_api import (
     block_actions_form,
     signed_headers,
     view_submission_form,
 )
 from slack_bolt import BoltRequest
-from test_slack_core import ARTIST, FORM, LEAD, SECRET, Studio, png, studio  # noqa: F401
+from test_slack_core import ARTIST, FORM, LEAD, SECRET, Studio, open_studio, png
 
+from storage.db import Database
 from storage.job_payloads import GeneratePayload, result_key
 from storage.models import Generation, Job
 from storage.result_buttons import ButtonId, result_buttons
+
+
+@pytest.fixture
+def studio(db: Database, tmp_path: Path) -> Iterator[Studio]:
+    with open_studio(db, tmp_path) as opened:
+        yield opened
 
 
 def _finish(studio: Studio, job: Job) -> int:
