@@ -190,3 +190,69 @@ def test_other_components_are_not_atelier_s(api: FakeDiscordAPI) -> None:
     handler = PressHandler(lambda _p: [])
     feed(api, handler, button("someone-elses:button"))
     assert handler.presses == [] and api.find("POST", CALLBACK) == []
+
+
+# -- through the real core, on both databases ------------------------------------------------
+
+
+@pytest.fixture
+def core_with_result(db: Any, tmp_path: Any) -> tuple[Any, int]:
+    """The real core, and a result in the Discord guild's team requested by the lead."""
+    from bot.core import CommandCore
+    from storage.blobs import BlobStore
+    from storage.job_payloads import GeneratePayload, ReplyTarget
+    from storage.models import Generation, Job, Team
+    from storage.outbox import Outbox
+    from storage.queue import JobQueue
+    from storage.settings import Settings
+    from tests.fake_discord_api import LEAD_USER
+
+    settings = Settings(_env_file=None, data_dir=tmp_path, discord_lead_roles=["Art Lead"])  # type: ignore[call-arg]
+    core = CommandCore(
+        db,
+        BlobStore(tmp_path / "blobs", settings.max_blob_bytes),
+        settings,
+        JobQueue(db),
+        Outbox(db),
+    )
+    with db.session(write=True) as s:
+        team = Team(platform="discord", external_id=str(GUILD_ID), name="Studio")
+        s.add(team)
+        s.flush()
+        reply = ReplyTarget(
+            platform="discord", channel=str(CHANNEL_ID), team_id=team.id, requester=LEAD_USER["id"]
+        )
+        payload = GeneratePayload(
+            reply=reply, prompt="a fox", base_model="tiny-sd15", steps=2, cfg=7, width=64,
+            height=64, sampler="Euler",
+        )  # fmt: skip
+        job = Job(kind="generate", payload=payload.model_dump(mode="json"),
+                  requester=LEAD_USER["id"], team_id=team.id, status="succeeded")  # fmt: skip
+        s.add(job)
+        s.flush()
+        generation = Generation(
+            team_id=team.id, job_id=job.id, requester=LEAD_USER["id"], prompt="a fox", seed=3,
+            steps=2, cfg=7, width=64, height=64, sampler="Euler", base_model="tiny-sd15",
+            image_blobs=["0" * 64],
+        )  # fmt: skip
+        s.add(generation)
+        s.flush()
+        return core, generation.id
+
+
+def test_a_non_requesters_delete_is_refused_and_a_repeated_press_makes_one_job(
+    api: FakeDiscordAPI, core_with_result: tuple[Any, int], db: Any
+) -> None:
+    from sqlalchemy import func, select
+
+    from storage.models import Generation, Job
+
+    core, generation_id = core_with_result
+    reroll = button(f"atelier:reroll:{generation_id}", 1_400_000_000_000_000_100)
+    feed(api, core, button(f"atelier:delete:{generation_id}"), reroll, reroll)
+    refusal, queued = api.find("POST", FOLLOWUP)
+    assert refusal.json["flags"] & EPHEMERAL and "Only" in refusal.json["content"]
+    assert "🔁 Queued" in queued.json["content"]
+    with db.session() as s:
+        assert s.get(Generation, generation_id).deleted_at is None
+        assert s.scalar(select(func.count()).select_from(Job)) == 2  # the result's + one reroll
