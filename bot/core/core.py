@@ -193,10 +193,15 @@ class CommandCore:
         job_id = results.result_job_id(item.key)
         if not isinstance(generation_id, int) and job_id is not None:
             generation_id = results.first_generation_of_job(ctx, job_id)
-        if isinstance(generation_id, int) and emoji == imagine.REROLL:
+        if emoji != imagine.REROLL:
+            return []
+        if isinstance(generation_id, int):
             # 🔁 is the Reroll button by another name.
             self._rate_limit(ctx)
             return results.press(ctx, ButtonId("reroll", generation_id), {})
+        if job_id is not None:
+            self._rate_limit(ctx)
+            return results.reroll_job(ctx, job_id)
         return []
 
     # -- buttons ---------------------------------------------------------------------------

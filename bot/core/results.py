@@ -68,6 +68,37 @@ def press(ctx: Context, button: ButtonId, values: Mapping[str, str]) -> list[Rep
     return [Reply(f"{_VERBS[button.action]} {text}")]
 
 
+def reroll_job(ctx: Context, job_id: int) -> list[Reply]:
+    """🔁 on a result whose generation is not recorded (yet): the job's request again."""
+    with ctx.write() as tx:
+        job = tx.session.get(Job, job_id)
+        if job is None or job.team_id != tx.team.id or job.kind != "generate":
+            return []
+        original = GeneratePayload.model_validate(job.payload)
+        check_blocklist(ctx, original.prompt)
+        reply = ReplyTarget(
+            platform=ctx.platform,
+            channel=original.reply.channel,
+            thread=original.reply.thread,
+            team_id=tx.team.id,
+            requester=ctx.actor.user_id,
+        )
+        payload = original.model_copy(
+            update={"seed": None, "mode": GenerationMode.REROLL, "reply": reply}
+        )
+        new_job = enqueue_generation(ctx, tx.session, tx.team.id, payload, ctx.idempotency_key)
+        audit.record(
+            tx.session,
+            team_id=tx.team.id,
+            actor=ctx.actor.user_id,
+            action="generate.reroll",
+            object_type="job",
+            object_id=new_job,
+            detail={"of_job": job.id},
+        )
+    return [Reply("🔁 " + queued_text(ctx, new_job, payload).removeprefix("🎨 "))]
+
+
 def edit_form(ctx: Context, button: ButtonId) -> list[Reply]:
     """The Edit button's form, with the prompt and negative prompt filled in."""
     with ctx.services.db.session() as s:
