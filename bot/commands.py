@@ -93,6 +93,44 @@ class Reaction:
 
 
 @dataclass(frozen=True)
+class Press:
+    """A button pressed under a result, or the edit form it opened submitted.
+
+    `button` is the button's id (storage.result_buttons: it names the action and the
+    generation); `event_id` is the platform's interaction id, so a repeated press does
+    nothing twice. `values` are a submitted form's fields.
+    """
+
+    event_id: str
+    team: TeamRef
+    channel: str
+    user: Actor
+    button: str
+    thread: str | None = None
+    values: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FormField:
+    name: str
+    label: str
+    value: str = ""
+    multiline: bool = False
+    required: bool = True
+    max_length: int = 2000
+
+
+@dataclass(frozen=True)
+class Form:
+    """A form for the person to fill in (Discord: a modal; Slack: a modal view). Submitting
+    it comes back as a Press with `submit_id` as its button and the fields as values."""
+
+    submit_id: str
+    title: str
+    fields: Sequence[FormField]
+
+
+@dataclass(frozen=True)
 class OutgoingFile:
     filename: str
     data: bytes
@@ -105,12 +143,19 @@ class Reply:
     text: str
     private: bool = False
     files: Sequence[OutgoingFile] = ()
+    form: Form | None = None  # open this form for the person (answers to a Press only)
 
 
 class CommandHandler(Protocol):
     def handle(self, command: Command) -> list[Reply]: ...
 
     def handle_reaction(self, reaction: Reaction) -> list[Reply]: ...
+
+    def handle_press(self, press: Press) -> list[Reply]: ...
+
+    def suggest(self, team: TeamRef, option: str, typed: str) -> list[str]:
+        """Choices for an option as it is typed (Discord autocomplete)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@
     /style review ink
     react 4 ✅                            react to message number 4
     reply 2 ./c.png                       post an image in the thread of message 2
+    press 9 vary                          press a button under result message 9
     /style train ink
     /imagine a harbour at dawn, inkstyle seed=7
+    /imagine the same, redder file=./start.png strength=0.5    image-to-image
     wait                                  deliver results until the team's jobs are done
     as sam                                act as another (non-lead) user; `as you lead` back
 
@@ -18,6 +20,7 @@ through `ConsoleSession.run_line`.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -34,6 +37,7 @@ from bot.commands import (
     FileTooLarge,
     IncomingFile,
     OutgoingFile,
+    Press,
     Reaction,
     Reply,
     TeamRef,
@@ -49,9 +53,12 @@ from storage.ingest import safe_display_name
 from storage.models import JobStatus, OutboxMessage
 from storage.outbox import Outbox, OutboxItem
 from storage.queue import JobQueue
+from storage.result_buttons import ACTION_WORDS, ButtonId
 from storage.settings import Settings
 
 PLATFORM = "console"
+# A local file attached to /imagine (image-to-image) or /style import.
+_FILE_OPTION = re.compile(r"(?:^|\s)file=(\S+)")
 CONSOLE_TEAM = TeamRef(PLATFORM, "local", "Console")
 CONSOLE_CHANNEL = "console"
 DEFAULT_USER = Actor("you", "you", frozenset({CONSOLE_LEAD_ROLE}))
@@ -59,6 +66,9 @@ DEFAULT_USER = Actor("you", "you", frozenset({CONSOLE_LEAD_ROLE}))
 _HELP = """Console commands (besides the slash commands below):
   react N EMOJI      react to message N (✅ approve, ❌ reject/drop, 🔁 reroll)
   reply N FILE...    post images in the thread of message N
+  press N ACTION [IMAGE] [prompt=...]
+                     press a button under result N: reroll, vary (subtle), strong,
+                     upscale, edit (with prompt= and negative=), delete
   as NAME [lead]     act as another user (with `lead`: an art lead)
   deliver            print messages waiting in the outbox
   wait [SECONDS]     deliver until the team's jobs finish (default 600 s)
@@ -175,6 +185,11 @@ def render(
     tags = " (edited)" if edited else " (only you)" if private else ""
     lines = [f"[{number}] atelier{where}{tags}: {text}"]
     lines += [f"    📎 {path}" for path in saved]
+    rows = item.extra.get("buttons") if item is not None else None
+    if isinstance(rows, list):
+        for row in rows:
+            lines.append("    " + " ".join(f"[{b['label']}]" for b in row))
+        lines.append(f"    (press {number} ACTION: {', '.join(ACTION_WORDS)})")
     return "\n".join(lines)
 
 
@@ -241,6 +256,8 @@ class ConsoleSession:
             return self._reply_in_thread(rest)
         if word == "as":
             return self._switch_user(rest)
+        if word == "press":
+            return self._press(rest)
         if word == "wait":
             return self._wait(rest)
         if word == "deliver":
@@ -268,6 +285,15 @@ class ConsoleSession:
             except FileNotFoundError as missing:
                 return [f"No such file: {missing.filename}"]
             rest = f"add {name}" if name else "add"
+        elif slash.lower() in ("imagine", "style"):
+            # `/imagine a cat file=./start.png`, `/style import ink inkstyle file=./ink.safetensors`
+            match = _FILE_OPTION.search(rest)
+            if match:
+                try:
+                    files = [local_file(self._path(match.group(1)))]
+                except FileNotFoundError as missing:
+                    return [f"No such file: {missing.filename}"]
+                rest = (rest[: match.start()] + rest[match.end() :]).strip()
         parsed = self.core.text_parser("/" + slash, rest)
         command = self._command(parsed.name, dict(parsed.args), files=files)
         return self._replies(self.core.handle(command))
@@ -288,6 +314,41 @@ class ConsoleSession:
         )
         replies = self.core.handle_reaction(reaction)
         return self._replies(replies) or [f"(your {emoji} on [{number}] changed nothing)"]
+
+    def _press(self, rest: str) -> list[str]:
+        words = split_words(rest)
+        usage = "Usage: press N ACTION [IMAGE] [prompt=...], e.g. press 9 vary"
+        if len(words) < 2 or not words[0].strip("[]").isdigit():
+            return [usage]
+        number = words[0].strip("[]")
+        action = ACTION_WORDS.get(words[1].lower())
+        if action is None:
+            return [f"Unknown button '{words[1]}'; use one of {', '.join(ACTION_WORDS)}."]
+        values = dict(w.split("=", 1) for w in words[2:] if "=" in w)
+        positions = [w for w in words[2:] if "=" not in w]
+        image = int(positions[0]) if positions and positions[0].isdigit() else 1
+        item = self.core.services.outbox.find_posted(PLATFORM, number)
+        generation = item.extra.get("generation_id") if item is not None else None
+        if not isinstance(generation, int):
+            return [f"[{number}] is not a result with buttons."]
+        press = Press(
+            event_id=_event_id(),
+            team=self.team,
+            channel=self.channel,
+            user=self.user,
+            button=ButtonId(action, generation, image).encode(),
+            values=values,
+        )
+        replies = self.core.handle_press(press)
+        out: list[str] = []
+        for reply in replies:
+            if reply.form is not None:
+                fields = "; ".join(f"{f.name}={f.value!r}" for f in reply.form.fields)
+                out.append(
+                    f"{reply.form.title}: {fields}\nSend them back with "
+                    f'`press {number} edit prompt="..." negative="..."`.'
+                )
+        return out + self._replies(r for r in replies if r.form is None)
 
     def _reply_in_thread(self, rest: str) -> list[str]:
         words = split_words(rest)

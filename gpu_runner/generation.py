@@ -9,7 +9,10 @@ LoRAs load once per pipeline under distinctive adapter names and are switched wi
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
+import math
 import re
 import secrets
 from collections import OrderedDict
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffusers import AutoPipelineForImage2Image
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -115,6 +119,10 @@ class GenerationRequest:
     adapters: tuple[AdapterUse, ...] = ()
     compare: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)  # copied into the JSON record
+    # Image-to-image: the starting picture (encoded image bytes), resized to width x height
+    # (an upscale's x2 resize is the "hires fix" first half), and the share repainted.
+    init_image: bytes | None = None
+    strength: float | None = None
 
     @classmethod
     def from_prompt(
@@ -172,6 +180,15 @@ class GenerationRequest:
             raise InvalidRequestError(
                 "compare needs a style: put a style's trigger word or <lora:name:1> in the prompt"
             )
+        if self.init_image is not None and not 0.0 < (self.strength or 0.0) <= 1.0:
+            raise InvalidRequestError("image-to-image needs a strength above 0 and at most 1")
+
+    @property
+    def init_key(self) -> str | None:
+        """Identity of the starting picture and strength (None: text-to-image)."""
+        if self.init_image is None:
+            return None
+        return f"{hashlib.sha256(self.init_image).hexdigest()}:{self.strength:g}"
 
 
 @dataclass(frozen=True)
@@ -198,6 +215,16 @@ class GenerationResult:
 
 
 # --- internals --------------------------------------------------------------------------
+
+
+def _open_init(data: bytes, width: int, height: int) -> Image.Image:
+    """The starting picture at the requested size (Lanczos: the hires-fix resize)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = img.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
+    return rgb
 
 
 @dataclass(frozen=True)
@@ -244,6 +271,7 @@ def _group_key(render: _Render) -> tuple[Any, ...]:
         r.steps,
         r.cfg,
         resolve_sampler(r.sampler).name,
+        r.init_key,
     )
 
 
@@ -495,10 +523,22 @@ class Generator:
     ) -> list[Image.Image]:
         request = chunk[0][0].request
         pipe = loaded.pipe
+        kwargs: dict[str, Any] = {
+            "width": request.width,
+            "height": request.height,
+        }
+        steps = total = request.steps
+        if request.init_image is not None:
+            # The same modules (and loaded LoRAs) wired as an image-to-image pipeline.
+            pipe = AutoPipelineForImage2Image.from_pipe(loaded.pipe)
+            start = _open_init(request.init_image, request.width, request.height)
+            strength = request.strength or 1.0
+            kwargs = {"image": [start] * len(chunk), "strength": strength}
+            # diffusers runs int(steps x strength) steps: at least one, however few asked.
+            steps = max(steps, math.ceil(1 / strength))
+            total = int(steps * strength)
         pipe.scheduler = self._scheduler(loaded, request.sampler)
-        kwargs: dict[str, Any] = {}
         if on_step is not None:
-            total = request.steps
 
             def _step_end(
                 _pipe: Any, step: int, _t: Any, tensors: dict[str, Any]
@@ -512,10 +552,8 @@ class Generator:
             out = pipe(
                 prompt=[render.text for render, _ in chunk],
                 negative_prompt=[render.request.negative_prompt for render, _ in chunk],
-                num_inference_steps=request.steps,
+                num_inference_steps=steps,
                 guidance_scale=request.cfg,
-                width=request.width,
-                height=request.height,
                 generator=generators,
                 output_type="pil",
                 **kwargs,
@@ -584,6 +622,11 @@ class Generator:
             ],
             "extra": dict(r.extra),
         }
+        if r.init_image is not None:
+            record["img2img"] = {
+                "strength": r.strength,
+                "init_sha256": hashlib.sha256(r.init_image).hexdigest(),
+            }
         return infotext, record
 
     def _encode(

@@ -239,3 +239,33 @@ def memory_needed_mb(
             rank=rank if rank is not None and preset_rank is not None else preset_rank,
         )
     return None
+
+
+# --- Aspect ratios --------------------------------------------------------------------------
+# `/imagine ar=16:9` keeps the family's native pixel count at that shape. Ratios past 21:9
+# leave the range the families were trained on (SDXL's buckets stop near 4:1 at 1024 px but
+# compose badly there), so only these are accepted.
+ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
+    (1, 1), (4, 5), (5, 4), (3, 4), (4, 3), (2, 3), (3, 2),
+    (9, 16), (16, 9), (1, 2), (2, 1), (9, 21), (21, 9),
+)  # fmt: skip
+# Sides are multiples of this (SDXL's and SD1.5's usual buckets); built-in models, trained
+# at 64 px, use the VAE's factor of 8 instead.
+SIZE_MULTIPLE = 64
+SMALL_SIZE_MULTIPLE = 8
+MIN_SIDE = 64
+
+
+def aspect_size(
+    base_model: str, configured: Mapping[str, Any], ratio: tuple[int, int]
+) -> tuple[int, int]:
+    """The family's native size reshaped to `ratio` (same pixel count, rounded)."""
+    native = generation_defaults(base_model, configured)
+    area = native.width * native.height
+    step = SIZE_MULTIPLE if native.width >= 512 else SMALL_SIZE_MULTIPLE
+    rw, rh = ratio
+    width = (area * rw / rh) ** 0.5
+    height = width * rh / rw
+    # Never below the smallest side a generation takes (built-in models are 64 px).
+    grow = max(1.0, MIN_SIDE / min(width, height))
+    return round(width * grow / step) * step, round(height * grow / step) * step

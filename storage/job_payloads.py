@@ -17,12 +17,25 @@ class JobKind(StrEnum):
     TRAIN = "train"
     GENERATE = "generate"
     CAPTION = "caption"
+    IMPORT = "import"
+
+
+class GenerationMode(StrEnum):
+    """How a generation came about; recorded on its Generation row and shown in its message."""
+
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"  # /imagine with an attached image
+    REROLL = "reroll"  # same request, new seed
+    VARY = "vary"  # image-to-image from a result
+    UPSCALE = "upscale"  # hires fix: the result resized x2, then a light image-to-image pass
+    EDIT = "edit"  # the request with its prompt edited
 
 
 class Priority(IntEnum):
     """Higher runs first: quick generations never wait behind an hour of training."""
 
     TRAIN = 0
+    IMPORT = 5
     CAPTION = 5
     GENERATE = 10
 
@@ -53,6 +66,15 @@ class CaptionPayload(_Payload):
     dataset_version_id: int
 
 
+class ImportPayload(_Payload):
+    """A LoRA file someone attached to `/style import`, stored as a blob, for the runner to
+    check (safetensors only, family against the style's base) and publish as a version."""
+
+    style_id: int
+    blob_sha256: str
+    filename: str
+
+
 class AdapterChoice(BaseModel):
     """A trained model version to apply, chosen by trigger word or `<lora:name:w>`."""
 
@@ -81,6 +103,12 @@ class GeneratePayload(_Payload):
     adapters: list[AdapterChoice] = Field(default_factory=list)
     # Set by a 🔁 reroll: the generation it repeats with a new seed.
     reroll_of: int | None = None
+    mode: GenerationMode = GenerationMode.TXT2IMG
+    # The result this one was made from (vary, upscale, edit, reroll).
+    parent_generation_id: int | None = None
+    # Image-to-image: the starting picture (a blob) and how much of it to repaint.
+    init_image: str | None = None
+    strength: float | None = Field(None, ge=0.05, le=1.0)
 
     def with_defaults(self, defaults: GenerationDefaults) -> GeneratePayload:
         """This payload with every unset setting taken from `defaults`."""
@@ -98,9 +126,11 @@ def batch_key(payload: GeneratePayload) -> str:
         f"{a.model_version_id}:{a.weight:g}"
         for a in sorted(payload.adapters, key=lambda a: a.model_version_id)
     )
+    # Image-to-image runs share a call only with the same picture and strength.
+    init = f"|{payload.init_image}:{payload.strength or 0:g}" if payload.init_image else ""
     return (
         f"{payload.base_model}|{adapters}|{payload.width}x{payload.height}|"
-        f"{payload.steps}|{payload.cfg:g}|{payload.sampler}|{int(payload.compare)}"
+        f"{payload.steps}|{payload.cfg:g}|{payload.sampler}|{int(payload.compare)}{init}"
     )
 
 

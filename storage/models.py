@@ -266,6 +266,12 @@ class Generation(Base):
     adapters: Mapped[list[Any]] = mapped_column(default=list)
     image_blobs: Mapped[list[Any]] = mapped_column(default=list)
     record: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # How it was made (GenerationMode) and, for a vary/upscale/edit/reroll, from which result.
+    mode: Mapped[str] = mapped_column(String(16), default="txt2img")
+    parent_generation_id: Mapped[int | None] = mapped_column(ForeignKey("generations.id"))
+    # Delete from chat keeps the row (the audit trail points at it) and marks it.
+    deleted_by: Mapped[str | None] = mapped_column(String(64))
+    deleted_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

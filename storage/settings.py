@@ -71,6 +71,9 @@ class Settings(BaseSettings):
         None, gt=0, description="bytes of warm pipelines to keep (default: from device memory)"
     )
 
+    max_queued_jobs_per_user: int = Field(
+        20, ge=1, description="how many queued jobs one person may have at once (a positive number)"
+    )
     max_upload_bytes: int = Field(30_000_000, gt=0, description="a positive number of bytes")
     max_image_pixels: int = Field(40_000_000, gt=0, description="a positive number of pixels")
     min_image_side: int = Field(512, ge=0, description="a number of pixels (0 disables)")

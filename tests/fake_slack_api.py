@@ -270,6 +270,11 @@ class FakeSlackApi:
             }
         return {"ok": True, "file": {"id": f.id, "name": f.name, "shares": shares}}
 
+    def _m_views_open(self, p: dict[str, Any]) -> dict[str, Any]:
+        if not p.get("trigger_id"):
+            return {"ok": False, "error": "invalid_trigger_id"}
+        return {"ok": True, "view": {"id": self._new_id("V")}}
+
     def _m_usergroups_users_list(self, p: dict[str, Any]) -> dict[str, Any]:
         group = p.get("usergroup", "")
         if group not in self.usergroups:
@@ -529,11 +534,99 @@ def word_parser(slash: str, text: str) -> ParsedText:
     return ParsedText(name=slash.lstrip("/"), args={"words": " ".join(words)})
 
 
+def block_actions_form(
+    action_id: str,
+    *,
+    trigger_id: str,
+    message_ts: str,
+    user: str = "U0ALICE01",
+    channel: str = "C0ART0001",
+    team_id: str = "T0TEAM001",
+) -> str:
+    """A button press exactly as Slack POSTs it: form-encoded `payload` JSON (block_actions)."""
+    from urllib.parse import urlencode
+
+    payload = {
+        "type": "block_actions",
+        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": team_id},
+        "api_app_id": "A0ATELIER1",
+        "token": "legacy-verification-token",
+        "container": {
+            "type": "message",
+            "message_ts": message_ts,
+            "channel_id": channel,
+            "is_ephemeral": False,
+        },
+        "trigger_id": trigger_id,
+        "team": {"id": team_id, "domain": "studio"},
+        "enterprise": None,
+        "is_enterprise_install": False,
+        "channel": {"id": channel, "name": "art"},
+        "message": {"type": "message", "ts": message_ts, "text": "result", "bot_id": BOT_ID},
+        "response_url": "https://hooks.slack.com/actions/T0TEAM001/1/abc",
+        "actions": [
+            {
+                "action_id": action_id,
+                "block_id": "b1",
+                "text": {"type": "plain_text", "text": "button", "emoji": True},
+                "value": action_id,
+                "type": "button",
+                "action_ts": "1700000300.000400",
+            }
+        ],
+    }
+    return urlencode({"payload": json.dumps(payload)})
+
+
+def view_submission_form(
+    callback_id: str,
+    values: dict[str, str],
+    *,
+    view_id: str,
+    private_metadata: str,
+    user: str = "U0ALICE01",
+    team_id: str = "T0TEAM001",
+) -> str:
+    """A submitted modal exactly as Slack POSTs it (view_submission)."""
+    from urllib.parse import urlencode
+
+    state = {
+        name: {name: {"type": "plain_text_input", "value": value}} for name, value in values.items()
+    }
+    payload = {
+        "type": "view_submission",
+        "team": {"id": team_id, "domain": "studio"},
+        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": team_id},
+        "api_app_id": "A0ATELIER1",
+        "token": "legacy-verification-token",
+        "trigger_id": "9999.8888.view",
+        "view": {
+            "id": view_id,
+            "team_id": team_id,
+            "type": "modal",
+            "callback_id": callback_id,
+            "private_metadata": private_metadata,
+            "state": {"values": state},
+            "hash": "1700000400.abcd",
+            "title": {"type": "plain_text", "text": "Edit and run again"},
+            "blocks": [],
+        },
+        "response_urls": [],
+        "is_enterprise_install": False,
+    }
+    return urlencode({"payload": json.dumps(payload)})
+
+
 class RecordingHandler:
     def __init__(self, replies: list[Reply] | None = None) -> None:
         self.commands: list[Command] = []
         self.reactions: list[Reaction] = []
+        self.presses: list[Any] = []
         self.replies = replies or []
+
+    def handle_press(self, press: Any) -> list[Reply]:
+        self.presses.append(press)
+        return list(self.replies)
 
     def handle(self, command: Command) -> list[Reply]:
         self.commands.append(command)

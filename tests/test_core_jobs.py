@@ -268,9 +268,9 @@ def test_reroll_on_a_result_queues_the_same_request_with_a_new_seed(rig: Rig) ->
     assert second.id != first.id and second.requester == "U2"
     old, new = (GeneratePayload.model_validate(j.payload) for j in (first, second))
     assert new.seed is None and new.reroll_of == generation_id
-    assert new.model_dump(exclude={"seed", "reroll_of", "reply"}) == old.model_dump(
-        exclude={"seed", "reroll_of", "reply"}
-    )
+    lineage = {"seed", "reroll_of", "reply", "mode", "parent_generation_id"}
+    assert new.model_dump(exclude=lineage) == old.model_dump(exclude=lineage)
+    assert new.mode == "reroll" and new.parent_generation_id == generation_id
     assert new.reply.channel == old.reply.channel and new.reply.requester == "U2"
     assert len(rig.audit("generate.reroll")) == 1
 

@@ -167,7 +167,7 @@ def test_the_core_answers_a_parse_error_with_the_usage(rig: Rig) -> None:
     replies = rig.core.handle(_typed(rig, "/style", "caption ink"))
     assert len(replies) == 1 and replies[0].private
     assert "Number is missing" in replies[0].text
-    assert "`/style caption name number text`" in replies[0].text
+    assert "`/style caption name number [text]`" in replies[0].text
     replies = rig.core.handle(_typed(rig, "/imagine", "a cat sed=4"))
     assert "no option 'sed'" in replies[0].text and "`/imagine prompt" in replies[0].text
     help_reply = rig.core.handle(_typed(rig, "/style", ""))

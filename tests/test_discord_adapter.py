@@ -16,6 +16,7 @@ import discord
 import pytest
 
 from bot.commands import Command, FileTooLarge, OutgoingFile, Reply
+from bot.core.parsing import COMMANDS
 from bot.discord.client import INTERNAL_ERROR
 from tests.fake_discord_api import (
     APP_ID,
@@ -320,30 +321,23 @@ def test_commands_sync_to_the_development_guild(api: FakeDiscordAPI) -> None:
     (sync,) = api.find("PUT", rf"/applications/{APP_ID}/guilds/{GUILD_ID}/commands")
     assert api.find("PUT", rf"/applications/{APP_ID}/commands") == []
     commands = {c["name"]: c for c in sync.json}
-    assert set(commands) == {"style", "imagine", "jobs", "cancel"}
+    # Discord offers exactly the core's command table (bot.core.parsing.COMMANDS), with
+    # every option of each command; attachments are Discord's own extra options.
+    assert set(commands) == {name.split(" ")[0] for name in COMMANDS}
     subcommands = {o["name"]: o for o in commands["style"]["options"]}
-    assert set(subcommands) == {
-        "create",
-        "add",
-        "caption",
-        "review",
-        "train",
-        "list",
-        "info",
-        "export",
-    }
+    assert set(subcommands) == {n.split(" ", 1)[1] for n in COMMANDS if n.startswith("style ")}
+    attachments = {"image", "file"} | {f"image{i}" for i in range(1, 11)}
+    for name, spec in COMMANDS.items():
+        group, _, sub = name.partition(" ")
+        options = subcommands[sub]["options"] if sub else commands[group].get("options", [])
+        names = [o["name"] for o in options if o["name"] not in attachments]
+        assert names == [p.name for p in spec.params], name
     add_options = subcommands["add"]["options"]
     assert [o["type"] for o in add_options] == [3] + [11] * 10  # name + 10 attachments
-    assert [o["name"] for o in subcommands["train"]["options"]] == [
-        "name",
-        "preset",
-        "steps",
-        "rank",
-        "lr",
-    ]
-    imagine = [o["name"] for o in commands["imagine"]["options"]]
-    assert imagine == ["prompt", "negative", "seed", "steps", "cfg", "size", "count", "compare"]
-    assert [o["name"] for o in commands["cancel"]["options"]] == ["job"]
+    imagine = {o["name"]: o for o in commands["imagine"]["options"]}
+    assert imagine["image"]["type"] == 11 and imagine["ar"]["autocomplete"] is True
+    train = {o["name"]: o for o in subcommands["train"]["options"]}
+    assert train["name"]["autocomplete"] is True and train["method"]["autocomplete"] is True
 
 
 def test_commands_sync_globally_without_a_guild(api: FakeDiscordAPI) -> None:
@@ -353,7 +347,7 @@ def test_commands_sync_globally_without_a_guild(api: FakeDiscordAPI) -> None:
 
     run(scenario)
     (sync,) = api.find("PUT", rf"/applications/{APP_ID}/commands")
-    assert {c["name"] for c in sync.json} == {"style", "imagine", "jobs", "cancel"}
+    assert {c["name"] for c in sync.json} == {"style", "imagine", "jobs", "cancel", "audit"}
 
 
 # Images posted in a style's thread ------------------------------------------------------

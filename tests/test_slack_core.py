@@ -11,6 +11,7 @@ import io
 import json
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,13 @@ def _app(core: CommandCore, client: WebClient) -> App:
 
 @pytest.fixture
 def studio(db: Database, tmp_path: Path) -> Iterator[Studio]:
+    with open_studio(db, tmp_path) as opened:
+        yield opened
+
+
+@contextmanager
+def open_studio(db: Database, tmp_path: Path) -> Iterator[Studio]:
+    """The real App, core and sender on a fake Slack Web API (also for other test files)."""
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None,
         data_dir=tmp_path,

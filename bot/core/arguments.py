@@ -11,10 +11,11 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from bot.core.errors import UserError
 from bot.core.parsing import PARSE_ERROR, usage
+from storage.families import ASPECT_RATIOS
 from storage.models import StyleKind
 from storage.training_bounds import METHODS, PRESETS, REAL_BOUNDS, WHOLE_BOUNDS
 
@@ -176,6 +177,28 @@ def _size(value: Any) -> tuple[int, int] | None:
     return width, height
 
 
+# Midjourney's habit: `--ar 16:9` (or `--aspect 16:9`) inside the prompt text.
+_AR_IN_PROMPT = re.compile(r"(?:^|\s)--(?:ar|aspect)(?:\s+|=)([^\s,;]+)", re.IGNORECASE)
+
+
+def _ratio(value: Any) -> tuple[int, int] | None:
+    text = _text(value).replace("/", ":").replace("x", ":").replace("×", ":")
+    if not text:
+        return None
+    accepted = ", ".join(f"{w}:{h}" for w, h in ASPECT_RATIOS)
+    try:
+        width, height = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(
+            f"the aspect ratio (ar) must look like 16:9; accepted: {accepted}"
+        ) from None
+    if (width, height) not in ASPECT_RATIOS:
+        raise ValueError(
+            f"the aspect ratio {width}:{height} is not one Atelier accepts; use one of {accepted}"
+        )
+    return width, height
+
+
 def _flag(value: Any) -> bool:
     text = _text(value).lower()
     if text in ("", "no", "false", "off", "0"):
@@ -218,10 +241,43 @@ class StyleAddArgs(Args):
     name: OptionalStyleName = None
 
 
+AUTO = "auto"
+
+
+def _image_number(value: Any) -> int | str:
+    if _text(value).lower() == AUTO:
+        return AUTO
+    parse = _whole("number", 1, 100_000).func
+    number = parse(value)
+    if number is None:
+        raise ValueError("number is missing: give the image's number, or auto")
+    return int(number)
+
+
 class StyleCaptionArgs(Args):
     name: StyleName
-    number: Annotated[int, _whole("number", 1, 100_000)]
-    text: Annotated[str, _bounded_text("the caption", 1, 1000)]
+    # An image's number, or "auto": queue the captioning model on the uncaptioned ones.
+    number: Annotated[int | str, BeforeValidator(_image_number)]
+    text: Annotated[str, _bounded_text("the caption", 0, 1000)] = ""
+
+    @model_validator(mode="after")
+    def _text_unless_auto(self) -> StyleCaptionArgs:
+        if self.number == AUTO and self.text:
+            raise ValueError("auto captions need no text; leave it out, or give a number")
+        if self.number != AUTO and not self.text:
+            raise ValueError("the caption is empty")
+        return self
+
+
+class StyleImportArgs(Args):
+    name: StyleName
+    trigger: Annotated[str, BeforeValidator(trigger_word)]
+    base: Annotated[str | None, BeforeValidator(_base)] = None
+
+
+class AuditArgs(Args):
+    style: OptionalStyleName = None
+    count: Annotated[int | None, _whole("count", 1, 100)] = None
 
 
 class StyleNameArgs(Args):
@@ -257,6 +313,28 @@ class ImagineArgs(Args):
     size: Annotated[tuple[int, int] | None, BeforeValidator(_size)] = None
     count: Annotated[int | None, _whole("count", 1, 8)] = None
     compare: Annotated[bool, BeforeValidator(_flag)] = False
+    ar: Annotated[tuple[int, int] | None, BeforeValidator(_ratio)] = None
+    strength: Annotated[float | None, _real("strength", 0.05, 1.0)] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ar_from_prompt(cls, data: Any) -> Any:
+        """`--ar 16:9` in the prompt is the `ar` option; the prompt keeps the rest."""
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+            return data
+        found = _AR_IN_PROMPT.findall(data["prompt"])
+        if not found:
+            return data
+        if len(found) > 1 or _text(data.get("ar")):
+            raise ValueError("the aspect ratio is given twice; keep one ar")
+        prompt = re.sub(r"\s+([,;])", r"\1", _AR_IN_PROMPT.sub(" ", data["prompt"])).strip()
+        return {**data, "prompt": prompt, "ar": found[0]}
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> ImagineArgs:
+        if self.size is not None and self.ar is not None:
+            raise ValueError("give size or ar, not both")
+        return self
 
 
 class CancelArgs(Args):
@@ -273,8 +351,10 @@ ARG_MODELS: dict[str, type[Args]] = {
     "style info": StyleNameArgs,
     "style export": StyleNameArgs,
     "imagine": ImagineArgs,
+    "style import": StyleImportArgs,
     "jobs": NoArgs,
     "cancel": CancelArgs,
+    "audit": AuditArgs,
 }
 
 

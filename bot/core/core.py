@@ -16,8 +16,20 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from bot.commands import Command, Reaction, Reply, TextParser
-from bot.core import audit, imagine, jobs, review, styles, training, uploads
+from bot.commands import Command, Press, Reaction, Reply, TeamRef, TextParser
+from bot.core import (
+    audit,
+    imagine,
+    imports,
+    jobs,
+    models,
+    results,
+    review,
+    styles,
+    suggestions,
+    training,
+    uploads,
+)
 from bot.core.arguments import scrub_text, validate_args
 from bot.core.auth import LeadPolicy
 from bot.core.context import Context, Services
@@ -36,8 +48,9 @@ from bot.core.teams import ensure_team
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.ingest import IngestLimits
-from storage.outbox import Outbox
+from storage.outbox import Outbox, OutboxItem
 from storage.queue import JobQueue
+from storage.result_buttons import ButtonId, parse_button_id
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,9 +66,11 @@ HANDLERS: dict[str, Handler] = {
     "style list": lambda ctx, a, _c: styles.list_styles(ctx, a),
     "style info": lambda ctx, a, _c: styles.info(ctx, a),
     "style export": lambda ctx, a, _c: styles.export(ctx, a),
-    "imagine": lambda ctx, a, _c: imagine.imagine(ctx, a),
+    "style import": lambda ctx, a, c: imports.import_lora(ctx, a, c.attachments),
+    "imagine": lambda ctx, a, c: imagine.imagine(ctx, a, c.attachments),
     "jobs": lambda ctx, a, _c: jobs.jobs(ctx, a),
     "cancel": lambda ctx, a, _c: jobs.cancel(ctx, a),
+    "audit": lambda ctx, a, _c: audit.audit_command(ctx, a),
 }
 
 _VARIATION_SELECTORS = str.maketrans("", "", "\ufe0e\ufe0f")
@@ -64,6 +79,7 @@ _EMOJI_ALIASES = {"✔": "✅", "☑": "✅", "✖": "❌", "❎": "❌", "🔄"
 
 _SORRY = "Something went wrong on Atelier's side; it was logged. Try again in a moment."
 _RACE = "That clashed with a change made at the same moment; try again."
+_OLD_BUTTON = "That button is not one Atelier knows (from an older version?); run `/imagine` anew."
 
 
 def normalize_emoji(emoji: str) -> str:
@@ -160,21 +176,68 @@ class CommandCore:
         if item is None:
             return []  # not one of our messages
         ctx = self._context(reaction.team.platform, reaction, None)
-        return self._guarded(ctx, lambda: self._route(ctx, item.key, item.team_id, emoji))
+        return self._guarded(ctx, lambda: self._route(ctx, item, emoji))
 
-    def _route(self, ctx: Context, key: str, team_id: int | None, emoji: str) -> list[Reply]:
+    def _route(self, ctx: Context, item: OutboxItem, emoji: str) -> list[Reply]:
         if already_processed(self.services.db, ctx.platform, ctx.event_id):
             raise DuplicateEvent(ctx.event_id)
-        kind, _, rest = key.partition(":")
+        kind, _, rest = item.key.partition(":")
         if kind == "review" and rest.startswith("dataset:"):
             return review.on_sheet(ctx, int(rest.split(":")[1]), emoji)
         if kind == "card" and rest.startswith("image:"):
             return review.on_card(ctx, int(rest.split(":")[1]), emoji)
-        job_id = imagine.result_job_id(key)
-        if job_id is not None and emoji == imagine.REROLL:
+        model_id = item.extra.get("model_version_id")
+        if isinstance(model_id, int) and emoji == review.APPROVE:
+            return models.approve(ctx, model_id)
+        generation_id = item.extra.get("generation_id")
+        job_id = results.result_job_id(item.key)
+        if not isinstance(generation_id, int) and job_id is not None:
+            generation_id = results.first_generation_of_job(ctx, job_id)
+        if emoji != imagine.REROLL:
+            return []
+        if isinstance(generation_id, int):
+            # 🔁 is the Reroll button by another name.
             self._rate_limit(ctx)
-            return imagine.reroll(ctx, job_id)
+            return results.press(ctx, ButtonId("reroll", generation_id), {})
+        if job_id is not None:
+            self._rate_limit(ctx)
+            return results.reroll_job(ctx, job_id)
         return []
+
+    # -- buttons ---------------------------------------------------------------------------
+
+    def handle_press(self, press: Press) -> list[Reply]:
+        ctx = Context(
+            services=self.services,
+            platform=press.team.platform,
+            team_ref=press.team,
+            actor=press.user,
+            channel=press.channel,
+            thread=press.thread,
+            event_id=press.event_id,
+        )
+        return self._guarded(ctx, lambda: self._press(ctx, press))
+
+    def _press(self, ctx: Context, press: Press) -> list[Reply]:
+        button = parse_button_id(press.button)
+        if button is None:
+            return [Reply(_OLD_BUTTON, private=True)]
+        if button.action == "edit" and not press.values:
+            return results.edit_form(ctx, button)  # reads only; the submit is the action
+        if already_processed(self.services.db, ctx.platform, ctx.event_id):
+            raise DuplicateEvent(ctx.event_id)
+        if button.action != "delete":
+            self._rate_limit(ctx)
+        return results.press(ctx, button, press.values)
+
+    # -- autocomplete ----------------------------------------------------------------------
+
+    def suggest(self, team: TeamRef, option: str, typed: str) -> list[str]:
+        try:
+            return suggestions.suggest(self.services, team, option, typed)
+        except Exception:  # a suggestion list is a convenience: never an error dialog
+            log.exception("suggestions for %s failed", option)
+            return []
 
     # -- shared --------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""`/imagine` and 🔁 rerolls: choose the styles' model versions and queue a `generate` job.
+"""`/imagine`: choose the styles' model versions and queue a `generate` job, from a text
+prompt or image-to-image from an attached picture. Buttons and 🔁 on results: bot.core.results.
 
 A style's trigger word in the prompt (whole word, any case) applies its model at weight 1;
 A1111's `<lora:name:0.8>` applies a style by name or trigger with a weight (the rules are
@@ -9,35 +10,39 @@ authoritative.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bot.commands import Reply
+from bot.commands import IncomingFile, Reply
 from bot.core import audit
 from bot.core.arguments import ImagineArgs
 from bot.core.context import Context
 from bot.core.errors import AuditNote, Refused, UserError
+from bot.core.jobs import check_queue_room
 from bot.core.policy import CorePolicy
 from bot.core.teams import team_styles
 from bot.core.training import ordinal
-from storage.families import generation_defaults, memory_needed_mb
+from bot.core.uploads import check_file
+from storage.families import aspect_size, generation_defaults, memory_needed_mb
+from storage.ingest import PreparedImage
 from storage.job_payloads import (
     AdapterChoice,
     GeneratePayload,
+    GenerationMode,
     JobKind,
     Priority,
-    ReplyTarget,
     batch_key,
 )
-from storage.models import Generation, Job, ModelVersion, Style
+from storage.models import ModelVersion, Style
 from storage.prompt_rules import PromptError, find_trigger, lora_tags, strip_lora_tags, tag_names
 
 REROLL = "🔁"
-_RESULT_KEY = re.compile(r"job:(\d+):result")
+# Image-to-image from an attached picture without strength=: repaint a bit over half of it.
+DEFAULT_STRENGTH = 0.6
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,10 @@ class Selection:
     base_model: str
 
 
-def imagine(ctx: Context, args: ImagineArgs) -> list[Reply]:
+def imagine(ctx: Context, args: ImagineArgs, files: Sequence[IncomingFile] = ()) -> list[Reply]:
     services = ctx.services
-    _check_blocklist(ctx, args.prompt)
+    check_blocklist(ctx, args.prompt)
+    init = _init_image(ctx, args, files)
     with ctx.write() as tx:
         s, team = tx.session, tx.team
         chosen = select_adapters(s, team.id, args.prompt, services.policy)
@@ -65,6 +71,16 @@ def imagine(ctx: Context, args: ImagineArgs) -> list[Reply]:
         }
         if args.size is not None:
             options["width"], options["height"] = args.size
+        elif args.ar is not None or init is not None:
+            # The family's native size at the requested shape, or at the picture's own.
+            ratio = args.ar or (init.width, init.height)  # type: ignore[union-attr]
+            options["width"], options["height"] = aspect_size(
+                chosen.base_model, services.settings.base_models, ratio
+            )
+        if init is not None:
+            options["init_image"] = init.png_sha256
+            options["strength"] = args.strength or DEFAULT_STRENGTH
+            options["mode"] = GenerationMode.IMG2IMG
         try:
             payload = GeneratePayload(
                 reply=ctx.reply_target(team.id),
@@ -77,7 +93,7 @@ def imagine(ctx: Context, args: ImagineArgs) -> list[Reply]:
             ).with_defaults(generation_defaults(chosen.base_model, services.settings.base_models))
         except ValidationError as exc:
             raise UserError(f"That request can't run: {exc.errors()[0]['msg']}.") from None
-        job = _enqueue(ctx, s, team.id, payload, ctx.idempotency_key)
+        job = enqueue_generation(ctx, s, team.id, payload, ctx.idempotency_key)
         audit.record(
             s,
             team_id=team.id,
@@ -87,10 +103,13 @@ def imagine(ctx: Context, args: ImagineArgs) -> list[Reply]:
             object_id=job,
             detail={"prompt": args.prompt[:500], "adapters": [a.name for a in chosen.adapters]},
         )
-    return [Reply(_queued_text(ctx, job, payload))]
+    return [Reply(queued_text(ctx, job, payload))]
 
 
-def _enqueue(ctx: Context, s: Session, team_id: int, payload: GeneratePayload, key: str) -> int:
+def enqueue_generation(
+    ctx: Context, s: Session, team_id: int, payload: GeneratePayload, key: str
+) -> int:
+    check_queue_room(ctx, s, team_id)
     job = ctx.services.queue.enqueue(
         JobKind.GENERATE,
         payload.model_dump(mode="json"),
@@ -113,20 +132,47 @@ def _enqueue(ctx: Context, s: Session, team_id: int, payload: GeneratePayload, k
     return job.id
 
 
-def _queued_text(ctx: Context, job_id: int, payload: GeneratePayload) -> str:
+def queued_text(ctx: Context, job_id: int, payload: GeneratePayload) -> str:
     position = ctx.services.queue.position(job_id)
     where = f", {ordinal(position)} in line" if position else ""
     styles = ", ".join(f"{a.name} ×{a.weight:g}" for a in payload.adapters) or "no style"
     images = "1 image" if payload.count == 1 else f"{payload.count} images"
     seed = "random seed" if payload.seed is None else f"seed {payload.seed}"
     prompt = payload.prompt if len(payload.prompt) <= 80 else payload.prompt[:79] + "…"
+    parent = (
+        f" from generation #{payload.parent_generation_id}" if payload.parent_generation_id else ""
+    )
+    size = f"{payload.width}x{payload.height}"
+    init = f", strength {payload.strength:g}" if payload.init_image else ""
     return (
-        f"🎨 Queued {images} of “{prompt}” ({styles}; {payload.base_model}, {seed}): "
-        f"job #{job_id}{where}. Results are posted here with their seed and settings."
+        f"🎨 Queued {images} of “{prompt}”{parent} ({styles}; {payload.base_model}, {size}, "
+        f"{seed}{init}): job #{job_id}{where}. Results are posted here with their seed and "
+        "settings."
     )
 
 
-def _check_blocklist(ctx: Context, prompt: str) -> None:
+def _init_image(
+    ctx: Context, args: ImagineArgs, files: Sequence[IncomingFile]
+) -> PreparedImage | None:
+    """The attached starting picture, through the same intake checks as references, stored
+    as a blob before the transaction; None without one."""
+    if not files:
+        if args.strength is not None:
+            raise UserError(
+                "strength is for image-to-image: attach an image (Slack: post it in a thread "
+                "with the command as its text), or leave strength out."
+            )
+        return None
+    if len(files) > 1:
+        raise UserError("Attach one image to start from; that was several.")
+    checked = check_file(files[0], ctx.services.limits)
+    if checked.prepared is None:
+        raise UserError(f"{checked.refusal} (no image was queued)")
+    ctx.services.blobs.put_bytes(checked.prepared.png)
+    return checked.prepared
+
+
+def check_blocklist(ctx: Context, prompt: str) -> None:
     term = ctx.services.blocklist.find(prompt)
     if term is not None:
         raise Refused(
@@ -209,54 +255,3 @@ def model_for(s: Session, style: Style) -> ModelVersion | None:
         .order_by(*newest_first)
         .limit(1)
     )
-
-
-# -- 🔁 on a result ----------------------------------------------------------------------------
-
-
-def result_job_id(key: str) -> int | None:
-    match = _RESULT_KEY.fullmatch(key)
-    return int(match.group(1)) if match else None
-
-
-def reroll(ctx: Context, job_id: int) -> list[Reply]:
-    """The same request with a new seed, recorded as a reroll of the first generation."""
-    with ctx.write() as tx:
-        s, team = tx.session, tx.team
-        job = s.get(Job, job_id)
-        if job is None or job.team_id != team.id or job.kind != JobKind.GENERATE:
-            return []
-        original = GeneratePayload.model_validate(job.payload)
-        _check_blocklist(ctx, original.prompt)
-        generation_id = s.scalar(
-            select(Generation.id)
-            .where(Generation.job_id == job.id, Generation.team_id == team.id)
-            .order_by(Generation.id)
-            .limit(1)
-        )
-        reply = ReplyTarget(
-            platform=ctx.platform,
-            channel=original.reply.channel,
-            thread=original.reply.thread,
-            team_id=team.id,
-            requester=ctx.actor.user_id,
-        )
-        payload = GeneratePayload.model_validate(
-            {
-                **original.model_dump(),
-                "seed": None,
-                "reroll_of": generation_id,
-                "reply": reply.model_dump(),
-            }
-        )
-        new_job = _enqueue(ctx, s, team.id, payload, ctx.idempotency_key)
-        audit.record(
-            s,
-            team_id=team.id,
-            actor=ctx.actor.user_id,
-            action="generate.reroll",
-            object_type="job",
-            object_id=new_job,
-            detail={"of_job": job.id, "of_generation": generation_id},
-        )
-    return [Reply("🔁 " + _queued_text(ctx, new_job, payload).removeprefix("🎨 "))]

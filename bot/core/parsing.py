@@ -15,6 +15,12 @@ import re
 from dataclasses import dataclass
 
 from bot.commands import ParsedText
+from storage.families import ASPECT_RATIOS
+from storage.result_buttons import buttons_help
+from storage.training_bounds import METHODS, PRESETS
+
+# What chat accepts for /style train method= ("ti" is shorthand for textual_inversion).
+METHOD_CHOICES = (*METHODS, "ti")
 
 PARSE_ERROR = "_parse_error"
 HELP = "help"
@@ -72,11 +78,12 @@ COMMANDS: dict[str, CommandSpec] = {
         ),
         CommandSpec(
             "style caption",
-            "set the caption of image number N",
+            "set the caption of image number N; `auto` captions the uncaptioned images with "
+            "the captioning model (a person's caption always wins)",
             (
                 _p("name", "the style", required=True),
-                _p("number", "the image's number on the contact sheet", required=True),
-                _p("text", "the caption", required=True, rest=True),
+                _p("number", "the image's number on the contact sheet, or auto", required=True),
+                _p("text", "the caption (not with auto)", rest=True),
             ),
         ),
         CommandSpec(
@@ -108,6 +115,16 @@ COMMANDS: dict[str, CommandSpec] = {
             (_p("name", "the style", required=True),),
         ),
         CommandSpec(
+            "style import",
+            "import a LoRA .safetensors the team already has (attach it; Slack: post it in a "
+            "thread with this command as its text); an art lead approves it like a trained one",
+            (
+                _p("name", "the style (created if new)", required=True),
+                _p("trigger", "its trigger word", required=True),
+                _p("base", "base model, for a new style", positional=False),
+            ),
+        ),
+        CommandSpec(
             "imagine",
             "generate images; a style's trigger word in the prompt applies it",
             (
@@ -119,10 +136,25 @@ COMMANDS: dict[str, CommandSpec] = {
                 _p("size", "WxH, e.g. 768x512", positional=False),
                 _p("count", "how many images", positional=False),
                 _p("compare", "yes: base and style side by side", positional=False),
+                _p("ar", "aspect ratio, e.g. 16:9 (or --ar 16:9 in the prompt)", positional=False),
+                _p(
+                    "strength",
+                    "with an attached image: how much to repaint, 0.05-1",
+                    positional=False,
+                ),
             ),
         ),
         CommandSpec("jobs", "your jobs and the team's queue"),
         CommandSpec("cancel", "cancel a job", (_p("job", "the job number", required=True),)),
+        CommandSpec(
+            "audit",
+            "art leads: the latest audit events (uploads, approvals, trainings, generations, "
+            "deletions, imports)",
+            (
+                _p("style", "only this style's events"),
+                _p("count", "how many events (default 20)", positional=False),
+            ),
+        ),
     )
 }
 
@@ -134,9 +166,12 @@ ALIASES = {
     "n": "count",
     "cfg_scale": "cfg",
     "id": "job",
+    "aspect": "ar",
+    "aspect_ratio": "ar",
+    "denoise": "strength",
 }
 
-GROUPS = ("style", "imagine", "jobs", "cancel")
+GROUPS = ("style", "imagine", "jobs", "cancel", "audit")
 
 
 class _SyntaxProblem(Exception):
@@ -261,4 +296,15 @@ def help_text(topic: str | None = None) -> str:
     lines.append(
         "Reactions: art leads ✅ approve or ❌ reject a review sheet; 🔁 rerolls a result."
     )
+    lines.append("Buttons under every result:")
+    lines += [f"  {line}" for line in buttons_help().splitlines()]
+    lines.append(choices_help())
     return "\n".join(lines)
+
+
+def choices_help() -> str:
+    """The fixed choices of options (Slack and the console have no autocomplete)."""
+    ratios = ", ".join(f"{w}:{h}" for w, h in ASPECT_RATIOS)
+    return (
+        f"Choices: preset {' or '.join(PRESETS)}; method {', '.join(METHOD_CHOICES)}; ar {ratios}."
+    )

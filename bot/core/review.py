@@ -19,7 +19,9 @@ from bot.core.errors import AuditNote, Refused, UserError
 from bot.core.previews import CARD_SIDE
 from bot.core.sheet import SheetEntry, render_contact_sheet
 from bot.core.teams import get_style
+from storage.cards import card_key, card_text
 from storage.datasets import (
+    EffectiveCaption,
     content_hash,
     effective_captions,
     image_by_number,
@@ -27,6 +29,7 @@ from storage.datasets import (
     latest_version,
 )
 from storage.models import (
+    CaptionSource,
     DatasetStatus,
     DatasetVersion,
     OutboxMessage,
@@ -41,10 +44,6 @@ APPROVE, REJECT = "✅", "❌"
 
 def review_key(dataset_id: int) -> str:
     return f"review:dataset:{dataset_id}"
-
-
-def card_key(image_id: int) -> str:
-    return f"card:image:{image_id}"
 
 
 # -- /style review ---------------------------------------------------------------------------
@@ -170,7 +169,7 @@ def _post_cards(
     for image in images:
         preview = services.blobs.put_bytes(services.previews.png(image.blob_sha256, CARD_SIDE))
         key = card_key(image.id)
-        caption = captions[image.id].text if image.id in captions else "(no caption)"
+        caption = captions.get(image.id)
         services.outbox.put(
             key,
             platform=platform,
@@ -185,12 +184,19 @@ def _post_cards(
         image.card_message_ref = key
 
 
-def _card_text(style: Style, image: ReferenceImage, caption: str, note: str = "") -> str:
-    text = (
-        f"{style.name} #{image.position}: {caption} ({image.original_name}, "
-        f"{image.width}×{image.height})"
+def _card_text(
+    style: Style, image: ReferenceImage, caption: EffectiveCaption | None, note: str = ""
+) -> str:
+    return card_text(
+        style.name,
+        image.position,
+        caption.text if caption else None,
+        auto=caption is not None and caption.source == CaptionSource.AUTO,
+        original_name=image.original_name,
+        width=image.width,
+        height=image.height,
+        note=note,
     )
-    return f"{text}\n{note}" if note else text
 
 
 # -- reactions ---------------------------------------------------------------------------
@@ -341,8 +347,7 @@ def _mark_card(ctx: Context, s: Session, style: Style, image: ReferenceImage, no
     item = posted(s, card_key(image.id))
     if item is None:
         return
-    captions = effective_captions(s, [image.id])
-    caption = captions[image.id].text if image.id in captions else "(no caption)"
+    caption = effective_captions(s, [image.id]).get(image.id)
     ctx.services.outbox.put(
         item.key,
         platform=item.platform,

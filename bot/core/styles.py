@@ -7,7 +7,8 @@ from sqlalchemy.orm import Session
 
 from bot.commands import OutgoingFile, Reply
 from bot.core import audit
-from bot.core.arguments import StyleCaptionArgs, StyleCreateArgs, StyleNameArgs
+from bot.core.arguments import AUTO, StyleCaptionArgs, StyleCreateArgs, StyleNameArgs
+from bot.core.confusables import looks_like
 from bot.core.context import Context
 from bot.core.datasets import describe_version, editable_draft
 from bot.core.errors import UserError
@@ -16,6 +17,7 @@ from bot.core.teams import find_style, get_style, team_styles
 from bot.core.wordlist import is_common_word
 from storage.blobs import BlobNotFound
 from storage.datasets import effective_captions, image_by_number, images_of, latest_version
+from storage.job_payloads import CaptionPayload, JobKind, Priority
 from storage.models import (
     Caption,
     CaptionSource,
@@ -32,69 +34,9 @@ def thread_key(style_id: int) -> str:
 
 
 def create(ctx: Context, args: StyleCreateArgs) -> list[Reply]:
-    base = args.base or ctx.services.policy.default_base_model
-    known = known_base_models(ctx.services.settings)
-    if base not in known:
-        raise UserError(
-            f"There is no base model '{base}' here; this Atelier knows "
-            f"{', '.join(sorted(known))} (ATELIER_BASE_MODELS names more)."
-        )
+    base = check_base(ctx, args.base)
     with ctx.write() as tx:
-        s, team = tx.session, tx.team
-        if find_style(s, team.id, args.name) is not None:
-            raise UserError(
-                f"This team already has a style named {args.name}; pick another name, "
-                f"or see it with `/style info {args.name}`."
-            )
-        clash = s.scalar(
-            select(Style).where(
-                Style.team_id == team.id, func.lower(Style.trigger) == args.trigger.lower()
-            )
-        )
-        if clash is not None:
-            raise UserError(
-                f"The trigger {args.trigger} already switches on style {clash.name}; each "
-                "trigger must be unique in the team, so pick another made-up word."
-            )
-        style = Style(
-            team_id=team.id,
-            name=args.name,
-            trigger=args.trigger,
-            kind=args.kind,
-            base_model=base,
-            owner=ctx.actor.user_id,
-            channel_ref=ctx.channel,
-        )
-        s.add(style)
-        s.flush()
-        ctx.services.outbox.put(
-            thread_key(style.id),
-            platform=ctx.platform,
-            channel=ctx.channel,
-            thread=ctx.thread,
-            team_id=team.id,
-            text=(
-                f"🎨 **{style.name}** ({style.kind}, trigger `{style.trigger}`, base "
-                f"{style.base_model}). Post reference images in this thread, or use "
-                f"`/style add {style.name}` with attachments."
-            ),
-            extra={
-                "kind": "style_thread",
-                "style_id": style.id,
-                "start_thread": True,
-                "thread_name": f"{style.name} references",
-            },
-            session=s,
-        )
-        audit.record(
-            s,
-            team_id=team.id,
-            actor=ctx.actor.user_id,
-            action="style.create",
-            object_type="style",
-            object_id=style.id,
-            detail={"name": style.name, "trigger": style.trigger, "base": base},
-        )
+        new_style(ctx, tx.session, tx.team.id, args.name, args.trigger, args.kind, base)
     text = (
         f"Created {args.kind} **{args.name}** with trigger `{args.trigger}` on {base}. "
         f"Next: `/style add {args.name}` with 10-30 images (or post them in its thread)."
@@ -108,7 +50,94 @@ def create(ctx: Context, args: StyleCreateArgs) -> list[Reply]:
     return [Reply(text)]
 
 
+def check_base(ctx: Context, base: str | None) -> str:
+    """The base model named (or the team default), refused when this Atelier lacks it."""
+    base = base or ctx.services.policy.default_base_model
+    known = known_base_models(ctx.services.settings)
+    if base not in known:
+        raise UserError(
+            f"There is no base model '{base}' here; this Atelier knows "
+            f"{', '.join(sorted(known))} (ATELIER_BASE_MODELS names more)."
+        )
+    return base
+
+
+def new_style(
+    ctx: Context, s: Session, team_id: int, name: str, trigger: str, kind: str, base: str
+) -> Style:
+    """Create a style (name and trigger unique in the team, also to the eye) and post its
+    announcement, whose thread takes its reference images."""
+    if find_style(s, team_id, name) is not None:
+        raise UserError(
+            f"This team already has a style named {name}; pick another name, "
+            f"or see it with `/style info {name}`."
+        )
+    clash = s.scalar(
+        select(Style).where(Style.team_id == team_id, func.lower(Style.trigger) == trigger.lower())
+    )
+    if clash is not None:
+        raise UserError(
+            f"The trigger {trigger} already switches on style {clash.name}; each "
+            "trigger must be unique in the team, so pick another made-up word."
+        )
+    for other in team_styles(s, team_id):
+        if looks_like(name, other.name):
+            raise UserError(
+                f"The name {name} looks the same as the style {other.name} (letters from "
+                "another alphabet or full-width forms); pick a name that reads differently."
+            )
+        if looks_like(trigger, other.trigger):
+            raise UserError(
+                f"The trigger {trigger} looks the same as {other.trigger}, the trigger of "
+                f"{other.name} (letters from another alphabet or full-width forms); pick a "
+                "made-up word that reads differently."
+            )
+    style = Style(
+        team_id=team_id,
+        name=name,
+        trigger=trigger,
+        kind=kind,
+        base_model=base,
+        owner=ctx.actor.user_id,
+        channel_ref=ctx.channel,
+    )
+    s.add(style)
+    s.flush()
+    ctx.services.outbox.put(
+        thread_key(style.id),
+        platform=ctx.platform,
+        channel=ctx.channel,
+        thread=ctx.thread,
+        team_id=team_id,
+        text=(
+            f"🎨 **{style.name}** ({style.kind}, trigger `{style.trigger}`, base "
+            f"{style.base_model}). Post reference images in this thread, or use "
+            f"`/style add {style.name}` with attachments."
+        ),
+        extra={
+            "kind": "style_thread",
+            "style_id": style.id,
+            "start_thread": True,
+            "thread_name": f"{style.name} references",
+        },
+        session=s,
+    )
+    audit.record(
+        s,
+        team_id=team_id,
+        actor=ctx.actor.user_id,
+        action="style.create",
+        object_type="style",
+        object_id=style.id,
+        detail={"name": style.name, "trigger": style.trigger, "base": base},
+    )
+    return style
+
+
 def caption(ctx: Context, args: StyleCaptionArgs) -> list[Reply]:
+    if args.number == AUTO:
+        return auto_caption(ctx, args.name)
+    assert isinstance(args.number, int)
     with ctx.write() as tx:
         s = tx.session
         style = get_style(s, tx.team.id, args.name, lock=True)
@@ -150,6 +179,57 @@ def caption(ctx: Context, args: StyleCaptionArgs) -> list[Reply]:
                 f"draft v{editable.draft.version}."
             )
     return [Reply(text)]
+
+
+def auto_caption(ctx: Context, name: str) -> list[Reply]:
+    """Queue the captioning model on the draft's images that no person captioned."""
+    if not ctx.services.settings.caption_model:
+        raise UserError(
+            "No captioning model is set up: set ATELIER_CAPTION_MODEL to a local captioning "
+            f"model folder, or caption images yourself with `/style caption {name} N text`."
+        )
+    with ctx.write() as tx:
+        s = tx.session
+        style = get_style(s, tx.team.id, name, lock=True)
+        if latest_version(s, style.id) is None:
+            raise UserError(f"{style.name} has no images yet; add some with `/style add {name}`.")
+        editable = editable_draft(s, style, ctx.actor.user_id)
+        kept = images_of(s, editable.draft.id)
+        captions = effective_captions(s, (i.id for i in kept))
+        todo = [i for i in kept if captions.get(i.id) is None or captions[i.id].source != "human"]
+        if not todo:
+            raise UserError(
+                f"Every image of {style.name} has a person's caption already; auto captions "
+                "never replace those."
+            )
+        payload = CaptionPayload(
+            reply=ctx.reply_target(tx.team.id), dataset_version_id=editable.draft.id
+        )
+        job = ctx.services.queue.enqueue(
+            JobKind.CAPTION,
+            payload.model_dump(mode="json"),
+            requester=ctx.actor.user_id,
+            priority=Priority.CAPTION,
+            idempotency_key=ctx.idempotency_key,
+            team_id=tx.team.id,
+            session=s,
+        )
+        audit.record(
+            s,
+            team_id=tx.team.id,
+            actor=ctx.actor.user_id,
+            action="caption.auto.request",
+            object_type="dataset_version",
+            object_id=editable.draft.id,
+            detail={"style": style.name, "images": len(todo), "job": job.id},
+        )
+        version = editable.draft.version
+    return [
+        Reply(
+            f"🏷 Queued auto captions for {len(todo)} image(s) of {style.name} draft v{version}: "
+            f"job #{job.id}. Captions people wrote stay; auto ones are marked on the cards."
+        )
+    ]
 
 
 def list_styles(ctx: Context, _args: object) -> list[Reply]:

@@ -67,7 +67,7 @@ def add(ctx: Context, args: StyleAddArgs, files: Sequence[IncomingFile]) -> list
     style_id = _find_style_id(ctx, args.name)
     if style_id is None:
         return []
-    results = [_keep(ctx, _check(f, ctx.services.limits)) for f in files]
+    results = [_keep(ctx, check_file(f, ctx.services.limits)) for f in files]
     with ctx.write() as tx:
         s = tx.session
         style = s.get(Style, style_id, with_for_update=True)
@@ -81,7 +81,7 @@ def add(ctx: Context, args: StyleAddArgs, files: Sequence[IncomingFile]) -> list
     return [Reply(_report(name, results, editable, kept))]
 
 
-def _check(file: IncomingFile, limits: IngestLimits) -> FileResult:
+def check_file(file: IncomingFile, limits: IngestLimits) -> FileResult:
     """Read within the size limit and validate; a refusal carries its one-line reason."""
     name = safe_display_name(file.filename)
     limit_mb = f"{limits.max_bytes / 1e6:g} MB"

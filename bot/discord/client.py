@@ -16,12 +16,20 @@ from discord import app_commands
 
 from bot.commands import Actor, Command, CommandHandler, Reaction, Reply
 from bot.discord.commands import build_commands
-from bot.discord.replies import answer_interaction, answer_message, answer_reaction
+from bot.discord.replies import (
+    answer_interaction,
+    answer_message,
+    answer_press,
+    answer_reaction,
+    form_modal,
+)
 from bot.discord.translate import (
     actor_of,
     interaction_command,
     message_command,
+    press_event,
     reaction_event,
+    team_of,
 )
 
 log = logging.getLogger(__name__)
@@ -29,7 +37,7 @@ log = logging.getLogger(__name__)
 Event = TypeVar("Event", Command, Reaction)
 
 # Answers to these are for the invoker alone; the rest are shown to the channel.
-PRIVATE_COMMANDS = frozenset({"jobs", "cancel", "style list", "style info"})
+PRIVATE_COMMANDS = frozenset({"jobs", "cancel", "style list", "style info", "audit"})
 INTERNAL_ERROR = (
     "Something went wrong inside Atelier; the error is in the bot's log. "
     "Try again, and tell whoever runs the bot if it keeps happening."
@@ -64,7 +72,7 @@ class AtelierDiscordClient(discord.Client):
         self.guild_id = guild_id
         self.sync_commands = sync_commands
         self.tree = app_commands.CommandTree(self)
-        for command in build_commands(self.run_command):
+        for command in build_commands(self.run_command, self.suggest):
             self.tree.add_command(command)
 
     async def setup_hook(self) -> None:
@@ -102,6 +110,36 @@ class AtelierDiscordClient(discord.Client):
             log.exception("command %s (interaction %s) failed", name, interaction.id)
             replies = [Reply(INTERNAL_ERROR, private=True)]
         await answer_interaction(interaction, replies, deferred_private=private)
+
+    # Buttons under results and the forms they open ------------------------------------
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Components (type 3) and modal submits (type 5) with Atelier's ids. Routed by the
+        custom id alone, so buttons on messages from before a restart work the same."""
+        press = press_event(interaction)
+        if press is None:
+            return
+        if press.button.split(":")[1] == "edit" and not press.values:
+            # A modal must be the first answer: no defer; the core only reads here.
+            replies = await self._handle(
+                self.handler.handle_press, press, f"press {press.event_id}"
+            )
+            form = next((r.form for r in replies if r.form is not None), None)
+            if form is not None:
+                await interaction.response.send_modal(form_modal(form))
+                return
+            await interaction.response.defer()
+            await answer_press(interaction, replies)
+            return
+        await interaction.response.defer()  # acknowledged at once, nothing shown
+        replies = await self._handle(self.handler.handle_press, press, f"press {press.event_id}")
+        await answer_press(interaction, replies)
+
+    async def suggest(self, interaction: discord.Interaction, option: str, typed: str) -> list[str]:
+        if interaction.guild_id is None:
+            return []
+        team = team_of(interaction.guild_id, interaction.guild)
+        return await asyncio.to_thread(self.handler.suggest, team, option, typed)
 
     # Images posted in a style's thread --------------------------------------------------
 

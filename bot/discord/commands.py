@@ -17,6 +17,21 @@ from storage.training_bounds import REAL_BOUNDS, WHOLE_BOUNDS, Preset
 Dispatch = Callable[
     [discord.Interaction, str, dict[str, object], list[discord.Attachment]], Awaitable[None]
 ]
+# (interaction, option name, what is typed so far) -> choices (the core's suggestions).
+Suggest = Callable[[discord.Interaction, str, str], Awaitable[list[str]]]
+Completer = Callable[[discord.Interaction, str], Awaitable[list[app_commands.Choice[str]]]]
+# Which options of which commands get autocomplete: the team's style names, base models,
+# methods, aspect ratios (the core's bot.core.suggestions answers).
+AUTOCOMPLETE: dict[str, tuple[str, ...]] = {
+    "caption": ("name",),
+    "add": ("name",),
+    "review": ("name",),
+    "train": ("name", "method"),
+    "info": ("name",),
+    "export": ("name",),
+    "import": ("name", "base"),
+    "create": ("base",),
+}
 
 MAX_ADD_ATTACHMENTS = 10  # Discord allows 25 options; 10 images per command is plenty
 # Ranges mirror storage.job_payloads.GeneratePayload so Discord's own form refuses bad input.
@@ -35,9 +50,14 @@ def _images(*attachments: discord.Attachment | None) -> list[discord.Attachment]
 class StyleGroup(app_commands.Group):
     """`/style ...`: create a style, add references, review, train, list, inspect, export."""
 
-    def __init__(self, dispatch: Dispatch) -> None:
+    def __init__(self, dispatch: Dispatch, suggest: Suggest) -> None:
         super().__init__(name="style", description="Your team's styles and concepts")
         self._dispatch = dispatch
+        for command_name, options in AUTOCOMPLETE.items():
+            command = self.get_command(command_name)
+            assert isinstance(command, app_commands.Command)
+            for option in options:
+                command.autocomplete(option)(completer(suggest, option))
 
     @app_commands.command(name="create", description="Create a style or concept")
     @app_commands.describe(
@@ -86,15 +106,15 @@ class StyleGroup(app_commands.Group):
     @app_commands.command(name="caption", description="Set the caption of one reference image")
     @app_commands.describe(
         name="the style",
-        number="the image's number on the review sheet",
-        text="the new caption",
+        number="the image's number on the review sheet, or auto (the captioning model)",
+        text="the new caption (leave out with auto)",
     )
     async def caption(
         self,
         interaction: discord.Interaction,
         name: str,
-        number: app_commands.Range[int, 1, 10_000],
-        text: str,
+        number: str,
+        text: str | None = None,
     ) -> None:
         args = {"name": name, "number": number, "text": text}
         await self._dispatch(interaction, "style caption", args, [])
@@ -111,6 +131,7 @@ class StyleGroup(app_commands.Group):
         steps="training steps",
         rank="LoRA rank",
         lr="learning rate, e.g. 0.0001",
+        method="lora, dora or ti (textual inversion)",
     )
     async def train(
         self,
@@ -120,8 +141,16 @@ class StyleGroup(app_commands.Group):
         steps: app_commands.Range[int, _STEPS[0], _STEPS[1]] | None = None,
         rank: app_commands.Range[int, _RANK[0], _RANK[1]] | None = None,
         lr: app_commands.Range[float, _LR[0], _LR[1]] | None = None,
+        method: str | None = None,
     ) -> None:
-        args = {"name": name, "preset": preset, "steps": steps, "rank": rank, "lr": lr}
+        args = {
+            "name": name,
+            "preset": preset,
+            "steps": steps,
+            "rank": rank,
+            "lr": lr,
+            "method": method,
+        }
         await self._dispatch(interaction, "style train", args, [])
 
     @app_commands.command(name="list", description="List the team's styles")
@@ -138,9 +167,40 @@ class StyleGroup(app_commands.Group):
     async def export(self, interaction: discord.Interaction, name: str) -> None:
         await self._dispatch(interaction, "style export", {"name": name}, [])
 
+    @app_commands.command(name="import", description="Import a LoRA .safetensors you have")
+    @app_commands.describe(
+        name="the style (created if new)",
+        trigger="its trigger word",
+        file="the LoRA .safetensors file",
+        base="base model, for a new style",
+    )
+    async def import_(
+        self,
+        interaction: discord.Interaction,
+        name: str,
+        trigger: str,
+        file: discord.Attachment,
+        base: str | None = None,
+    ) -> None:
+        args = {"name": name, "trigger": trigger, "base": base}
+        await self._dispatch(interaction, "style import", args, [file])
 
-def build_commands(dispatch: Dispatch) -> list[app_commands.Command | app_commands.Group]:
-    """Every slash command Atelier registers, bound to `dispatch`."""
+
+def completer(suggest: Suggest, option: str) -> Completer:
+    async def complete(
+        interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        names = await suggest(interaction, option, current)
+        return [app_commands.Choice(name=n[:100], value=n[:100]) for n in names[:25]]
+
+    return complete
+
+
+def build_commands(
+    dispatch: Dispatch, suggest: Suggest
+) -> list[app_commands.Command | app_commands.Group]:
+    """Every slash command Atelier registers, bound to `dispatch` (and `suggest`, for
+    autocomplete)."""
 
     @app_commands.command(name="imagine", description="Generate images; trigger words pick styles")
     @app_commands.describe(
@@ -152,6 +212,9 @@ def build_commands(dispatch: Dispatch) -> list[app_commands.Command | app_comman
         size="WIDTHxHEIGHT, e.g. 512x768",
         count="how many images",
         compare="also render the base model on the same seed",
+        ar="aspect ratio, e.g. 16:9 (the model's native size at that shape)",
+        image="start from this picture (image-to-image)",
+        strength="with image: how much of it to repaint, 0.05-1 (default 0.6)",
     )
     @app_commands.guild_only()
     async def imagine(
@@ -164,6 +227,9 @@ def build_commands(dispatch: Dispatch) -> list[app_commands.Command | app_comman
         size: str | None = None,
         count: app_commands.Range[int, 1, 8] | None = None,
         compare: bool | None = None,
+        ar: str | None = None,
+        image: discord.Attachment | None = None,
+        strength: app_commands.Range[float, 0.05, 1.0] | None = None,
     ) -> None:
         args = {
             "prompt": prompt,
@@ -174,8 +240,12 @@ def build_commands(dispatch: Dispatch) -> list[app_commands.Command | app_comman
             "size": size,
             "count": count,
             "compare": compare,
+            "ar": ar,
+            "strength": strength,
         }
-        await dispatch(interaction, "imagine", args, [])
+        await dispatch(interaction, "imagine", args, _images(image))
+
+    imagine.autocomplete("ar")(completer(suggest, "ar"))
 
     @app_commands.command(name="jobs", description="The queue: your jobs and everyone's")
     @app_commands.guild_only()
@@ -188,4 +258,16 @@ def build_commands(dispatch: Dispatch) -> list[app_commands.Command | app_comman
     async def cancel(interaction: discord.Interaction, job: str) -> None:
         await dispatch(interaction, "cancel", {"job": job}, [])
 
-    return [StyleGroup(dispatch), imagine, jobs, cancel]
+    @app_commands.command(name="audit", description="Art leads: the latest audit events")
+    @app_commands.describe(style="only this style's events", count="how many (default 20)")
+    @app_commands.guild_only()
+    async def audit(
+        interaction: discord.Interaction,
+        style: str | None = None,
+        count: app_commands.Range[int, 1, 100] | None = None,
+    ) -> None:
+        await dispatch(interaction, "audit", {"style": style, "count": count}, [])
+
+    audit.autocomplete("style")(completer(suggest, "style"))
+
+    return [StyleGroup(dispatch, suggest), imagine, jobs, cancel, audit]

@@ -5,6 +5,7 @@ embed and repeated in the text, because Discord strips PNG metadata from images:
   extra["seed"]        int, or a list of ints for a batch
   extra["parameters"]  {name: value} such as steps, cfg, size, sampler, model, loras
   extra["prompt"], extra["negative_prompt"], extra["title"]  optional strings
+  extra["buttons"]     rows of {"id", "label", "danger"} (storage.result_buttons)
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ MAX_EMBED_TITLE = 256
 MAX_EMBED_DESCRIPTION = 4096
 MAX_FIELD_VALUE = 1024
 MAX_FIELDS = 25
+MAX_ROW_BUTTONS = 5
+MAX_ROWS = 5
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 EMBED_COLOUR = 0x8E6CEF
 
@@ -112,3 +115,37 @@ def result_embed(extra: Mapping[str, Any], files: Sequence[OutgoingFile]) -> dis
     if images:
         embed.set_image(url=f"attachment://{images[0].filename}")
     return embed
+
+
+def result_view(extra: Mapping[str, Any]) -> discord.ui.View | None:
+    """The message's buttons as components (None: none, which also clears old ones).
+
+    The view is stopped before it is sent, so discord.py keeps no copy in memory: presses
+    arrive as interactions the client routes by custom id, before and after a restart.
+    """
+    rows = extra.get("buttons")
+    if not isinstance(rows, list) or not rows:
+        return None
+    view = discord.ui.View(timeout=None)
+    row_index = 0
+    for row in rows:
+        for start in range(0, len(row), MAX_ROW_BUTTONS):
+            if row_index >= MAX_ROWS:
+                break
+            for spec in row[start : start + MAX_ROW_BUTTONS]:
+                style = (
+                    discord.ButtonStyle.danger
+                    if spec.get("danger")
+                    else discord.ButtonStyle.secondary
+                )
+                view.add_item(
+                    discord.ui.Button(
+                        label=str(spec["label"])[:80],
+                        custom_id=str(spec["id"])[:100],
+                        style=style,
+                        row=row_index,
+                    )
+                )
+            row_index += 1
+    view.stop()
+    return view

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import discord
 
-from bot.commands import OutgoingFile, Reply
+from bot.commands import Form, OutgoingFile, Reply
 from bot.discord.render import MAX_FILES, split_text, to_files
 
 log = logging.getLogger(__name__)
@@ -95,3 +95,33 @@ async def answer_reaction(
             if not piece.private:
                 raise
             log.info("could not send a private answer by DM (%s %s)", exc.status, exc.text)
+
+
+async def answer_press(interaction: discord.Interaction, replies: Sequence[Reply]) -> None:
+    """After a silent defer of a button press: each answer as a followup, ephemeral where
+    private (a refusal is for the presser alone; a queued note is for the channel)."""
+    for piece in pieces(replies):
+        await interaction.followup.send(
+            piece.text or discord.utils.MISSING,
+            files=to_files(piece.files),
+            ephemeral=piece.private,
+        )
+
+
+def form_modal(form: Form) -> discord.ui.Modal:
+    """A Form as a Discord modal; the submit comes back as a modal interaction (type 5)
+    with the form's id, handled like any press (the modal is not kept in memory)."""
+    modal = discord.ui.Modal(title=form.title[:45], custom_id=form.submit_id[:100], timeout=None)
+    for field in form.fields[:5]:
+        modal.add_item(
+            discord.ui.TextInput(
+                label=field.label[:45],
+                custom_id=field.name,
+                default=field.value[:4000] or None,
+                style=discord.TextStyle.paragraph if field.multiline else discord.TextStyle.short,
+                required=field.required,
+                max_length=min(field.max_length, 4000),
+            )
+        )
+    modal.stop()
+    return modal

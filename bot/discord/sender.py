@@ -19,7 +19,7 @@ import discord
 
 from bot.commands import OutgoingFile
 from bot.delivery import PermanentFailure, RetryLater
-from bot.discord.render import content_with_parameters, result_embed, to_files
+from bot.discord.render import content_with_parameters, result_embed, result_view, to_files
 from storage.outbox import OutboxItem
 
 T = TypeVar("T")
@@ -54,6 +54,7 @@ class DiscordSender:
             content_with_parameters(item.text, item.extra) or None,
             embed=embed,  # type: ignore[arg-type]  # None means no embed
             files=to_files(files),
+            view=result_view(item.extra) or discord.utils.MISSING,
             # Discord returns the earlier message for a repeated nonce (a re-post after the
             # bot died before recording it) instead of posting twice.
             nonce=outbox_nonce(item.key),
@@ -95,6 +96,7 @@ class DiscordSender:
             content=content_with_parameters(item.text, item.extra),
             embed=result_embed(item.extra, files),
             attachments=to_files(files),
+            view=result_view(item.extra),  # None removes buttons (a deleted result)
         )
 
     def _run(self, work: Awaitable[T]) -> T:

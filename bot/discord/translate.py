@@ -6,10 +6,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import discord
 
-from bot.commands import Actor, Command, IncomingFile, Reaction, TeamRef
+from bot.commands import Actor, Command, IncomingFile, Press, Reaction, TeamRef
 from bot.discord.files import incoming_file
+from storage.result_buttons import PREFIX
 
 PLATFORM = "discord"
+BUTTON_PREFIX = f"{PREFIX}:"
 VARIATION_SELECTOR = "\ufe0f"
 
 FileMaker = Callable[[discord.Attachment], IncomingFile]
@@ -134,4 +136,31 @@ def reaction_event(
         emoji=emoji,
         user=user,
         added=added,
+    )
+
+
+def press_event(interaction: discord.Interaction) -> Press | None:
+    """A button pressed (component, type 3) or a modal submitted (type 5) as a Press; None
+    for interactions that are not Atelier's buttons or forms."""
+    if interaction.guild_id is None or not isinstance(interaction.data, Mapping):
+        return None
+    custom_id = str(interaction.data.get("custom_id") or "")
+    if not custom_id.startswith(BUTTON_PREFIX):
+        return None
+    values: dict[str, str] = {}
+    if interaction.type == discord.InteractionType.modal_submit:
+        for row in interaction.data.get("components") or []:
+            for item in row.get("components") or []:
+                values[str(item["custom_id"])] = str(item.get("value") or "")
+    elif interaction.type != discord.InteractionType.component:
+        return None
+    channel, thread = locate(interaction.channel, interaction.channel_id or 0)
+    return Press(
+        event_id=str(interaction.id),
+        team=team_of(interaction.guild_id, interaction.guild),
+        channel=channel,
+        thread=thread,
+        user=actor_of(interaction.user),
+        button=custom_id,
+        values=values,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -129,6 +130,9 @@ class SlackListeners:
         for kind in ("reaction_added", "reaction_removed"):
             app.event(kind, matchers=[_known_reaction])(self._on_reaction)
             app.event(kind)(_ack)
+        # Buttons under results (block_actions) and the edit form's submit (view_submission).
+        app.action(_ATELIER_ID)(self._on_action)
+        app.view(_ATELIER_ID)(self._on_view)
 
     # -- the ack path ---------------------------------------------------------------------
 
@@ -143,6 +147,14 @@ class SlackListeners:
     def _on_reaction(self, ack: Ack, body: dict[str, Any]) -> None:
         ack()
         self._later(self._run_reaction, body)
+
+    def _on_action(self, ack: Ack, body: dict[str, Any]) -> None:
+        ack()
+        self._later(self._run_press, body)
+
+    def _on_view(self, ack: Ack, body: dict[str, Any]) -> None:
+        ack()  # closes the modal; what it queued is said in the channel
+        self._later(self._run_view, body)
 
     def _later(self, work: Callable[..., None], *args: Any) -> None:
         self._executor.submit(_logged, work, *args)
@@ -169,7 +181,8 @@ class SlackListeners:
 
         def handle() -> list[Reply]:
             files = [self._files.incoming(f) for f in event["files"]]
-            command = translate.thread_upload(body, files, self._roles.roles_for(user))
+            roles = self._roles.roles_for(user)
+            command = translate.thread_upload(body, files, roles, self._parser)
             return self._handler.handle(command)
 
         replies = self._call(handle)
@@ -186,6 +199,23 @@ class SlackListeners:
         item = event["item"]
         self._poster.answer_event(str(item["channel"]), user, str(item["ts"]), replies)
 
+    def _run_press(self, body: dict[str, Any]) -> None:
+        user = str((body.get("user") or {}).get("id") or "")
+        press = translate.block_press(body, self._roles.roles_for(user))
+        replies = self._call(lambda: self._handler.handle_press(press))
+        form = next((r.form for r in replies if r.form is not None), None)
+        if form is not None:
+            # trigger_id is valid for 3 s after the press: open the modal first.
+            self._poster.open_form(str(body["trigger_id"]), form, press)
+            replies = [r for r in replies if r.form is None]
+        self._poster.answer_event(press.channel, user, press.thread, replies)
+
+    def _run_view(self, body: dict[str, Any]) -> None:
+        user = str((body.get("user") or {}).get("id") or "")
+        press = translate.view_press(body, self._roles.roles_for(user))
+        replies = self._call(lambda: self._handler.handle_press(press))
+        self._poster.answer_event(press.channel, user, press.thread, replies)
+
     @staticmethod
     def _call(work: Callable[[], list[Reply]]) -> list[Reply]:
         try:
@@ -200,6 +230,9 @@ def _logged(work: Callable[..., None], *args: Any) -> None:
         work(*args)
     except Exception:
         log.exception("Handling a Slack request failed after its ack.")
+
+
+_ATELIER_ID = re.compile("^" + re.escape(translate.BUTTON_PREFIX))
 
 
 def _thread_upload(event: Mapping[str, Any]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 
@@ -9,7 +10,7 @@ from slack_bolt.context.respond import Respond
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot.commands import OutgoingFile, Reply
+from bot.commands import Form, OutgoingFile, Press, Reply
 from bot.slack.text import to_mrkdwn
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ class ReplyPoster:
                     exc.response.get("error"),
                 )
 
+    def open_form(self, trigger_id: str, form: Form, press: Press) -> None:
+        """The form as a modal view; where the button was rides along in private_metadata."""
+        try:
+            self._client.views_open(trigger_id=trigger_id, view=form_view(form, press))
+        except SlackApiError as exc:
+            log.warning("Could not open a Slack modal: %s", exc.response.get("error"))
+
     def _upload(
         self, channel: str, thread: str | None, text: str, files: Sequence[OutgoingFile]
     ) -> None:
@@ -74,3 +82,35 @@ def _text(reply: Reply) -> str:
         names = ", ".join(f.filename for f in reply.files)
         text += f"\n(Not shown here: {names}; Slack has no private attachments.)"
     return to_mrkdwn(text)
+
+
+def form_view(form: Form, press: Press) -> dict[str, object]:
+    """A Form as a Slack modal view; its submit comes back as view_submission."""
+    blocks = []
+    for field in form.fields:
+        element: dict[str, object] = {
+            "type": "plain_text_input",
+            "action_id": field.name,
+            "multiline": field.multiline,
+            "max_length": min(field.max_length, 3000),
+        }
+        if field.value:
+            element["initial_value"] = field.value[:3000]
+        blocks.append(
+            {
+                "type": "input",
+                "block_id": field.name,
+                "optional": not field.required,
+                "label": {"type": "plain_text", "text": field.label[:2000]},
+                "element": element,
+            }
+        )
+    return {
+        "type": "modal",
+        "callback_id": form.submit_id[:255],
+        "title": {"type": "plain_text", "text": form.title[:24]},
+        "submit": {"type": "plain_text", "text": "Run"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "private_metadata": json.dumps({"channel": press.channel, "thread": press.thread}),
+        "blocks": blocks,
+    }

@@ -16,7 +16,7 @@ from slack_sdk.errors import SlackApiError
 
 from bot.commands import OutgoingFile
 from bot.delivery import PermanentFailure, RetryLater
-from bot.slack.text import message_text
+from bot.slack.text import button_blocks, message_text
 from storage.outbox import OutboxItem
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,11 @@ class SlackSender:
 
     def post(self, item: OutboxItem, files: Sequence[OutgoingFile]) -> str:
         text = message_text(item.text, item.extra)
+        blocks = button_blocks(text, item.extra)
         with _slack_errors(item.channel):
             if not files:
                 response = self._client.chat_postMessage(
-                    channel=item.channel, text=text, thread_ts=item.thread
+                    channel=item.channel, text=text, thread_ts=item.thread, blocks=blocks or None
                 )
                 return str(response["ts"])
             response = self._client.files_upload_v2(
@@ -88,6 +89,9 @@ class SlackSender:
                 log.warning("Slack has not reported where file %s landed yet.", file_ids[0])
                 return FILE_ID_PREFIX + file_ids[0]
             self._remember_shown(ts, files)
+            if blocks:
+                # A file upload's comment takes no blocks: the buttons go on by an update.
+                self._client.chat_update(channel=item.channel, ts=ts, text=text, blocks=blocks)
             return ts
 
     def edit(self, item: OutboxItem, files: Sequence[OutgoingFile]) -> None:
@@ -100,11 +104,13 @@ class SlackSender:
             if new_files:
                 uploaded = self._client.files_upload_v2(file_uploads=_uploads(new_files))
                 file_ids = [str(f["id"]) for f in uploaded.get("files") or []]
+            text = message_text(item.text, item.extra)
             self._client.chat_update(
                 channel=item.channel,
                 ts=ts,
-                text=message_text(item.text, item.extra),
+                text=text,
                 file_ids=file_ids,
+                blocks=button_blocks(text, item.extra),
             )
             if new_files:
                 self._remember_shown(ts, files)

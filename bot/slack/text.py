@@ -51,3 +51,29 @@ def message_text(text: str, extra: Mapping[str, Any]) -> str:
         text = f"{text}\n{line}" if text else line
     text = to_mrkdwn(text)
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+def button_blocks(text: str, extra: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """Block Kit for a message with buttons (storage.result_buttons rows in
+    `extra["buttons"]`): the text as a section, one actions block per row. None without
+    buttons; an empty list clears old buttons (a deleted result's edit)."""
+    rows = extra.get("buttons")
+    if not isinstance(rows, list) or not rows:
+        return [] if extra.get("deleted") else None
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": text[:3000] or " "}}
+    ]
+    for row in rows:
+        elements = []
+        for spec in row[:25]:
+            button: dict[str, Any] = {
+                "type": "button",
+                "text": {"type": "plain_text", "text": str(spec["label"])[:75], "emoji": True},
+                "action_id": str(spec["id"])[:255],
+                "value": str(spec["id"])[:2000],
+            }
+            if spec.get("danger"):
+                button["style"] = "danger"
+            elements.append(button)
+        blocks.append({"type": "actions", "elements": elements})
+    return blocks

@@ -10,15 +10,22 @@ from bot.commands import (
     Command,
     IncomingFile,
     ParsedText,
+    Press,
     Reaction,
     TeamRef,
     TextParser,
 )
+from storage.result_buttons import PREFIX
+
+BUTTON_PREFIX = f"{PREFIX}:"
 
 PLATFORM = "slack"
 
 # The slash commands the app registers (and declares in manifest.yaml).
-SLASH_COMMANDS: tuple[str, ...] = ("/style", "/imagine", "/jobs", "/cancel")
+SLASH_COMMANDS: tuple[str, ...] = ("/style", "/imagine", "/jobs", "/cancel", "/audit")
+# A message with files in a thread whose text is one of these commands runs it with the
+# files (Slack slash commands carry no files): `/imagine a cat strength=0.4`.
+FILE_COMMANDS: tuple[tuple[str, str], ...] = (("/imagine", ""), ("/style", "import"))
 
 # Slack names emoji by shortcode; the core speaks unicode.
 EMOJI: Mapping[str, str] = {
@@ -86,19 +93,85 @@ def thread_upload(
     body: Mapping[str, Any],
     files: Sequence[IncomingFile],
     roles: frozenset[str] = frozenset(),
+    parser: TextParser | None = None,
 ) -> Command:
-    """Images posted in a thread: "style add" for the style that thread belongs to."""
+    """Images posted in a thread: "style add" for the style that thread belongs to, or the
+    command the message's text names (FILE_COMMANDS) with the files attached."""
     event = body["event"]
+    parsed = file_command(str(event.get("text") or ""), parser) if parser else None
     return Command(
         event_id=str(body["event_id"]),
         team=team_of(body),
         channel=str(event["channel"]),
         user=Actor(user_id=str(event["user"]), roles=roles),
-        name="style add",
-        args={},
+        name=parsed.name if parsed else "style add",
+        args=dict(parsed.args) if parsed else {},
         thread=str(event["thread_ts"]),
         attachments=tuple(files),
     )
+
+
+def file_command(text: str, parser: TextParser) -> ParsedText | None:
+    """`/imagine ...` or `/style import ...` as a message's text (the slash may be left out)."""
+    words = text.strip().split(maxsplit=1)
+    if not words:
+        return None
+    slash = "/" + words[0].lstrip("/").lower()
+    rest = words[1] if len(words) > 1 else ""
+    for command, sub in FILE_COMMANDS:
+        if slash == command and (not sub or rest.split(" ", 1)[0].lower() == sub):
+            return parser(slash, rest)
+    return None
+
+
+def block_press(body: Mapping[str, Any], roles: frozenset[str] = frozenset()) -> Press:
+    """A button pressed under a result (block_actions). The trigger_id is unique per press:
+    it is the event id, so a repeated delivery makes nothing twice."""
+    action = body["actions"][0]
+    message = body.get("message") or {}
+    return Press(
+        event_id=str(body["trigger_id"]),
+        team=_team_of_interaction(body),
+        channel=str((body.get("channel") or {}).get("id") or ""),
+        thread=message.get("thread_ts"),
+        user=_user_of_interaction(body, roles),
+        button=str(action["action_id"]),
+    )
+
+
+def view_press(body: Mapping[str, Any], roles: frozenset[str] = frozenset()) -> Press:
+    """A submitted modal (view_submission): its callback_id is the button it came from;
+    `private_metadata` carries where the button was (a view has no channel)."""
+    import json
+
+    view = body["view"]
+    where = json.loads(view.get("private_metadata") or "{}")
+    values: dict[str, str] = {}
+    for block in (view.get("state") or {}).get("values", {}).values():
+        for action_id, state in block.items():
+            values[str(action_id)] = str(state.get("value") or "")
+    return Press(
+        event_id=f"view:{view['id']}:{view.get('hash', '')}",
+        team=_team_of_interaction(body),
+        channel=str(where.get("channel") or ""),
+        thread=where.get("thread"),
+        user=_user_of_interaction(body, roles),
+        button=str(view["callback_id"]),
+        values=values,
+    )
+
+
+def _team_of_interaction(body: Mapping[str, Any]) -> TeamRef:
+    team = body.get("team") or {}
+    return TeamRef(
+        platform=PLATFORM, external_id=str(team.get("id") or ""), name=str(team.get("domain") or "")
+    )
+
+
+def _user_of_interaction(body: Mapping[str, Any], roles: frozenset[str]) -> Actor:
+    user = body.get("user") or {}
+    name = str(user.get("username") or user.get("name") or "")
+    return Actor(user_id=str(user.get("id") or ""), display_name=name, roles=roles)
 
 
 def is_known_reaction(event: Mapping[str, Any]) -> bool:

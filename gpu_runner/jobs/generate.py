@@ -12,10 +12,11 @@ from gpu_runner.generation import USER_ERRORS, GeneratedImage, GenerationRequest
 from gpu_runner.prompts import AdapterInfo, AdapterUse
 from gpu_runner.services import RunnerServices
 from gpu_runner.worker import JobContext, JobFailed, JobStopped
-from storage.job_payloads import GeneratePayload, result_key
+from storage.job_payloads import GeneratePayload, GenerationMode, result_key
 from storage.models import Generation, ModelVersion, Style
 from storage.outbox import Attachment
 from storage.queue import JobView, LeaseLost
+from storage.result_buttons import result_buttons
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,25 @@ def _request(services: RunnerServices, job: JobView) -> GenerationRequest:
         count=payload.count,
         adapters=uses,
         compare=payload.compare,
-        extra={"job_id": job.id, "requester": payload.reply.requester},
+        extra={
+            "job_id": job.id,
+            "requester": payload.reply.requester,
+            "mode": str(payload.mode),
+            "parent_generation_id": payload.parent_generation_id,
+        },
+        init_image=_init_image(services, payload),
+        strength=payload.strength,
     )
+
+
+def _init_image(services: RunnerServices, payload: GeneratePayload) -> bytes | None:
+    if payload.init_image is None:
+        return None
+    if not services.blobs.exists(payload.init_image):
+        raise JobFailed(
+            "the picture to start from is missing from the data folder; attach it again"
+        )
+    return services.blobs.read_bytes(payload.init_image)
 
 
 def _adapter(services: RunnerServices, team_id: int, model_version_id: int) -> AdapterInfo:
@@ -170,6 +188,8 @@ def _record(services: RunnerServices, job: JobView, result: GenerationResult) ->
             adapters=[a.model_dump() for a in payload.adapters],
             image_blobs=stored,
             record=record,
+            mode=str(payload.mode),
+            parent_generation_id=payload.parent_generation_id,
         )
         s.add(generation)
         s.flush()
@@ -187,6 +207,8 @@ def _record(services: RunnerServices, job: JobView, result: GenerationResult) ->
                 "prompt": request.prompt,
                 "negative_prompt": request.negative_prompt,
                 "generation_id": generation.id,
+                "parent_generation_id": payload.parent_generation_id,
+                "buttons": result_buttons(generation.id, len(stored)),
             },
             session=s,
         )
@@ -235,5 +257,18 @@ def _result_text(payload: GeneratePayload, result: GenerationResult) -> str:
         lines.insert(1, f"Negative: {request.negative_prompt}")
     if result.comparisons:
         lines.append("Left: base model, right: with the style, same seed.")
-    lines.append("React 🔁 for another seed.")
+    if payload.parent_generation_id is not None:
+        made = _MADE_FROM.get(payload.mode, "Made")
+        lines.append(f"{made} from generation #{payload.parent_generation_id}.")
+    if payload.init_image is not None:
+        lines.append(f"Image-to-image, strength {payload.strength or 0:g}.")
+    lines.append("Buttons below (or react 🔁 for another seed).")
     return "\n".join(lines)
+
+
+_MADE_FROM = {
+    GenerationMode.REROLL: "Rerolled",
+    GenerationMode.VARY: "Variation",
+    GenerationMode.UPSCALE: "Upscaled ×2",
+    GenerationMode.EDIT: "Edited",
+}

@@ -390,9 +390,11 @@ def _publish(
                     result_key(ctx.job.id),
                     f"Style **{inputs.style_name}** v{number} is trained: {summary}.\n"
                     f"Use it with `/imagine {inputs.trigger} ...`; download it with "
-                    f"`/style export {inputs.style_name}`.",
+                    f"`/style export {inputs.style_name}`. An art lead approves it with ✅ "
+                    "on this message.",
                     attachments=attachments,
                     session=s,
+                    model_version_id=version_id,
                 )
             break
         except IntegrityError:
