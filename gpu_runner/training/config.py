@@ -112,6 +112,11 @@ class LoraConfig(TrainConfigBase):
     # Weight of the prior-preservation loss on base-model images of the plain class
     # (gpu_runner/training/priors.py); 0 turns it off. DreamBooth's prior_loss_weight is 1.
     prior_preservation: float = Field(0.0, ge=0.0, le=2.0)
+    # Weight of output preservation (ai-toolkit's "differential output preservation"): on the
+    # same noisy latents, the adapter's prediction for the caption without the trigger (or
+    # the empty one CFG uses) must match the base model's. 0 turns it off. It keeps the style
+    # to its trigger, and so lets CFG amplify it instead of cancelling it.
+    output_preservation: float = Field(0.0, ge=0.0, le=4.0)
 
 
 class DoraConfig(LoraConfig):

@@ -52,6 +52,7 @@ from gpu_runner.training.priors import Priors, draw_priors
 from gpu_runner.training.report import ReportFiles, write_report
 from gpu_runner.training.textual_inversion import TokenEmbedding, attach_token
 from storage.families import defaults_for
+from storage.prompt_rules import without_trigger
 
 # Distinctive: a name that is a substring of module names ("b" in "blocks") makes peft
 # report false missing keys (DESIGN.md).
@@ -202,6 +203,7 @@ class _Trainer:
         self.val_batch = self._make_val_batch()
         self.base_val_loss = self.validation_loss()  # before any adapter: the base model
         self.priors: Priors | None = None
+        self.plain_text: TextCond | None = None  # captions without the trigger, then ""
         weight = getattr(cfg, "prior_preservation", 0.0)
         if weight:  # drawn by the base model, before the adapter exists
             self.priors = draw_priors(
@@ -361,6 +363,9 @@ class _Trainer:
         loss = weighted_mse(pred, target, weights)
         if self.priors is not None:
             loss = loss + self.config.prior_preservation * self._prior_loss(len(batch))  # type: ignore[union-attr]
+        keep = getattr(cfg, "output_preservation", 0.0)
+        if keep:
+            loss = loss + keep * self._preservation_loss(noisy, t, batch)
         params = list(self.trainable.values())
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -375,6 +380,28 @@ class _Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+    def _preservation_loss(
+        self, noisy: torch.Tensor, t: torch.Tensor, batch: list[int]
+    ) -> torch.Tensor:
+        """The adapter's prediction without the trigger against the base model's, on this
+        step's noisy latents; half the captions are the empty one CFG's other pass uses."""
+        data = self.data
+        assert data is not None
+        empty = torch.rand(len(batch), generator=self.noise_gen) < 0.5
+        if self.plain_text is None:  # the base text encoder's: LoRA trains only the UNet
+            plain = [without_trigger(c, self.config.trigger) for c in data.captions]
+            self.plain_text = encode_text(self.pipeline, [*plain, ""], self.device)
+        text = self.plain_text
+        cond = text.select(torch.tensor(batch, device=text.hidden.device))
+        cond = cond.where(
+            empty, text.select(torch.tensor([len(data.captions)], device=text.hidden.device))
+        )
+        with torch.no_grad(), self.adapters.base(), self.precision.autocast():
+            want = self._unet(noisy, t, cond, batch)
+        with self.precision.autocast():
+            pred = self._unet(noisy, t, cond, batch)
+        return weighted_mse(pred, want.detach(), None)
 
     def _prior_loss(self, count: int) -> torch.Tensor:
         """Denoising loss on `count` base-model images captioned without the trigger."""
