@@ -45,27 +45,41 @@ def _render(pipe: Any, prompt: str) -> np.ndarray:
 
 
 def comfy_weight(weight: Any, up: Any, down: Any, alpha: float, dora_scale: Any) -> Any:
-    """ComfyUI's DoRA rule at strength 1, in our words: the LoRA difference (scaled by
-    alpha / rank) is added; a dora_scale as long as the output dimension rescales each row
-    by dora_scale / (row norm of the ORIGINAL weight + eps), otherwise each column by
-    dora_scale / (column norm of the merged weight + eps)."""
+    """ComfyUI's DoRA rule at strength 1, in our words: the LoRA difference (up times down,
+    both flattened past their first axis and reshaped to the weight, so conv kernels too;
+    scaled by alpha / rank) is added; a dora_scale as long as the output dimension rescales
+    each output channel by dora_scale / (norm of that channel of the ORIGINAL weight + eps),
+    otherwise each column by dora_scale / (column norm of the merged weight + eps)."""
     weight = weight.float()
-    merged = weight + (up.float() @ down.float()) * (alpha / down.shape[0])
+    diff = (up.float().flatten(1) @ down.float().flatten(1)).reshape(weight.shape)
+    merged = weight + diff * (alpha / down.shape[0])
     eps = torch.finfo(torch.float32).eps
     if dora_scale.shape[0] == merged.shape[0]:
-        norm = weight.norm(dim=1, keepdim=True)
+        norm = weight.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
     else:
         norm = merged.norm(dim=0, keepdim=True)
     return merged * (dora_scale.float() / (norm + eps))
 
 
-@pytest.fixture(scope="module")
+# Attention only (the SD presets) and LoCon (conv, ff and proj too, as toy-sd15 trains).
+TARGETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "locon": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+              "ff.net.2", "conv1", "conv2"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(TARGETS))
 def trained_dora(
-    tmp_path_factory: pytest.TempPathFactory, demo_items: Any, tiny_builders: Any
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_items: Any,
+    tiny_builders: Any,
 ) -> Any:
     root = tmp_path_factory.mktemp("dora")
     config = make_config(
         "dora", "sd15", "style", trigger="zxdora", rank=4, alpha=4, steps=40,
+        target_modules=TARGETS[request.param],
         resolution=64, batch_size=4, learning_rate=1e-2, warmup_steps=0, sample_steps=2,
         sample_seeds=[1], checkpoint_every=40, validate_every=40, output_name="zxdora",
     )  # fmt: skip
@@ -119,7 +133,8 @@ def test_kohya_dora_file_renders_the_same_under_comfyui_rule(
         for module in modules:
             layer = by_kohya_name[module]
             dora = state[f"{module}.dora_scale"]
-            assert dora.shape == (layer.weight.shape[0], 1)  # output axis, as peft trains
+            # The output axis, as peft trains: (out, 1), or (out, 1, 1, 1) for a conv.
+            assert dora.shape == (layer.weight.shape[0], *[1] * (layer.weight.dim() - 1))
             layer.weight.copy_(
                 comfy_weight(
                     layer.weight,

@@ -210,8 +210,7 @@ def _config(inputs: RunInputs, loaded: LoadedPipeline) -> Any:
     defaults = (
         dict(BUILTIN_TRAINING.get(loaded.spec.source, {})) if loaded.spec.kind == "builtin" else {}
     )
-    if inputs.method != "lora":
-        # DoRA's kohya export handles linear layers; textual inversion has no targets.
+    if inputs.method == "textual_inversion":  # it trains an embedding: no target layers
         defaults.pop("target_modules", None)
     return make_config(
         inputs.method,

@@ -31,16 +31,19 @@ def comfy_dora_scales(
             continue
         layer = unet.get_submodule(key.removesuffix(MAGNITUDE_SUFFIX))
         base = layer.get_base_layer()
-        if not isinstance(base, torch.nn.Linear):
-            raise ValueError(f"DoRA export handles linear layers only, not {key}")
+        if not isinstance(base, torch.nn.Linear | torch.nn.Conv2d):
+            raise ValueError(f"DoRA export handles linear and conv layers only, not {key}")
         with torch.no_grad():
             weight = base.weight.detach().float()
-            delta = (
-                layer.lora_B[adapter_name].weight.float()
-                @ layer.lora_A[adapter_name].weight.float()
-            )
-            merged = weight + delta * layer.scaling[adapter_name]
+            # Conv as ComfyUI patches it: up and down flattened past dim 0, the product
+            # reshaped to the kernel (peft's lora_B of a conv is a 1x1 conv).
+            up = layer.lora_B[adapter_name].weight.float().flatten(1)
+            down = layer.lora_A[adapter_name].weight.float().flatten(1)
+            merged = weight + (up @ down).reshape(weight.shape) * layer.scaling[adapter_name]
             magnitude = layer.lora_magnitude_vector[adapter_name].weight.detach().float()
-            scale = magnitude * (weight.norm(dim=1) + _EPS) / merged.norm(dim=1)
-        out[key] = scale.cpu()
+            rows = weight.flatten(1).norm(dim=1) + _EPS
+            scale = magnitude.reshape(-1) * rows / merged.flatten(1).norm(dim=1)
+        # Output axis first, then ones: (out, 1) for linear, (out, 1, 1, 1) for conv, so it
+        # broadcasts over the weight in ComfyUI.
+        out[key] = scale.reshape(weight.shape[0], *[1] * (weight.dim() - 1)).cpu()
     return out

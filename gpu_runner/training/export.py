@@ -120,7 +120,7 @@ def peft_to_kohya(
             if key.endswith(peft_suffix):
                 module = prefix + key.removesuffix(peft_suffix).replace(".", "_")
                 value = tensor.detach().float().cpu().contiguous()
-                if kohya_suffix == "dora_scale":
+                if kohya_suffix == "dora_scale" and value.dim() == 1:
                     # LyCORIS/kohya keep DoRA's magnitude as (out_features, 1).
                     value = value.reshape(-1, 1)
                 out[f"{module}.{kohya_suffix}"] = value
