@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from storage.settings import load_settings
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -100,3 +103,32 @@ def trained_lora(
         checkpoint_dir=root / "ckpt",
     )
     return TrainedRun(config, result, root / "out")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, sqlite_template: Path) -> Path:
+    """A data folder with a fresh, migrated SQLite database."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "atelier.db").write_bytes(sqlite_template.read_bytes())
+    return data
+
+
+@pytest.fixture
+def services(data_dir: Path, tiny_builders: Any) -> Any:
+    from gpu_runner.services import open_services
+
+    return open_services(load_settings(data_dir=data_dir, device="cpu"))
+
+
+def make_runner(services: Any, worker_id: str = "test-runner") -> Any:
+    """A runner in this process with every job handler, on `services`."""
+    from gpu_runner.jobs import handlers
+    from gpu_runner.worker import Runner
+
+    return Runner(
+        queue=services.queue,
+        outbox=services.outbox,
+        handlers={kind: partial(handler, services) for kind, handler in handlers.items()},
+        worker_id=worker_id,
+    )

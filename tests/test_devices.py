@@ -19,14 +19,6 @@ A100 = (8, 0)  # compute capability: bf16 in hardware
 T4 = (7, 5)  # bf16 only emulated (as on V100 and RTX 20xx)
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, sqlite_template: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "atelier.db").write_bytes(sqlite_template.read_bytes())
-    return data
-
-
 @pytest.mark.parametrize(
     ("machine", "expected"),
     [([A100, T4], "fp16"), ([T4, A100], "bf16")],

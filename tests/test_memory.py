@@ -5,11 +5,11 @@ weights, and an out-of-memory message advises only what chat offers."""
 from __future__ import annotations
 
 import re
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from runner_fixtures import make_runner
 from runner_seed import approved_style, enqueue_generate, enqueue_training, generate_payload
 
 from storage.families import memory_needed_mb
@@ -18,26 +18,6 @@ from storage.models import JobStatus, Style
 from storage.settings import load_settings
 
 pytest_plugins = ("runner_fixtures", "generation_fixtures", "simulated_gpus")
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, sqlite_template: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "atelier.db").write_bytes(sqlite_template.read_bytes())
-    return data
-
-
-def _runner(services: Any) -> Any:
-    from gpu_runner.jobs import handlers
-    from gpu_runner.worker import Runner
-
-    return Runner(
-        queue=services.queue,
-        outbox=services.outbox,
-        handlers={kind: partial(handler, services) for kind, handler in handlers.items()},
-        worker_id="test-runner",
-    )
 
 
 # --- the trained model is pinned ------------------------------------------------------------
@@ -62,7 +42,7 @@ def test_generation_at_a_checkpoint_never_evicts_the_model_in_training(
     trained_on = services.models.get("tiny-sd15")
     job = services.queue.claim("test-runner", kinds=[JobKind.TRAIN])
     assert job is not None and job.id == train_id
-    _runner(services).run_job(job)  # serves both generations between its steps
+    make_runner(services).run_job(job)  # serves both generations between its steps
 
     for job_id in (train_id, same_model, other_model):
         assert services.queue.get(job_id).status == JobStatus.SUCCEEDED, job_id

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
+from runner_fixtures import make_runner
 from runner_seed import approved_style, enqueue_generate, enqueue_training, generate_payload
 from sqlalchemy import select, update
 
@@ -31,43 +31,15 @@ from storage.models import (
     TrainingRun,
     utcnow,
 )
-from storage.settings import load_settings
 
 pytest_plugins = ("runner_fixtures",)
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, sqlite_template: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "atelier.db").write_bytes(sqlite_template.read_bytes())
-    return data
-
-
-@pytest.fixture
-def services(data_dir: Path, tiny_builders: Any) -> Any:
-    from gpu_runner.services import open_services
-
-    return open_services(load_settings(data_dir=data_dir, device="cpu"))
-
-
-def _runner(services: Any) -> Any:
-    from gpu_runner.jobs import handlers
-    from gpu_runner.worker import Runner
-
-    return Runner(
-        queue=services.queue,
-        outbox=services.outbox,
-        handlers={kind: partial(handler, services) for kind, handler in handlers.items()},
-        worker_id="test-runner",
-    )
 
 
 @pytest.fixture
 def trained(services: Any, demo_items: list[tuple[Any, str]]) -> dict[str, Any]:
     style_id = approved_style(services, demo_items)
     run_id, job_id = enqueue_training(services, style_id, steps=60, checkpoint_every=30)
-    assert _runner(services).run_once()
+    assert make_runner(services).run_once()
     job = services.queue.get(job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error
     with services.db.session() as s:
@@ -97,7 +69,7 @@ def test_generation_job_records_seed_and_parameters(services: Any, trained: dict
 
     payload = generate_payload(trained["team_id"], trained["version"].id, seed=1234)
     job_id = enqueue_generate(services, payload)
-    assert _runner(services).run_once()
+    assert make_runner(services).run_once()
     job = services.queue.get(job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error
     with services.db.session() as s:
@@ -116,9 +88,9 @@ def test_compatible_generations_run_as_one_batch(services: Any, trained: dict[st
         enqueue_generate(services, generate_payload(trained["team_id"], None, prompt=f"boat {n}"))
         for n in range(3)
     ]
-    assert _runner(services).run_once()  # one claim serves all three
+    assert make_runner(services).run_once()  # one claim serves all three
     assert [services.queue.get(i).status for i in ids] == [JobStatus.SUCCEEDED] * 3
-    assert _runner(services).run_once() is False
+    assert make_runner(services).run_once() is False
 
 
 def test_another_teams_model_is_refused(
@@ -131,7 +103,7 @@ def test_another_teams_model_is_refused(
         other_id = other.id
     payload = generate_payload(other_id, trained["version"].id)
     job_id = enqueue_generate(services, payload)
-    _runner(services).run_once()
+    make_runner(services).run_once()
     job = services.queue.get(job_id)
     assert job.status == JobStatus.FAILED and "not available to this team" in (job.error or "")
     message = services.outbox.get(result_key(job_id))
@@ -141,7 +113,7 @@ def test_another_teams_model_is_refused(
 def test_bad_request_ends_with_a_clear_message(services: Any, trained: dict[str, Any]) -> None:
     payload = generate_payload(trained["team_id"], None, prompt="word " * 120)
     job_id = enqueue_generate(services, payload)
-    _runner(services).run_once()
+    make_runner(services).run_once()
     job = services.queue.get(job_id)
     assert job.status == JobStatus.FAILED and job.attempts == 1
     assert "prompt" in (job.error or "") and "token" in (job.error or "")
@@ -169,8 +141,8 @@ def _restart_after_crash(services: Any, job_id: int) -> Any:
     with services.db.session(write=True) as s:
         s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
     services.queue.recover_expired()
-    assert _runner(services).run_once()
-    assert _runner(services).run_once() is False
+    assert make_runner(services).run_once()
+    assert make_runner(services).run_once() is False
     return services.queue.get(job_id)
 
 
@@ -239,7 +211,7 @@ def test_generation_is_served_while_training_pauses(
     with services.db.session() as s:
         team_id = s.get(Style, style_id).team_id
     _, train_id = enqueue_training(services, style_id, steps=40, checkpoint_every=40)
-    runner = _runner(services)
+    runner = make_runner(services)
     worker = threading.Thread(target=runner.run_once)
     worker.start()
     wake = open_work_signal(services.db)
@@ -258,7 +230,7 @@ def test_generation_is_served_while_training_pauses(
     assert training.result["final_step"] == 40
     # Served with the training adapter off: the same pixels an idle runner makes.
     again = enqueue_generate(services, payload)
-    assert _runner(services).run_once()
+    assert make_runner(services).run_once()
 
     def pixels(job_id: int) -> bytes:
         blob = services.queue.get(job_id).result["images"][0]

@@ -21,27 +21,11 @@ from storage.job_payloads import ReplyTarget, progress_key
 from storage.models import JobStatus, Team, TrainingRun, utcnow
 from storage.outbox import Outbox
 from storage.queue import JobQueue
-from storage.settings import load_settings
 from storage.work_signal import open_work_signal
 
 pytest_plugins = ("runner_fixtures",)
 
 STEPS = 200  # far more than the process reaches before the signal: it must stop mid-run
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, sqlite_template: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "atelier.db").write_bytes(sqlite_template.read_bytes())
-    return data
-
-
-@pytest.fixture
-def services(data_dir: Path, tiny_builders: Any) -> Any:
-    from gpu_runner.services import open_services
-
-    return open_services(load_settings(data_dir=data_dir, device="cpu"))
 
 
 def _start_runner(data_dir: Path, log: Path) -> subprocess.Popen[bytes]:

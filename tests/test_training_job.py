@@ -7,46 +7,17 @@ requester why, and marks the training run failed with that reason.
 
 from __future__ import annotations
 
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image, ImageDraw
+from runner_fixtures import make_runner
 from runner_seed import approved_style, enqueue_training
 
 from storage.job_payloads import result_key
 from storage.models import JobStatus, RunStatus, TrainingRun
-from storage.settings import load_settings
 
 pytest_plugins = ("runner_fixtures",)
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, sqlite_template: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "atelier.db").write_bytes(sqlite_template.read_bytes())
-    return data
-
-
-@pytest.fixture
-def services(data_dir: Path, tiny_builders: Any) -> Any:
-    from gpu_runner.services import open_services
-
-    return open_services(load_settings(data_dir=data_dir, device="cpu"))
-
-
-def _runner(services: Any) -> Any:
-    from gpu_runner.jobs import handlers
-    from gpu_runner.worker import Runner
-
-    return Runner(
-        queue=services.queue,
-        outbox=services.outbox,
-        handlers={kind: partial(handler, services) for kind, handler in handlers.items()},
-        worker_id="test-runner",
-    )
 
 
 def _assert_failed_once(services: Any, run_id: int, job_id: int, reason: str) -> None:
@@ -54,7 +25,7 @@ def _assert_failed_once(services: Any, run_id: int, job_id: int, reason: str) ->
     job = services.queue.get(job_id)
     assert (job.status, job.attempts) == (JobStatus.FAILED, 1), job.error
     assert reason in (job.error or "")
-    assert _runner(services).run_once() is False  # nothing left to retry
+    assert make_runner(services).run_once() is False  # nothing left to retry
     message = services.outbox.get(result_key(job_id))
     assert message is not None
     assert message.text == f"Job {job_id} (train) failed: {job.error}"
@@ -69,7 +40,7 @@ def test_an_unknown_base_model_ends_the_job_once(
 ) -> None:
     style_id = approved_style(services, demo_items, base_model="sd15-gone")
     run_id, job_id = enqueue_training(services, style_id, steps=4)
-    assert _runner(services).run_once()
+    assert make_runner(services).run_once()
     _assert_failed_once(services, run_id, job_id, "unknown base model 'sd15-gone'")
 
 
@@ -83,7 +54,7 @@ def test_an_unreadable_checkpoint_ends_the_job_once(
     broken.mkdir(parents=True)
     (broken / "trainable.safetensors").write_bytes(b"not safetensors")
     (broken / "state.pt").write_bytes(b"not a torch file")
-    assert _runner(services).run_once()
+    assert make_runner(services).run_once()
     _assert_failed_once(services, run_id, job_id, "checkpoint step-00000002 is unreadable")
 
 
@@ -94,7 +65,7 @@ def test_a_trigger_textual_inversion_cannot_take_ends_the_job_once(
     run_id, job_id = enqueue_training(services, style_id, steps=4, initializer_token="")
     with services.db.session(write=True) as s:
         s.get(TrainingRun, run_id).method = "textual_inversion"
-    assert _runner(services).run_once()
+    assert make_runner(services).run_once()
     _assert_failed_once(services, run_id, job_id, "initializer_token ''")
 
 
@@ -111,7 +82,7 @@ def test_a_reference_beyond_eight_to_one_is_refused_by_its_number(
     items = [*demo_items[:3], (_strip((1024, 64)), "a long strip")]
     style_id = approved_style(services, items)
     run_id, job_id = enqueue_training(services, style_id, steps=4)
-    assert _runner(services).run_once()
+    assert make_runner(services).run_once()
     _assert_failed_once(
         services, run_id, job_id, "reference image #4 is 1024×64 pixels, beyond the 8:1 limit"
     )
