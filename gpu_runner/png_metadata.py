@@ -20,8 +20,9 @@ from typing import Any, Protocol
 
 from PIL import Image, PngImagePlugin
 
+from storage.png_record import RECORD_KEY, read_record
+
 PARAMETERS_KEY = "parameters"
-RECORD_KEY = "atelier"
 # Fixed so the same pixels and metadata always give the same bytes.
 _COMPRESS_LEVEL = 6
 
@@ -338,8 +339,7 @@ def read_png_metadata(data: bytes) -> PngMetadata:
     with Image.open(io.BytesIO(data)) as img:
         text: Mapping[str, Any] = getattr(img, "text", {}) or {}
         parameters = text.get(PARAMETERS_KEY)
-        raw_record = text.get(RECORD_KEY)
-    record = json.loads(raw_record) if raw_record else None
+        record = read_record(img)
     return PngMetadata(
         parameters=str(parameters) if parameters is not None else None, record=record
     )

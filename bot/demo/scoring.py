@@ -7,23 +7,21 @@ base and styled images are cut out by the record, not by guessing.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from storage.png_record import read_record
 from toyworld.metrics import read
 from toyworld.scenes import Scene
-
-RECORD_KEY = "atelier"  # gpu_runner.png_metadata.RECORD_KEY (the bot never imports torch)
 
 
 def panels(png: bytes) -> dict[str, Image.Image]:
     """{"base": image, "style": image} of a compare PNG, {"style"|"base": image} otherwise."""
     with Image.open(io.BytesIO(png)) as image:
         image.load()
-        record = json.loads(image.text.get(RECORD_KEY, "{}"))  # type: ignore[attr-defined]
+        record = read_record(image) or {}
         rgb = image.convert("RGB")
     if record.get("variant") != "compare":
         return {str(record.get("variant", "style")): rgb}
