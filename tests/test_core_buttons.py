@@ -280,6 +280,29 @@ def test_a_persons_queued_jobs_are_capped_with_their_queue_shown(db, tmp_path) -
     assert "Queued" in rig.text("imagine", {"prompt": "someone else's"}, user="U2")
 
 
+def test_the_cap_covers_trainings_and_auto_captions_and_stores_nothing(db, tmp_path) -> None:
+    from storage.models import TrainingRun
+
+    rig = build_rig(db, tmp_path, max_queued_jobs_per_user=2, caption_model=str(tmp_path / "m"))
+    approved_style(rig)
+    rig.run("imagine", {"prompt": "one"})
+    rig.run("imagine", {"prompt": "two"})
+    first, second = rig.jobs("generate")
+    drafts = len(rig.datasets("ink"))
+    train = rig.text("style train", {"name": "ink"})
+    caption = rig.say("/style", "caption ink auto")
+    for refusal in (train, caption):
+        assert "You already have 2 jobs queued" in refusal
+        assert f"#{first.id} generate, #{second.id} generate" in refusal and "/cancel" in refusal
+    assert len(rig.jobs()) == 2 and len(rig.datasets("ink")) == drafts
+    with rig.db.session() as s:
+        assert list(s.scalars(select(TrainingRun))) == []
+    # A canceled job frees its place: the training is queued and counts toward the cap.
+    rig.run("cancel", {"job": str(first.id)})
+    assert "Training **ink**" in rig.text("style train", {"name": "ink"})
+    assert "2 jobs queued" in rig.say("/style", "caption ink auto")
+
+
 def test_audit_is_for_leads_and_filters_by_style(rig: Rig, result: int) -> None:
     (refused,) = rig.run("audit", user=MEMBER)
     assert refused.private and "Only art leads" in refused.text
