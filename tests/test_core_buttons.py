@@ -316,6 +316,33 @@ def test_audit_is_for_leads_and_filters_by_style(rig: Rig, result: int) -> None:
     assert "oilstyle" not in ink.text and ink.text.count("style.create") == 1
 
 
+def test_audit_of_a_style_finds_its_events_behind_thousands_of_newer_ones(
+    rig: Rig, result: int
+) -> None:
+    from storage.models import AuditEvent
+
+    rig.run("style create", {"name": "oil", "trigger": "oilstyle"})
+    oil = rig.style("oil")
+    with rig.db.session(write=True) as s:
+        s.add_all(
+            AuditEvent(
+                team_id=oil.team_id,
+                actor=MEMBER,
+                action="image.add",
+                object_type="style",
+                object_id=str(oil.id),
+            )
+            for _ in range(2500)
+        )
+    (ink,) = rig.run("audit", {"style": "ink", "count": "50"}, user=LEAD)
+    assert "style.create" in ink.text and "dataset.approve" in ink.text
+    assert "image.add" in ink.text and "generate.request" in ink.text
+    assert f"style {oil.id} " not in ink.text
+    (newest,) = rig.run("audit", {"count": "5"}, user=LEAD)
+    assert "(newest first, 5 shown)" in newest.text
+    assert newest.text.count(f"image.add · style {oil.id}") == 5
+
+
 # -- look-alike names ---------------------------------------------------------------------------
 
 
