@@ -270,6 +270,16 @@ class FakeSlackApi:
             }
         return {"ok": True, "file": {"id": f.id, "name": f.name, "shares": shares}}
 
+    def _m_files_delete(self, p: dict[str, Any]) -> dict[str, Any]:
+        f = self.files.pop(p.get("file", ""), None)
+        if f is None:
+            return {"ok": False, "error": "file_not_found"}
+        # Like Slack: the message stays, without the file.
+        for message in self.messages.values():
+            if f.id in message.file_ids:
+                message.file_ids.remove(f.id)
+        return {"ok": True}
+
     def _m_views_open(self, p: dict[str, Any]) -> dict[str, Any]:
         if not p.get("trigger_id"):
             return {"ok": False, "error": "invalid_trigger_id"}
