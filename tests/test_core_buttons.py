@@ -118,10 +118,14 @@ def test_every_result_message_carries_every_button_with_its_generation(
     ids = [b["id"] for row in item.extra["buttons"] for b in row]
     assert {i.split(":")[1] for i in ids} == set(ACTIONS)
     assert all(i.split(":")[2] == str(result) for i in ids)
-    # A grid gets an Upscale and a Vary per image.
+    # A grid gets an Upscale, a subtle and a strong Vary per image...
     rows = result_buttons(5, 4)
     assert [b["label"] for b in rows[1]] == ["U1", "U2", "U3", "U4"]
     assert rows[2][3]["id"] == "atelier:vary-subtle:5:4"
+    assert [b["id"] for b in rows[3]] == [f"atelier:vary-strong:5:{i}" for i in range(1, 5)]
+    # ... within Discord's 5 rows of 5: 8 images keep Upscale and subtle Vary.
+    big = result_buttons(5, 8)
+    assert len(big) == 3 and [len(r) for r in big[1:]] == [8, 8]
 
 
 def test_reroll_button_queues_a_new_seed_recording_its_parent(rig: Rig, result: int) -> None:
@@ -158,6 +162,23 @@ def test_vary_and_upscale_are_image_to_image_from_the_result(rig: Rig, result: i
     assert (upscale.width, upscale.height) == (generation.width * 2, generation.height * 2)
     assert upscale.seed == generation.seed and upscale.adapters == vary.adapters
     assert upscale.strength is not None and upscale.strength < 0.5
+
+
+def test_a_grids_strong_vary_starts_from_its_own_image(rig: Rig) -> None:
+    approved_style(rig)
+    add_model_version(rig, "ink")
+    rig.run("imagine", {"prompt": "inkstyle cat", "count": "4"})
+    (job,) = rig.jobs("generate")
+    grid = finish(rig, job.id, count=4)
+    (_, item, _) = rig.sender.posts[-1]
+    strong = item.extra["buttons"][3]
+    assert [b["label"] for b in strong] == [f"V{i} strong" for i in range(1, 5)]
+    press(rig, "vary-strong", grid, image=3)
+    vary = payload_of(rig.jobs("generate")[-1])
+    with rig.db.session() as s:
+        generation = s.get(Generation, grid)
+    assert vary.init_image == generation.image_blobs[2] and vary.strength == 0.75
+    assert vary.parent_generation_id == grid and vary.mode == "vary"
 
 
 def test_an_image_button_past_the_grid_says_what_exists(rig: Rig, result: int) -> None:
