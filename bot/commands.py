@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from storage.result_buttons import PREFIX
+
 
 class FileTooLarge(Exception):
     """Raised by `IncomingFile.read` when the file is bigger than the limit asked for."""
@@ -118,16 +120,31 @@ class FormField:
     multiline: bool = False
     required: bool = True
     max_length: int = 2000
+    choices: Sequence[str] = ()  # a pick list (Slack: a static select) instead of free text
 
 
 @dataclass(frozen=True)
 class Form:
     """A form for the person to fill in (Discord: a modal; Slack: a modal view). Submitting
-    it comes back as a Press with `submit_id` as its button and the fields as values."""
+    it comes back as a Press with `submit_id` as its button and the fields as values, or,
+    for a command's form (`command_form_id`), as that Command with the fields as its args."""
 
     submit_id: str
     title: str
     fields: Sequence[FormField]
+
+
+# A command's form is submitted as "atelier:command:<command name>".
+_COMMAND_FORM = f"{PREFIX}:command:"
+
+
+def command_form_id(name: str) -> str:
+    return _COMMAND_FORM + name
+
+
+def command_of_form(submit_id: str) -> str | None:
+    """The command a submitted form runs, or None for a button's form."""
+    return submit_id[len(_COMMAND_FORM) :] if submit_id.startswith(_COMMAND_FORM) else None
 
 
 @dataclass(frozen=True)
@@ -155,6 +172,10 @@ class CommandHandler(Protocol):
 
     def suggest(self, team: TeamRef, option: str, typed: str) -> list[str]:
         """Choices for an option as it is typed (Discord autocomplete)."""
+        ...
+
+    def command_form(self, team: TeamRef, name: str) -> Form | None:
+        """A form for command `name` with pick lists for its options (Slack modals)."""
         ...
 
 

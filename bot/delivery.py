@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bot.commands import OutgoingFile
@@ -33,11 +33,25 @@ class PermanentFailure(Exception):
     """Sending can never work (channel gone, bot removed): the message is given up."""
 
 
+@dataclass(frozen=True)
+class Posted:
+    """A new message, with the ids of the files its post uploaded where the platform keeps
+    those apart from the message (Slack: they outlive an edit, so a deletion removes them)."""
+
+    message_id: str
+    file_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, result: str | Posted) -> Posted:
+        return result if isinstance(result, Posted) else cls(result)
+
+
 class MessageSender(Protocol):
     """One platform's way to post and edit. May raise RetryLater or PermanentFailure."""
 
-    def post(self, item: OutboxItem, files: Sequence[OutgoingFile]) -> str:
-        """Post a new message; returns the platform's message id (Slack: its ts)."""
+    def post(self, item: OutboxItem, files: Sequence[OutgoingFile]) -> str | Posted:
+        """Post a new message; returns the platform's message id (Slack: its ts), or a
+        Posted naming its files too."""
         ...
 
     def edit(self, item: OutboxItem, files: Sequence[OutgoingFile]) -> None:
@@ -95,6 +109,7 @@ class OutboxDeliverer:
 
     def _deliver(self, item: OutboxItem) -> None:
         item, files = self._files(item)
+        file_ids: tuple[str, ...] = ()
         if item.platform_message_id is not None:
             self.sender.edit(item, files)
             message_id = item.platform_message_id
@@ -107,8 +122,9 @@ class OutboxDeliverer:
                 message_id = found
             else:
                 self.outbox.begin_post(item.id)
-                message_id = self.sender.post(item, files)
-        self.outbox.mark_delivered(item.id, item.revision, message_id)
+                posted = Posted.of(self.sender.post(item, files))
+                message_id, file_ids = posted.message_id, posted.file_ids
+        self.outbox.mark_delivered(item.id, item.revision, message_id, file_ids=file_ids)
 
     def _already_posted(self, item: OutboxItem) -> str | None:
         if not item.post_in_doubt:

@@ -25,6 +25,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from gpu_runner.byte_symbols import byte_symbols
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 TEXT_HIDDEN = 32
@@ -38,28 +40,10 @@ _WORDS = ("a", "an", "the", "of", "in", "photo", "style", "painting", "red", "bl
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP byte-level alphabet: 256 printable characters, one per byte."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    order = sorted(zip(keep, chars, strict=True))
-    return [chr(c) for _, c in order]
-
-
 def build_tiny_tokenizer(pad_token: str = EOS, words: tuple[str, ...] = _WORDS) -> CLIPTokenizer:
     """A CLIP BPE tokenizer made with no files (transformers 5 accepts vocab/merges directly).
     Each of `words` becomes one token; any other text falls back to byte-level symbols."""
-    symbols = _bytes_to_unicode()
+    symbols = byte_symbols()
     tokens: list[str] = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     for word in words:

@@ -354,6 +354,9 @@ class OutboxMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     platform_message_id: Mapped[str | None] = mapped_column(String(64))
+    # Files the post uploaded (Slack file ids), which must go too when the message is
+    # deleted: on Slack a message edit leaves its shared files in place.
+    platform_file_ids: Mapped[list[Any]] = mapped_column(default=list)
     # Set just before a first post: if the bot dies before recording the message id, the
     # post is "in doubt" and the deliverer asks the platform before posting again.
     post_started_at: Mapped[datetime | None]

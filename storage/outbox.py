@@ -50,6 +50,7 @@ class OutboxItem:
     error: str | None
     created_at: datetime
     post_started: bool = False
+    platform_file_ids: tuple[str, ...] = ()  # files the post uploaded (Slack)
 
     @property
     def is_edit(self) -> bool:
@@ -79,6 +80,7 @@ class OutboxItem:
             error=row.error,
             created_at=row.created_at,
             post_started=row.post_started_at is not None,
+            platform_file_ids=tuple(row.platform_file_ids or ()),
         )
 
 
@@ -167,11 +169,21 @@ class Outbox:
             row = self._row(s, item_id)
             row.post_started_at = row.post_started_at or utcnow()
 
-    def mark_delivered(self, item_id: int, revision: int, platform_message_id: str) -> None:
-        """Record a delivery. A revision written meanwhile stays pending, to edit next."""
+    def mark_delivered(
+        self,
+        item_id: int,
+        revision: int,
+        platform_message_id: str,
+        *,
+        file_ids: Sequence[str] = (),
+    ) -> None:
+        """Record a delivery (and the files a first post uploaded). A revision written
+        meanwhile stays pending, to edit next."""
         with self.db.session(write=True) as s:
             row = self._row(s, item_id)
             row.platform_message_id = row.platform_message_id or platform_message_id
+            if file_ids:
+                row.platform_file_ids = list(dict.fromkeys([*row.platform_file_ids, *file_ids]))
             row.delivered_revision = max(row.delivered_revision, revision)
             if row.revision <= revision:
                 row.status = OutboxStatus.DELIVERED

@@ -19,6 +19,10 @@ UPSCALE_STRENGTH = 0.35
 UPSCALE_FACTOR = 2
 # Results with several images get Upscale and Vary buttons per image, for this many.
 MAX_IMAGE_BUTTONS = 8
+# The tightest platform's room for buttons (Discord: 5 rows of 5): a grid gets its strong
+# Vary row per image only where it fits beside the others.
+ROW_WIDTH = 5
+MAX_ROWS = 5
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,19 @@ def result_buttons(generation_id: int, images: int) -> list[list[dict[str, Any]]
             [button("edit"), button("delete")],
         ]
     shown = range(1, min(images, MAX_IMAGE_BUTTONS) + 1)
-    return [
+    rows = [
         [button("reroll"), button("edit"), button("delete")],
         [button("upscale", i, f"U{i}") for i in shown],
         [button("vary-subtle", i, f"V{i}") for i in shown],
+        [button("vary-strong", i, f"V{i} strong") for i in shown],
     ]
+    # Rows in order of use, as many as fit when each is split ROW_WIDTH wide.
+    kept: list[list[dict[str, Any]]] = []
+    for row in rows:
+        if sum(-(-len(r) // ROW_WIDTH) for r in [*kept, row]) > MAX_ROWS:
+            break
+        kept.append(row)
+    return kept
 
 
 def buttons_help() -> str:

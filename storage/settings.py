@@ -65,7 +65,8 @@ class Settings(BaseSettings):
         "tiny-sd15", description="the name of a base model new styles use"
     )
     caption_model: str | None = Field(
-        None, description="a local folder with a BLIP image-captioning model"
+        None,
+        description="a local folder with an image-captioning model: BLIP, Florence-2 or Qwen-VL",
     )
     model_cache_bytes: int | None = Field(
         None, gt=0, description="bytes of warm pipelines to keep (default: from device memory)"

@@ -270,6 +270,16 @@ class FakeSlackApi:
             }
         return {"ok": True, "file": {"id": f.id, "name": f.name, "shares": shares}}
 
+    def _m_files_delete(self, p: dict[str, Any]) -> dict[str, Any]:
+        f = self.files.pop(p.get("file", ""), None)
+        if f is None:
+            return {"ok": False, "error": "file_not_found"}
+        # Like Slack: the message stays, without the file.
+        for message in self.messages.values():
+            if f.id in message.file_ids:
+                message.file_ids.remove(f.id)
+        return {"ok": True}
+
     def _m_views_open(self, p: dict[str, Any]) -> dict[str, Any]:
         if not p.get("trigger_id"):
             return {"ok": False, "error": "invalid_trigger_id"}
@@ -586,13 +596,20 @@ def view_submission_form(
     private_metadata: str,
     user: str = "U0ALICE01",
     team_id: str = "T0TEAM001",
+    picked: dict[str, str | None] | None = None,
 ) -> str:
-    """A submitted modal exactly as Slack POSTs it (view_submission)."""
+    """A submitted modal exactly as Slack POSTs it (view_submission): `values` typed in
+    text inputs, `picked` chosen in static selects (None: left unchosen)."""
     from urllib.parse import urlencode
 
-    state = {
+    state: dict[str, Any] = {
         name: {name: {"type": "plain_text_input", "value": value}} for name, value in values.items()
     }
+    for name, value in (picked or {}).items():
+        option = None if value is None else {"text": {"type": "plain_text", "text": value}}
+        if option is not None:
+            option["value"] = value
+        state[name] = {name: {"type": "static_select", "selected_option": option}}
     payload = {
         "type": "view_submission",
         "team": {"id": team_id, "domain": "studio"},

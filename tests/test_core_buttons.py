@@ -118,10 +118,14 @@ def test_every_result_message_carries_every_button_with_its_generation(
     ids = [b["id"] for row in item.extra["buttons"] for b in row]
     assert {i.split(":")[1] for i in ids} == set(ACTIONS)
     assert all(i.split(":")[2] == str(result) for i in ids)
-    # A grid gets an Upscale and a Vary per image.
+    # A grid gets an Upscale, a subtle and a strong Vary per image...
     rows = result_buttons(5, 4)
     assert [b["label"] for b in rows[1]] == ["U1", "U2", "U3", "U4"]
     assert rows[2][3]["id"] == "atelier:vary-subtle:5:4"
+    assert [b["id"] for b in rows[3]] == [f"atelier:vary-strong:5:{i}" for i in range(1, 5)]
+    # ... within Discord's 5 rows of 5: 8 images keep Upscale and subtle Vary.
+    big = result_buttons(5, 8)
+    assert len(big) == 3 and [len(r) for r in big[1:]] == [8, 8]
 
 
 def test_reroll_button_queues_a_new_seed_recording_its_parent(rig: Rig, result: int) -> None:
@@ -158,6 +162,23 @@ def test_vary_and_upscale_are_image_to_image_from_the_result(rig: Rig, result: i
     assert (upscale.width, upscale.height) == (generation.width * 2, generation.height * 2)
     assert upscale.seed == generation.seed and upscale.adapters == vary.adapters
     assert upscale.strength is not None and upscale.strength < 0.5
+
+
+def test_a_grids_strong_vary_starts_from_its_own_image(rig: Rig) -> None:
+    approved_style(rig)
+    add_model_version(rig, "ink")
+    rig.run("imagine", {"prompt": "inkstyle cat", "count": "4"})
+    (job,) = rig.jobs("generate")
+    grid = finish(rig, job.id, count=4)
+    (_, item, _) = rig.sender.posts[-1]
+    strong = item.extra["buttons"][3]
+    assert [b["label"] for b in strong] == [f"V{i} strong" for i in range(1, 5)]
+    press(rig, "vary-strong", grid, image=3)
+    vary = payload_of(rig.jobs("generate")[-1])
+    with rig.db.session() as s:
+        generation = s.get(Generation, grid)
+    assert vary.init_image == generation.image_blobs[2] and vary.strength == 0.75
+    assert vary.parent_generation_id == grid and vary.mode == "vary"
 
 
 def test_an_image_button_past_the_grid_says_what_exists(rig: Rig, result: int) -> None:
@@ -280,6 +301,29 @@ def test_a_persons_queued_jobs_are_capped_with_their_queue_shown(db, tmp_path) -
     assert "Queued" in rig.text("imagine", {"prompt": "someone else's"}, user="U2")
 
 
+def test_the_cap_covers_trainings_and_auto_captions_and_stores_nothing(db, tmp_path) -> None:
+    from storage.models import TrainingRun
+
+    rig = build_rig(db, tmp_path, max_queued_jobs_per_user=2, caption_model=str(tmp_path / "m"))
+    approved_style(rig)
+    rig.run("imagine", {"prompt": "one"})
+    rig.run("imagine", {"prompt": "two"})
+    first, second = rig.jobs("generate")
+    drafts = len(rig.datasets("ink"))
+    train = rig.text("style train", {"name": "ink"})
+    caption = rig.say("/style", "caption ink auto")
+    for refusal in (train, caption):
+        assert "You already have 2 jobs queued" in refusal
+        assert f"#{first.id} generate, #{second.id} generate" in refusal and "/cancel" in refusal
+    assert len(rig.jobs()) == 2 and len(rig.datasets("ink")) == drafts
+    with rig.db.session() as s:
+        assert list(s.scalars(select(TrainingRun))) == []
+    # A canceled job frees its place: the training is queued and counts toward the cap.
+    rig.run("cancel", {"job": str(first.id)})
+    assert "Training **ink**" in rig.text("style train", {"name": "ink"})
+    assert "2 jobs queued" in rig.say("/style", "caption ink auto")
+
+
 def test_audit_is_for_leads_and_filters_by_style(rig: Rig, result: int) -> None:
     (refused,) = rig.run("audit", user=MEMBER)
     assert refused.private and "Only art leads" in refused.text
@@ -291,6 +335,33 @@ def test_audit_is_for_leads_and_filters_by_style(rig: Rig, result: int) -> None:
     assert "Audit trail of style ink" in ink.text and "image.add" in ink.text
     assert "generate.request" in ink.text  # its model was used
     assert "oilstyle" not in ink.text and ink.text.count("style.create") == 1
+
+
+def test_audit_of_a_style_finds_its_events_behind_thousands_of_newer_ones(
+    rig: Rig, result: int
+) -> None:
+    from storage.models import AuditEvent
+
+    rig.run("style create", {"name": "oil", "trigger": "oilstyle"})
+    oil = rig.style("oil")
+    with rig.db.session(write=True) as s:
+        s.add_all(
+            AuditEvent(
+                team_id=oil.team_id,
+                actor=MEMBER,
+                action="image.add",
+                object_type="style",
+                object_id=str(oil.id),
+            )
+            for _ in range(2500)
+        )
+    (ink,) = rig.run("audit", {"style": "ink", "count": "50"}, user=LEAD)
+    assert "style.create" in ink.text and "dataset.approve" in ink.text
+    assert "image.add" in ink.text and "generate.request" in ink.text
+    assert f"style {oil.id} " not in ink.text
+    (newest,) = rig.run("audit", {"count": "5"}, user=LEAD)
+    assert "(newest first, 5 shown)" in newest.text
+    assert newest.text.count(f"image.add · style {oil.id}") == 5
 
 
 # -- look-alike names ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -29,7 +30,9 @@ class Crash(BaseException):
 class CrashingOutbox(Outbox):
     """Dies right after the platform accepted a message, before it is marked delivered."""
 
-    def mark_delivered(self, item_id: int, revision: int, platform_message_id: str) -> None:
+    def mark_delivered(
+        self, item_id: int, revision: int, platform_message_id: str, **_: Any
+    ) -> None:
         raise Crash
 
 

@@ -144,6 +144,8 @@ def test_result_messages_carry_the_buttons_as_components(api: FakeDiscordAPI) ->
     ids = [[c["custom_id"] for c in row["components"]] for row in rows]
     assert ids[0] == ["atelier:reroll:42", "atelier:edit:42", "atelier:delete:42"]
     assert ids[1] == [f"atelier:upscale:42:{i}" for i in range(1, 5)]
+    assert ids[3] == [f"atelier:vary-strong:42:{i}" for i in range(1, 5)]
+    assert rows[3]["components"][0]["label"] == "V1 strong"
     assert all(len(row) <= 5 for row in ids) and len(ids) <= 5
     assert rows[0]["components"][2]["style"] == 4  # Delete is red
 

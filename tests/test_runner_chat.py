@@ -156,12 +156,15 @@ def test_an_import_for_another_family_is_refused_with_the_reason(
         assert list(s.scalars(select(ModelVersion))) == []
 
 
+# Every captioner kind, through the configured folder and the real caption job.
+@pytest.mark.parametrize("kind", ["blip", "florence2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_auto_captions_edit_the_cards_and_never_replace_a_persons(
-    data_dir: Path, tiny_builders: Any, tmp_path: Path
+    kind: Any, data_dir: Path, tiny_builders: Any, tmp_path: Path
 ) -> None:
-    from gpu_runner.captioning import save_tiny_blip
+    from gpu_runner.captioning.tiny import save_tiny_captioner
 
-    chat = Chat(data_dir, caption_model=str(save_tiny_blip(tmp_path / "tiny-blip")))
+    folder = save_tiny_captioner(tmp_path / f"tiny-{kind}", kind)
+    chat = Chat(data_dir, caption_model=str(folder))
     chat.say("/style", "create ink inkstyle")
     chat.core.handle(command("style add", {"name": "ink"}, files=images(1, 2, 3)))
     chat.say("/style", "caption ink 2 a person wrote this")
@@ -172,7 +175,8 @@ def test_auto_captions_edit_the_cards_and_never_replace_a_persons(
     with chat.services.db.session() as s:
         captions = list(s.scalars(select(Caption).order_by(Caption.id)))
     autos = [c for c in captions if c.source == "auto"]
-    assert len(autos) == 2 and all(c.author == "auto:tiny-blip" for c in autos)
+    assert len(autos) == 2 and all(c.author == f"auto:tiny-{kind}" for c in autos)
+    assert all(c.text.strip() for c in autos)
     edited = {item.key: item for _, item, _ in chat.sender.edits}
     cards = [i for k, i in edited.items() if k.startswith("card:image:")]
     assert len(cards) == 2 and all("(auto caption)" in c.text for c in cards)

@@ -136,10 +136,14 @@ def test_delete_by_a_non_requester_is_refused_privately(studio: Studio) -> None:
     with studio.db.session() as s:
         assert s.get(Generation, generation_id).deleted_at is None
     # The lead may: the message is edited to say so and loses its buttons.
+    (uploaded,) = studio.fake.messages[ts].file_ids
     _dispatch(studio, block_actions_form(delete, trigger_id="t-del2", message_ts=ts, user=LEAD))
     studio.deliver()
     update = studio.fake.calls_to("chat.update")[-1].params
     assert "deleted by" in update["text"] and _blocks(update) == []
+    # The image goes too: an edit leaves a message's files, so the upload is deleted.
+    assert [c.params["file"] for c in studio.fake.calls_to("files.delete")] == [uploaded]
+    assert uploaded not in studio.fake.files and studio.fake.messages[ts].file_ids == []
 
 
 def test_edit_opens_a_modal_and_its_submission_runs_the_new_prompt(studio: Studio) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +12,7 @@ from fake_slack_api import FakeSlackApi
 from slack_sdk import WebClient
 
 from bot.commands import OutgoingFile
-from bot.delivery import PermanentFailure, RetryLater
+from bot.delivery import PermanentFailure, Posted, RetryLater
 from bot.slack.sender import FILE_ID_PREFIX, SlackSender
 from storage.models import OutboxStatus
 from storage.outbox import OutboxItem
@@ -85,7 +86,8 @@ def test_result_with_image_goes_through_files_upload_v2_with_seed_in_text(
     fake: FakeSlackApi, sender: SlackSender, waits: list[float]
 ) -> None:
     files = [OutgoingFile("fox-1234567.png", IMAGE)]
-    ts = sender.post(item(RESULT_TEXT, thread="1700000000.000100"), files)
+    posted = Posted.of(sender.post(item(RESULT_TEXT, thread="1700000000.000100"), files))
+    ts = posted.message_id
 
     assert fake.call_names() == [
         "files.getUploadURLExternal",
@@ -109,6 +111,7 @@ def test_result_with_image_goes_through_files_upload_v2_with_seed_in_text(
     message = fake.messages[ts]
     assert message.text == RESULT_TEXT
     assert [fake.files[f].data for f in message.file_ids] == [IMAGE]
+    assert posted.file_ids == tuple(message.file_ids)  # kept, to delete with the result
     assert waits == []
 
 
@@ -116,7 +119,7 @@ def test_slow_share_is_polled_until_slack_reports_the_message(
     fake: FakeSlackApi, sender: SlackSender, waits: list[float]
 ) -> None:
     fake.share_delay_lookups = 2
-    ts = sender.post(item(RESULT_TEXT), [OutgoingFile("a.png", IMAGE)])
+    ts = Posted.of(sender.post(item(RESULT_TEXT), [OutgoingFile("a.png", IMAGE)])).message_id
     assert fake.messages[ts].text == RESULT_TEXT
     assert waits == [0.25, 0.5]
     assert len(fake.calls_to("files.info")) == 3
@@ -126,7 +129,8 @@ def test_unknown_ts_never_reposts_and_edits_resolve_it_later(
     fake: FakeSlackApi, sender: SlackSender, waits: list[float]
 ) -> None:
     fake.share_delay_lookups = 100
-    message_id = sender.post(item(RESULT_TEXT), [OutgoingFile("a.png", IMAGE)])
+    posted = Posted.of(sender.post(item(RESULT_TEXT), [OutgoingFile("a.png", IMAGE)]))
+    message_id = posted.message_id
     assert message_id.startswith(FILE_ID_PREFIX)
     assert waits == [0.25, 0.5, 1.0]
     assert len(fake.messages) == 1
@@ -137,6 +141,24 @@ def test_unknown_ts_never_reposts_and_edits_resolve_it_later(
     sender.edit(item("edited", message_id=message_id), [OutgoingFile("a.png", IMAGE)])
     [message] = fake.messages.values()
     assert (message.text, message.edits) == ("edited", 1)
+
+
+def test_the_edit_marking_a_result_deleted_deletes_its_uploads(
+    fake: FakeSlackApi, sender: SlackSender
+) -> None:
+    posted = Posted.of(sender.post(item(RESULT_TEXT), [OutgoingFile("a.png", IMAGE)]))
+    (file_id,) = posted.file_ids
+    progress = item("step 50/100", message_id=posted.message_id)
+    sender.edit(progress, [])  # an ordinary edit keeps the image
+    assert file_id in fake.files and fake.calls_to("files.delete") == []
+    deleted = replace(
+        item("🗑 deleted", message_id=posted.message_id, extra={"deleted": True}),
+        platform_file_ids=posted.file_ids,
+    )
+    sender.edit(deleted, [])
+    assert file_id not in fake.files and fake.messages[posted.message_id].file_ids == []
+    sender.edit(deleted, [])  # a retried edit: the file is already gone, no error
+    assert len(fake.calls_to("files.delete")) == 2
 
 
 def test_progress_edits_update_the_same_message(fake: FakeSlackApi, sender: SlackSender) -> None:
@@ -221,7 +243,8 @@ def test_seed_and_parameters_from_extra_join_the_text_when_missing(
     fake: FakeSlackApi, sender: SlackSender
 ) -> None:
     extra = {"seed": [11, 12], "parameters": {"steps": 20, "cfg": 7.5, "size": "512x512"}}
-    ts = sender.post(item("Here is your fox", extra=extra), [OutgoingFile("fox.png", IMAGE)])
+    posted = sender.post(item("Here is your fox", extra=extra), [OutgoingFile("fox.png", IMAGE)])
+    ts = Posted.of(posted).message_id
     assert fake.messages[ts].text == (
         "Here is your fox\nSeed: 11, 12 · steps: 20 · cfg: 7.5 · size: 512x512"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, String, and_, cast, or_, select, true
 from sqlalchemy.orm import Session
 
 from bot.commands import Reply
@@ -64,7 +64,9 @@ def events(
 # -- /audit: what a lead may read ------------------------------------------------------------
 
 DEFAULT_SHOWN = 20
-_SCANNED = 2000  # newest events searched when filtering by style
+# Ids of a style's generations are bound as parameters; chunks keep each statement well
+# under SQLite's and PostgreSQL's limits on bound parameters.
+_IDS_PER_QUERY = 2000
 
 
 def audit_command(ctx: Context, args: AuditArgs) -> list[Reply]:
@@ -78,22 +80,33 @@ def audit_command(ctx: Context, args: AuditArgs) -> list[Reply]:
     shown = args.count or DEFAULT_SHOWN
     with ctx.write() as tx:
         s, team = tx.session, tx.team
-        query = (
-            select(AuditEvent)
-            .where(AuditEvent.team_id == team.id)
-            .order_by(AuditEvent.id.desc())
-            .limit(shown if args.style is None else _SCANNED)
-        )
-        rows = list(s.scalars(query))
-        title = "the team"
-        if args.style is not None:
+        if args.style is None:
+            rows = _newest(s, team.id, [true()], shown)
+            title = "the team"
+        else:
             style = get_style(s, team.id, args.style)
-            owned = _style_objects(s, style)
-            rows = [r for r in rows if (r.object_type, r.object_id) in owned][:shown]
+            rows = _newest(s, team.id, _style_conditions(s, style), shown)
             title = f"style {style.name}"
         lines = [f"**Audit trail of {title}** (newest first, {len(rows)} shown)"]
         lines += [_line(row) for row in rows] or ["nothing recorded yet"]
     return [Reply("\n".join(lines), private=True)]
+
+
+def _newest(
+    s: Session, team_id: int, conditions: list[ColumnElement[bool]], shown: int
+) -> list[AuditEvent]:
+    """The newest `shown` events of the team matching any of `conditions`, each condition
+    filtered by the database (one query per condition, merged by id)."""
+    found: dict[int, AuditEvent] = {}
+    for condition in conditions:
+        query = (
+            select(AuditEvent)
+            .where(AuditEvent.team_id == team_id, condition)
+            .order_by(AuditEvent.id.desc())
+            .limit(shown)
+        )
+        found.update((row.id, row) for row in s.scalars(query))
+    return [found[i] for i in sorted(found, reverse=True)[:shown]]
 
 
 def _line(row: AuditEvent) -> str:
@@ -104,35 +117,53 @@ def _line(row: AuditEvent) -> str:
     return f"{when} · {row.action} · {target} · by {who}"
 
 
-def _style_objects(s: Session, style: Style) -> set[tuple[str, str]]:
-    """(object_type, object_id) of everything that belongs to a style."""
-    datasets = list(s.scalars(select(DatasetVersion.id).where(DatasetVersion.style_id == style.id)))
-    images = list(
-        s.scalars(select(ReferenceImage.id).where(ReferenceImage.dataset_version_id.in_(datasets)))
-    ) if datasets else []  # fmt: skip
-    runs = list(s.execute(select(TrainingRun.id, TrainingRun.job_id).where(
-        TrainingRun.style_id == style.id)))  # fmt: skip
-    models = list(s.scalars(select(ModelVersion.id).where(ModelVersion.style_id == style.id)))
-    owned = {("style", str(style.id))}
-    owned |= {("dataset_version", str(i)) for i in datasets}
-    owned |= {("reference_image", str(i)) for i in images}
-    owned |= {("training_run", str(run_id)) for run_id, _ in runs}
-    owned |= {("job", str(job_id)) for _, job_id in runs if job_id is not None}
-    owned |= {("model_version", str(i)) for i in models}
-    # Generations that used one of its model versions.
-    model_ids = set(models)
+def _about(object_type: str, ids: Any) -> ColumnElement[bool]:
+    return and_(AuditEvent.object_type == object_type, AuditEvent.object_id.in_(ids))
+
+
+def _as_text(column: Any) -> Any:
+    return cast(column, String)  # audit object ids are text: they name rows of any table
+
+
+def _style_conditions(s: Session, style: Style) -> list[ColumnElement[bool]]:
+    """Conditions on audit events about everything that belongs to a style: its datasets,
+    images, trainings, models (subqueries), and the generations and their jobs that used
+    one of its models (ids found from their adapters, which are JSON)."""
+    datasets = select(DatasetVersion.id).where(DatasetVersion.style_id == style.id)
+    runs = select(TrainingRun).where(TrainingRun.style_id == style.id).subquery()
+    models = select(ModelVersion.id).where(ModelVersion.style_id == style.id)
+    owned = or_(
+        and_(AuditEvent.object_type == "style", AuditEvent.object_id == str(style.id)),
+        _about("dataset_version", select(_as_text(DatasetVersion.id)).where(
+            DatasetVersion.style_id == style.id)),
+        _about("reference_image", select(_as_text(ReferenceImage.id)).where(
+            ReferenceImage.dataset_version_id.in_(datasets))),
+        _about("training_run", select(_as_text(runs.c.id))),
+        _about("job", select(_as_text(runs.c.job_id)).where(runs.c.job_id.is_not(None))),
+        _about("model_version", select(_as_text(ModelVersion.id)).where(
+            ModelVersion.style_id == style.id)),
+    )  # fmt: skip
+    model_ids = set(s.scalars(models))
+    if not model_ids:
+        return [owned]
+    used: dict[str, set[str]] = {"generation": set(), "job": set()}
     for generation_id, job_id, adapters in s.execute(
         select(Generation.id, Generation.job_id, Generation.adapters).where(
             Generation.team_id == style.team_id
         )
     ):
         if any(a.get("model_version_id") in model_ids for a in adapters or []):
-            owned.add(("generation", str(generation_id)))
+            used["generation"].add(str(generation_id))
             if job_id is not None:
-                owned.add(("job", str(job_id)))
+                used["job"].add(str(job_id))
     for job_id, payload in s.execute(
         select(Job.id, Job.payload).where(Job.team_id == style.team_id, Job.kind == "generate")
     ):
         if any(a.get("model_version_id") in model_ids for a in payload.get("adapters", [])):
-            owned.add(("job", str(job_id)))
-    return owned
+            used["job"].add(str(job_id))
+    conditions = [owned]
+    for object_type, ids in used.items():
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), _IDS_PER_QUERY):
+            conditions.append(_about(object_type, ordered[start : start + _IDS_PER_QUERY]))
+    return conditions

@@ -16,9 +16,10 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from bot.commands import Command, Press, Reaction, Reply, TeamRef, TextParser
+from bot.commands import Command, Form, Press, Reaction, Reply, TeamRef, TextParser
 from bot.core import (
     audit,
+    command_forms,
     imagine,
     imports,
     jobs,
@@ -238,6 +239,9 @@ class CommandCore:
         except Exception:  # a suggestion list is a convenience: never an error dialog
             log.exception("suggestions for %s failed", option)
             return []
+
+    def command_form(self, team: TeamRef, name: str) -> Form | None:
+        return command_forms.command_form(self.services, team, name)
 
     # -- shared --------------------------------------------------------------------------
 

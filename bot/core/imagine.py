@@ -22,8 +22,8 @@ from bot.core import audit
 from bot.core.arguments import ImagineArgs
 from bot.core.context import Context
 from bot.core.errors import AuditNote, Refused, UserError
-from bot.core.jobs import check_queue_room
 from bot.core.policy import CorePolicy
+from bot.core.queue_room import check_queue_room
 from bot.core.teams import team_styles
 from bot.core.training import ordinal
 from bot.core.uploads import check_file

@@ -16,7 +16,7 @@ from bot.core import audit
 from bot.core.arguments import StyleImportArgs, with_usage
 from bot.core.context import Context
 from bot.core.errors import UserError
-from bot.core.jobs import check_queue_room
+from bot.core.queue_room import check_queue_room
 from bot.core.styles import check_base, new_style
 from bot.core.teams import find_style
 from storage.ingest import safe_display_name

@@ -22,6 +22,10 @@ from storage.training_bounds import METHODS, PRESETS
 # What chat accepts for /style train method= ("ti" is shorthand for textual_inversion).
 METHOD_CHOICES = (*METHODS, "ti")
 
+# Commands that, typed alone on Slack, open a form whose options are pick lists: those
+# with choices worth picking from.
+FORM_COMMANDS = ("style train", "style create", "imagine")
+
 PARSE_ERROR = "_parse_error"
 HELP = "help"
 
@@ -299,6 +303,10 @@ def help_text(topic: str | None = None) -> str:
     lines.append("Buttons under every result:")
     lines += [f"  {line}" for line in buttons_help().splitlines()]
     lines.append(choices_help())
+    forms = ", ".join(f"`/{name}`" for name in FORM_COMMANDS)
+    lines.append(
+        f"On Slack, {forms} typed alone open a form with these lists and the team's styles."
+    )
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from bot.core.context import Context
 from bot.core.datasets import describe_version, editable_draft
 from bot.core.errors import UserError
 from bot.core.policy import known_base_models
+from bot.core.queue_room import check_queue_room
 from bot.core.teams import find_style, get_style, team_styles
 from bot.core.wordlist import is_common_word
 from storage.blobs import BlobNotFound
@@ -193,6 +194,7 @@ def auto_caption(ctx: Context, name: str) -> list[Reply]:
         style = get_style(s, tx.team.id, name, lock=True)
         if latest_version(s, style.id) is None:
             raise UserError(f"{style.name} has no images yet; add some with `/style add {name}`.")
+        check_queue_room(ctx, s, tx.team.id)  # before editable_draft may open a new draft
         editable = editable_draft(s, style, ctx.actor.user_id)
         kept = images_of(s, editable.draft.id)
         captions = effective_captions(s, (i.id for i in kept))

@@ -1,5 +1,6 @@
 """Choices offered while an option is typed (Discord autocomplete): the team's own style
-names, and the fixed lists of presets, methods, base models and aspect ratios."""
+names, and the fixed lists of kinds, presets, methods, base models and aspect ratios.
+Slack's command modals show the same lists as pick lists."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from bot.core.parsing import METHOD_CHOICES
 from bot.core.policy import known_base_models
 from bot.core.teams import find_team, team_styles
 from storage.families import ASPECT_RATIOS
+from storage.models import StyleKind
 from storage.training_bounds import PRESETS
 
 MAX_CHOICES = 25  # Discord shows at most 25
@@ -20,6 +22,8 @@ def suggest(services: Services, team: TeamRef, option: str, typed: str) -> list[
         with services.db.session() as s:
             found = find_team(s, team)
             options = [] if found is None else [style.name for style in team_styles(s, found.id)]
+    elif option == "kind":
+        options = list(StyleKind)
     elif option == "preset":
         options = list(PRESETS)
     elif option == "method":

@@ -12,6 +12,7 @@ from bot.core.arguments import StyleTrainArgs
 from bot.core.context import Context
 from bot.core.datasets import plural
 from bot.core.errors import UserError
+from bot.core.queue_room import check_queue_room
 from bot.core.teams import get_style
 from storage.datasets import images_of, latest_approved, latest_version
 from storage.families import memory_needed_mb
@@ -36,6 +37,7 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
     with ctx.write() as tx:
         s, team = tx.session, tx.team
         style = get_style(s, team.id, args.name, lock=True)
+        check_queue_room(ctx, s, team.id)
         approved = latest_approved(s, style.id)
         latest = latest_version(s, style.id)
         if approved is None:

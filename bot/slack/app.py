@@ -163,6 +163,8 @@ class SlackListeners:
 
     def _run_command(self, body: dict[str, Any], respond: Respond) -> None:
         channel = str(body["channel_id"])
+        if self._open_command_form(body):
+            return
         try:
             parsed = translate.parse_slash(body, self._parser)
         except Exception as exc:  # the parser's message says what was wrong and the form
@@ -174,6 +176,23 @@ class SlackListeners:
             )
         )
         self._poster.answer_command(respond, channel, replies)
+
+    def _open_command_form(self, body: dict[str, Any]) -> bool:
+        """A bare `/imagine` or `/style train` opens its form, with pick lists for styles,
+        presets, methods and base models, where the core has one for it."""
+        name = translate.form_request(body)
+        if name is None:
+            return False
+        try:
+            form = self._handler.command_form(translate.team_of(body), name)
+        except Exception:
+            log.exception("Could not build the form for /%s.", name)
+            return False
+        if form is None:
+            return False
+        # trigger_id is valid for 3 s after the command: this runs right after the ack.
+        self._poster.open_form(str(body["trigger_id"]), form, str(body["channel_id"]), None)
+        return True
 
     def _run_upload(self, body: dict[str, Any]) -> None:
         event = body["event"]
@@ -206,13 +225,19 @@ class SlackListeners:
         form = next((r.form for r in replies if r.form is not None), None)
         if form is not None:
             # trigger_id is valid for 3 s after the press: open the modal first.
-            self._poster.open_form(str(body["trigger_id"]), form, press)
+            self._poster.open_form(str(body["trigger_id"]), form, press.channel, press.thread)
             replies = [r for r in replies if r.form is None]
         self._poster.answer_event(press.channel, user, press.thread, replies)
 
     def _run_view(self, body: dict[str, Any]) -> None:
         user = str((body.get("user") or {}).get("id") or "")
-        press = translate.view_press(body, self._roles.roles_for(user))
+        roles = self._roles.roles_for(user)
+        if translate.is_command_form(body):
+            command = translate.view_command(body, roles)
+            replies = self._call(lambda: self._handler.handle(command))
+            self._poster.answer_event(command.channel, user, command.thread, replies)
+            return
+        press = translate.view_press(body, roles)
         replies = self._call(lambda: self._handler.handle_press(press))
         self._poster.answer_event(press.channel, user, press.thread, replies)
 

@@ -10,7 +10,7 @@ from slack_bolt.context.respond import Respond
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot.commands import Form, OutgoingFile, Press, Reply
+from bot.commands import Form, FormField, OutgoingFile, Reply
 from bot.slack.text import to_mrkdwn
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,12 @@ class ReplyPoster:
                     exc.response.get("error"),
                 )
 
-    def open_form(self, trigger_id: str, form: Form, press: Press) -> None:
-        """The form as a modal view; where the button was rides along in private_metadata."""
+    def open_form(self, trigger_id: str, form: Form, channel: str, thread: str | None) -> None:
+        """The form as a modal view; where it was asked for rides along in private_metadata
+        (a submitted view names no channel)."""
         try:
-            self._client.views_open(trigger_id=trigger_id, view=form_view(form, press))
+            view = form_view(form, channel, thread)
+            self._client.views_open(trigger_id=trigger_id, view=view)
         except SlackApiError as exc:
             log.warning("Could not open a Slack modal: %s", exc.response.get("error"))
 
@@ -84,18 +86,16 @@ def _text(reply: Reply) -> str:
     return to_mrkdwn(text)
 
 
-def form_view(form: Form, press: Press) -> dict[str, object]:
-    """A Form as a Slack modal view; its submit comes back as view_submission."""
+# Slack's limits: 100 options per static select, 75 characters per option text.
+_MAX_OPTIONS = 100
+
+
+def form_view(form: Form, channel: str, thread: str | None) -> dict[str, object]:
+    """A Form as a Slack modal view; its submit comes back as view_submission. Fields with
+    choices become static selects."""
     blocks = []
     for field in form.fields:
-        element: dict[str, object] = {
-            "type": "plain_text_input",
-            "action_id": field.name,
-            "multiline": field.multiline,
-            "max_length": min(field.max_length, 3000),
-        }
-        if field.value:
-            element["initial_value"] = field.value[:3000]
+        element = _select(field) if field.choices else _text_input(field)
         blocks.append(
             {
                 "type": "input",
@@ -111,6 +111,35 @@ def form_view(form: Form, press: Press) -> dict[str, object]:
         "title": {"type": "plain_text", "text": form.title[:24]},
         "submit": {"type": "plain_text", "text": "Run"},
         "close": {"type": "plain_text", "text": "Cancel"},
-        "private_metadata": json.dumps({"channel": press.channel, "thread": press.thread}),
+        "private_metadata": json.dumps({"channel": channel, "thread": thread}),
         "blocks": blocks,
     }
+
+
+def _text_input(field: FormField) -> dict[str, object]:
+    element: dict[str, object] = {
+        "type": "plain_text_input",
+        "action_id": field.name,
+        "multiline": field.multiline,
+        "max_length": min(field.max_length, 3000),
+    }
+    if field.value:
+        element["initial_value"] = field.value[:3000]
+    return element
+
+
+def _select(field: FormField) -> dict[str, object]:
+    options = [
+        {"text": {"type": "plain_text", "text": choice[:75]}, "value": choice[:150]}
+        for choice in field.choices[:_MAX_OPTIONS]
+    ]
+    element: dict[str, object] = {
+        "type": "static_select",
+        "action_id": field.name,
+        "placeholder": {"type": "plain_text", "text": f"Pick a {field.name}"},
+        "options": options,
+    }
+    chosen = next((o for o in options if o["value"] == field.value), None)
+    if chosen is not None:
+        element["initial_option"] = chosen
+    return element

@@ -15,7 +15,7 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from bot.commands import OutgoingFile
-from bot.delivery import PermanentFailure, RetryLater
+from bot.delivery import PermanentFailure, Posted, RetryLater
 from bot.slack.text import button_blocks, message_text
 from storage.outbox import OutboxItem
 
@@ -46,6 +46,10 @@ class SlackSender:
     (`shares`), polling a little because Slack shares files asynchronously. Edits use
     chat.update on the same ts; new images in an edit (progress samples) are uploaded
     unshared and attached with chat.update's file_ids, so progress stays one message.
+
+    A post's uploaded file ids go back to the outbox with its ts: an edit does not remove
+    a message's files, so the edit that marks a result deleted also deletes them
+    (files.delete; the bot may delete the files it uploaded).
     """
 
     def __init__(
@@ -66,7 +70,7 @@ class SlackSender:
 
     # -- MessageSender --------------------------------------------------------------------
 
-    def post(self, item: OutboxItem, files: Sequence[OutgoingFile]) -> str:
+    def post(self, item: OutboxItem, files: Sequence[OutgoingFile]) -> str | Posted:
         text = message_text(item.text, item.extra)
         blocks = button_blocks(text, item.extra)
         with _slack_errors(item.channel):
@@ -87,12 +91,12 @@ class SlackSender:
             if ts is None:
                 # Posted, but the ts is unknown yet: never re-post; edits resolve it later.
                 log.warning("Slack has not reported where file %s landed yet.", file_ids[0])
-                return FILE_ID_PREFIX + file_ids[0]
+                return Posted(FILE_ID_PREFIX + file_ids[0], tuple(file_ids))
             self._remember_shown(ts, files)
             if blocks:
                 # A file upload's comment takes no blocks: the buttons go on by an update.
                 self._client.chat_update(channel=item.channel, ts=ts, text=text, blocks=blocks)
-            return ts
+            return Posted(ts, tuple(file_ids))
 
     def edit(self, item: OutboxItem, files: Sequence[OutgoingFile]) -> None:
         if item.platform_message_id is None:
@@ -114,8 +118,19 @@ class SlackSender:
             )
             if new_files:
                 self._remember_shown(ts, files)
+            if item.extra.get("deleted"):
+                self._delete_files(item.platform_file_ids)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _delete_files(self, file_ids: Sequence[str]) -> None:
+        for file_id in file_ids:
+            try:
+                self._client.files_delete(file=file_id)
+            except SlackApiError as exc:
+                # Already gone (an earlier try of this edit, or a person removed it).
+                if exc.response.get("error") != "file_not_found":
+                    raise
 
     def _message_ts(self, message_id: str, channel: str) -> str:
         if not message_id.startswith(FILE_ID_PREFIX):

@@ -14,6 +14,7 @@ from bot.commands import (
     Reaction,
     TeamRef,
     TextParser,
+    command_of_form,
 )
 from storage.result_buttons import PREFIX
 
@@ -139,26 +140,72 @@ def block_press(body: Mapping[str, Any], roles: frozenset[str] = frozenset()) ->
     )
 
 
+def form_request(body: Mapping[str, Any]) -> str | None:
+    """The command a bare slash command names (`/imagine`, `/style train`): the core may
+    answer it with a form (a modal with pick lists) rather than the usage."""
+    words = str(body.get("text") or "").split()
+    if len(words) > 1:
+        return None
+    return " ".join([str(body["command"]).lstrip("/"), *words]).lower()
+
+
+def is_command_form(body: Mapping[str, Any]) -> bool:
+    return command_of_form(str(body["view"]["callback_id"])) is not None
+
+
+def view_command(body: Mapping[str, Any], roles: frozenset[str] = frozenset()) -> Command:
+    """A submitted command form (view_submission): the same Command the typed command
+    makes, its filled-in fields as args (empty ones left out, as if not typed)."""
+    view = body["view"]
+    where = _where(view)
+    name = command_of_form(str(view["callback_id"]))
+    assert name is not None
+    return Command(
+        event_id=_view_event_id(view),
+        team=_team_of_interaction(body),
+        channel=str(where.get("channel") or ""),
+        thread=where.get("thread"),
+        user=_user_of_interaction(body, roles),
+        name=name,
+        args={k: v for k, v in _view_values(view).items() if v.strip()},
+    )
+
+
 def view_press(body: Mapping[str, Any], roles: frozenset[str] = frozenset()) -> Press:
     """A submitted modal (view_submission): its callback_id is the button it came from;
     `private_metadata` carries where the button was (a view has no channel)."""
-    import json
-
     view = body["view"]
-    where = json.loads(view.get("private_metadata") or "{}")
-    values: dict[str, str] = {}
-    for block in (view.get("state") or {}).get("values", {}).values():
-        for action_id, state in block.items():
-            values[str(action_id)] = str(state.get("value") or "")
+    where = _where(view)
     return Press(
-        event_id=f"view:{view['id']}:{view.get('hash', '')}",
+        event_id=_view_event_id(view),
         team=_team_of_interaction(body),
         channel=str(where.get("channel") or ""),
         thread=where.get("thread"),
         user=_user_of_interaction(body, roles),
         button=str(view["callback_id"]),
-        values=values,
+        values=_view_values(view),
     )
+
+
+def _where(view: Mapping[str, Any]) -> dict[str, Any]:
+    import json
+
+    return json.loads(view.get("private_metadata") or "{}")
+
+
+def _view_event_id(view: Mapping[str, Any]) -> str:
+    # The view's id and hash: one submission of one modal, however often Slack sends it.
+    return f"view:{view['id']}:{view.get('hash', '')}"
+
+
+def _view_values(view: Mapping[str, Any]) -> dict[str, str]:
+    """Each input's value by its action id: typed text, or a static select's pick."""
+    values: dict[str, str] = {}
+    for block in (view.get("state") or {}).get("values", {}).values():
+        for action_id, state in block.items():
+            picked = state.get("selected_option") or {}
+            values[str(action_id)] = str(state.get("value") or picked.get("value") or "")
+    return values
 
 
 def _team_of_interaction(body: Mapping[str, Any]) -> TeamRef:

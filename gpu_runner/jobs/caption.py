@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gpu_runner.captioning import Captioner, CaptionError
+from gpu_runner.captioning import Captioner, CaptionError, supported
 from gpu_runner.services import RunnerServices
 from gpu_runner.worker import JobContext, JobFailed
 from storage.cards import card_key, card_text
@@ -29,8 +29,9 @@ def run_caption(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
     folder = services.settings.caption_model
     if not folder:
         raise JobFailed(
-            "no captioning model is configured; set ATELIER_CAPTION_MODEL to a local BLIP "
-            "folder, or caption images yourself with `/style caption`"
+            "no captioning model is configured; set ATELIER_CAPTION_MODEL to a local model "
+            f"folder of one of these kinds: {supported()}; or caption images yourself with "
+            "`/style caption`"
         )
     with services.db.session() as s:
         dataset = s.get(DatasetVersion, payload.dataset_version_id)
