@@ -273,8 +273,8 @@ def train_row(row: Row, pipe: Any, device: str, steps: int) -> dict[str, Any]:
 
 def generate_row(row: Row, pipe: Any, repeats: int) -> dict[str, Any]:
     from gpu_runner.devices import DeviceChoice
+    from gpu_runner.families import family_of_pipeline
     from gpu_runner.generation import GenerationRequest, Generator
-    from gpu_runner.lora_import import pipeline_family
     from gpu_runner.pipelines import (
         BaseModelSpec,
         LoadedPipeline,
@@ -287,7 +287,7 @@ def generate_row(row: Row, pipe: Any, repeats: int) -> dict[str, Any]:
         return LoadedPipeline(
             spec=spec,
             pipe=pipe,
-            family=pipeline_family(pipe),
+            family=family_of_pipeline(pipe).variant_of(pipe),
             model_hash="0" * 64,
             nbytes=estimate_pipeline_bytes(pipe),
             scheduler_config=dict(pipe.scheduler.config),

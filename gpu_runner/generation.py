@@ -435,17 +435,7 @@ class Generator:
         pipe = loaded.pipe
         state = load_file(info.path)
         try:
-            if loaded.family == "sdxl":
-                pipe.load_textual_inversion(
-                    state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
-                    tokenizer=pipe.tokenizer_2,
-                )  # fmt: skip
-                pipe.load_textual_inversion(
-                    state["clip_l"], token=token, text_encoder=pipe.text_encoder,
-                    tokenizer=pipe.tokenizer,
-                )  # fmt: skip
-            else:
-                pipe.load_textual_inversion(state, token=token)
+            loaded.model_family.load_embedding(pipe, state, token)
         except (KeyError, ValueError) as exc:
             raise GenerationError(
                 f"embedding '{info.name}' could not be loaded into '{loaded.name}' ({exc})"
@@ -459,14 +449,7 @@ class Generator:
         return [token, *extra]
 
     def _unload_embedding(self, loaded: LoadedPipeline, tokens: list[str]) -> None:
-        pipe = loaded.pipe
-        pipe.unload_textual_inversion(
-            tokens=tokens, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
-        )
-        if loaded.family == "sdxl":
-            pipe.unload_textual_inversion(
-                tokens=tokens, tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2
-            )
+        loaded.model_family.unload_embedding(loaded.pipe, tokens)
 
     @staticmethod
     def _expand(loaded: LoadedPipeline, text: str) -> str:

@@ -18,10 +18,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+from typing import Literal
 
 Family = Literal["sd15", "sd2", "sdxl"]
 
@@ -269,13 +266,3 @@ def inspect_adapter_file(path: str | Path, *, with_hashes: bool = True) -> LoraF
     return LoraFileInfo(
         path=str(p), kind="lora", family=detect_family(tensors, meta), sha256=sha256
     )
-
-
-# --- the loaded pipeline ------------------------------------------------------------
-
-
-def pipeline_family(pipe: DiffusionPipeline) -> Family:
-    """SDXL by pipeline class; SD2 vs SD1.5 by the text width the UNet reads."""
-    if "XL" in type(pipe).__name__:
-        return "sdxl"
-    return "sd2" if int(pipe.unet.config.cross_attention_dim) == 1024 else "sd15"

@@ -24,11 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import (
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import DiffusionPipeline
 
 from gpu_runner.adapter_state import AdapterState
 from gpu_runner.devices import (
@@ -37,12 +33,19 @@ from gpu_runner.devices import (
     memory_budget_bytes,
     release_cached_memory,
 )
+from gpu_runner.families import (
+    FAMILIES,
+    ModelFamily,
+    family_of_class_name,
+    family_of_pipeline,
+    get_family,
+    tiny_builder,
+)
 from gpu_runner.lora_import import (
     FAMILY_LABELS,
     Family,
     LoraImportError,
     file_sha256,
-    pipeline_family,
     read_safetensors_header,
 )
 from storage.families import BUILTIN_MODELS as BUILTIN
@@ -52,10 +55,6 @@ log = logging.getLogger(__name__)
 SourceKind = Literal["builtin", "folder", "single_file", "hub"]
 BUILTIN_MODELS = tuple(BUILTIN)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
-    "StableDiffusionPipeline": StableDiffusionPipeline,
-    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
-}
 # diffusers renamed `torch_dtype` to `dtype` (the old name warns); older ones know only it.
 try:
     from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
@@ -128,7 +127,7 @@ class LoadedPipeline:
     """A warm pipeline plus what is kept on it (loaded adapters die with it)."""
 
     spec: BaseModelSpec
-    pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline
+    pipe: Any  # a pipeline of one of gpu_runner.families
     family: Family
     model_hash: str  # sha256 hex of the weights
     nbytes: int
@@ -143,6 +142,11 @@ class LoadedPipeline:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def model_family(self) -> ModelFamily:
+        """The family interface this pipeline runs through."""
+        return get_family(self.family)
 
     @property
     def short_hash(self) -> str:
@@ -205,31 +209,24 @@ def folder_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _class_from_index(folder: Path) -> type[DiffusionPipeline] | None:
+def _family_from_index(folder: Path) -> ModelFamily | None:
     index = folder / "model_index.json"
     if not index.is_file():
         return None
-    class_name = json.loads(index.read_text()).get("_class_name", "")
-    return _PIPELINE_CLASSES.get(class_name)
+    return family_of_class_name(json.loads(index.read_text()).get("_class_name", ""))
 
 
 def _unsupported(spec: BaseModelSpec, what: str) -> BaseModelLoadError:
+    names = [f.runs_label for f in FAMILIES.values()]
+    labels = " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
     return BaseModelLoadError(
-        f"base model '{spec.name}' is {what}; Atelier runs SD1.5/SD2 and SDXL text-to-image "
-        "pipelines"
+        f"base model '{spec.name}' is {what}; Atelier runs {labels} text-to-image pipelines"
     )
 
 
-def _extra_kwargs(cls: type[DiffusionPipeline]) -> dict[str, Any]:
-    # No safety checker (as in A1111, ComfyUI): a team's own tool on its own data.
-    if cls is StableDiffusionPipeline:
-        return {"safety_checker": None, "requires_safety_checker": False}
-    return {}
-
-
 def _load_folder(spec: BaseModelSpec, folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
-    cls = _class_from_index(folder)
-    if cls is None:
+    family = _family_from_index(folder)
+    if family is None:
         if not (folder / "model_index.json").is_file():
             raise BaseModelLoadError(
                 f"base model '{spec.name}': '{folder}' has no model_index.json, so it is not a "
@@ -237,8 +234,8 @@ def _load_folder(spec: BaseModelSpec, folder: Path, dtype: torch.dtype) -> Diffu
             )
         class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
         raise _unsupported(spec, f"a {class_name or 'pipeline of unknown type'}")
-    return cls.from_pretrained(
-        str(folder), local_files_only=True, **{_DTYPE_KW: dtype}, **_extra_kwargs(cls)
+    return family.pipeline_class().from_pretrained(
+        str(folder), local_files_only=True, **{_DTYPE_KW: dtype}, **family.load_kwargs()
     )
 
 
@@ -257,19 +254,25 @@ def _load_single_file(spec: BaseModelSpec, dtype: torch.dtype) -> DiffusionPipel
             "component configs)"
         )
     config = Path(spec.config).expanduser()
-    cls = _class_from_index(config)
-    if spec.family:
-        cls = StableDiffusionXLPipeline if spec.family == "sdxl" else StableDiffusionPipeline
-    elif cls is None:
-        is_xl = any(k.startswith("conditioner.embedders.1.") for k in header.tensors)
-        cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    return cls.from_single_file(
+    family = get_family(spec.family) if spec.family else _family_from_index(config)
+    if family is None:
+        family = _family_from_checkpoint_keys(list(header.tensors))
+    return family.pipeline_class().from_single_file(
         str(path),
         config=str(config),
         local_files_only=True,
         **{_DTYPE_KW: dtype},
-        **_extra_kwargs(cls),
+        **family.load_kwargs(),
     )
+
+
+def _family_from_checkpoint_keys(keys: list[str]) -> ModelFamily:
+    """A checkpoint's family from its keys: the first whose marker they carry, else SD1.5
+    (whose layout has no distinctive key)."""
+    for family in FAMILIES.values():
+        if family.single_file_marker and any(k.startswith(family.single_file_marker) for k in keys):
+            return family
+    return get_family("sd15")
 
 
 def _hub_snapshot(spec: BaseModelSpec) -> Path:
@@ -304,13 +307,9 @@ def _build_builtin(name: str) -> DiffusionPipeline:
             return build_toy_sd15_pipeline()
         except ToyWeightsError as exc:
             raise BaseModelLoadError(str(exc)) from None
-    from gpu_runner import tiny_models
-
-    build = {
-        "tiny-sd15": tiny_models.build_tiny_sd15_pipeline,
-        "tiny-sdxl": tiny_models.build_tiny_sdxl_pipeline,
-    }[name]
-    return build(seed=0)
+    build = tiny_builder(name)
+    assert build is not None, f"built-in {name} has no builder"
+    return build(0)
 
 
 def load_pipeline(spec: BaseModelSpec, choice: DeviceChoice) -> LoadedPipeline:
@@ -343,9 +342,9 @@ def load_pipeline(spec: BaseModelSpec, choice: DeviceChoice) -> LoadedPipeline:
         raise BaseModelLoadError(
             f"base model '{spec.name}' ({spec.source}) failed to load: {exc}"
         ) from exc
-    if type(pipe) not in _PIPELINE_CLASSES.values():
+    if not any(type(pipe) in f.pipeline_classes() for f in FAMILIES.values()):
         raise _unsupported(spec, f"a {type(pipe).__name__}")
-    family = pipeline_family(pipe)
+    family = family_of_pipeline(pipe).variant_of(pipe)
     if spec.family and spec.family != family:
         raise BaseModelLoadError(
             f"base model '{spec.name}' is configured as {FAMILY_LABELS[spec.family]} but loads "

@@ -4,7 +4,7 @@ and the per-run cache of VAE latent distributions and text embeddings."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,10 +142,11 @@ class BatchSampler:
 
 @dataclass
 class TextCond:
-    """What the UNet is conditioned on; SDXL adds pooled text and size/crop ids."""
+    """What the denoiser is conditioned on: per-token hidden states, and for families that
+    read one (SDXL) a pooled vector."""
 
     hidden: torch.Tensor  # (N, tokens, dim)
-    pooled: torch.Tensor | None = None  # SDXL: (N, dim)
+    pooled: torch.Tensor | None = None  # (N, dim)
 
     def select(self, idx: torch.Tensor) -> TextCond:
         pooled = None if self.pooled is None else self.pooled[idx]
@@ -164,19 +165,12 @@ class TextCond:
 def encode_text(
     pipeline: Any, prompts: list[str], device: torch.device, *, grad: bool = False
 ) -> TextCond:
-    """The pipeline's own prompt encoding, so training sees what generation will feed.
+    """The pipeline's own prompt encoding (its family's), so training sees what generation
+    will feed. `grad=True` keeps autograd on (textual inversion trains the embedding row)."""
+    # Imported here: the family modules import TextCond from this module.
+    from gpu_runner.families import family_of_pipeline
 
-    `grad=True` keeps autograd on (textual inversion trains the embedding row)."""
-    with torch.set_grad_enabled(grad):
-        if hasattr(pipeline, "text_encoder_2"):
-            hidden, _, pooled, _ = pipeline.encode_prompt(
-                prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            return TextCond(hidden, pooled)
-        hidden, _ = pipeline.encode_prompt(
-            prompts, device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return TextCond(hidden)
+    return family_of_pipeline(pipeline).encode_text(pipeline, prompts, device, grad=grad)
 
 
 # Pixels the VAE encodes at once: its full-resolution activations are ~2 GB per 1024 px
@@ -201,14 +195,23 @@ def encode_latent_dist(
     return torch.cat(means), torch.cat(stds)
 
 
-def sample_latents(
-    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, vae_config: Any
-) -> torch.Tensor:
-    """Draw z ~ N(mean, std) with a CPU generator (same draw on any device), then scale."""
-    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
-    z = mean + std * eps
+def shift_and_scale(z: torch.Tensor, vae_config: Any) -> torch.Tensor:
+    """The VAE's own latent normalisation (its config's shift_factor and scaling_factor)."""
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     return (z - shift) * vae_config.scaling_factor
+
+
+def sample_latents(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    generator: torch.Generator,
+    vae_config: Any,
+    scale: Callable[[torch.Tensor, Any], torch.Tensor] = shift_and_scale,
+) -> torch.Tensor:
+    """Draw z ~ N(mean, std) with a CPU generator (same draw on any device), then scale
+    (`scale`: the family's rule, see ModelFamily.scale_latents)."""
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return scale(mean + std * eps, vae_config)
 
 
 @dataclass

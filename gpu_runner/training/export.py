@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import save, save_file
 
+from gpu_runner.families import family_of_pipeline_class, get_family
+from gpu_runner.families.sd15 import IMPL_SAI
 from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -31,11 +33,8 @@ SAI_MODEL_SPEC_VERSION = "1.0.1"
 _LEGACY_OFFSET, _LEGACY_LENGTH = 0x100000, 0x10000
 
 # SAI model spec (https://github.com/Stability-AI/ModelSpec) architecture ids and the
-# implementation each family's weights follow (as kohya's sai_model_spec.py writes them).
-_ARCH = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
-_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-_IMPL_SAI = "https://github.com/Stability-AI/generative-models"
-_IMPL = {"sd15": "diffusers", "sdxl": _IMPL_SAI}
+# implementation each family's weights follow are the family's (gpu_runner/families); an
+# embedding is written the way kohya writes SAI's own.
 
 
 def lora_file_stem(name: str) -> str:
@@ -157,6 +156,7 @@ def build_metadata(
     the tensors.
     """
     res = config.resolution
+    family = get_family(config.family)
     is_ti = isinstance(config, TextualInversionConfig)
     kind = "textual-inversion" if is_ti else "lora"
     stem = lora_file_stem(config.output_name)
@@ -164,7 +164,7 @@ def build_metadata(
     meta: dict[str, str] = {
         "ss_output_name": stem,
         "ss_training_comment": comment,
-        "ss_base_model_version": _BASE_VERSION[config.family],
+        "ss_base_model_version": family.ss_base_model_version,
         "ss_sd_model_name": config.base_model_name,
         "ss_new_sd_model_hash": config.base_model_hash,
         "ss_v2": "False",
@@ -188,8 +188,8 @@ def build_metadata(
         "ss_training_finished_at": str(finished_at.timestamp()),
         "ss_tag_frequency": json.dumps({stem: tag_frequency(captions)}),
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
-        "modelspec.architecture": f"{_ARCH[config.family]}/{kind}",
-        "modelspec.implementation": _IMPL_SAI if is_ti else _IMPL[config.family],
+        "modelspec.architecture": f"{family.modelspec_architecture}/{kind}",
+        "modelspec.implementation": IMPL_SAI if is_ti else family.modelspec_implementation,
         "modelspec.title": stem,
         "modelspec.trigger_phrase": config.trigger,
         # kohya writes the ISO-8601 date and time to the second.
@@ -218,10 +218,16 @@ def build_metadata(
 
 
 def export_kohya(
-    path: Path, peft_state: dict[str, torch.Tensor], alpha: float, metadata: dict[str, str]
+    path: Path,
+    peft_state: dict[str, torch.Tensor],
+    alpha: float,
+    metadata: dict[str, str],
+    *,
+    family: str = "sd15",
 ) -> Path:
     """The kohya file, with kohya's `sshs_*` hashes in the header so A1111 indexes it on a fresh
-    install without hashing it first (and matches pasted "Lora hashes" to it).
+    install without hashing it first (and matches pasted "Lora hashes" to it). Keys are named
+    by the family's rule (`ModelFamily.kohya_state`).
 
     `path` must be `<ss_output_name>.safetensors` (see `lora_file_stem`): one name for the file,
     the header and the tag.
@@ -229,7 +235,7 @@ def export_kohya(
     stem = metadata.get("ss_output_name")
     if stem is not None and path.name != f"{stem}.safetensors":
         raise ValueError(f"kohya file {path.name!r} must be named {stem}.safetensors")
-    tensors = peft_to_kohya(peft_state, alpha)
+    tensors = get_family(family).kohya_state(peft_state, alpha)
     model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
     header = {
         **metadata,
@@ -261,10 +267,11 @@ def export_diffusers(
     metadata = dict(adapter_metadata)
     if isinstance(metadata.get("target_modules"), set):
         metadata["target_modules"] = sorted(metadata["target_modules"])
+    family = family_of_pipeline_class(pipeline_cls)
     pipeline_cls.save_lora_weights(
         save_directory=directory,
-        unet_lora_layers={k: v.detach().float().cpu() for k, v in peft_state.items()},
-        unet_lora_adapter_metadata=metadata,
+        **family.diffusers_layers(peft_state),
+        **{f"{family.denoiser_attr}_lora_adapter_metadata": metadata},
         weight_name=DIFFUSERS_WEIGHT_NAME,
         safe_serialization=True,
     )

@@ -17,6 +17,7 @@ import torch
 
 from gpu_runner import failpoints
 from gpu_runner.adapter_state import AdapterState
+from gpu_runner.families import family_of_pipeline, get_family
 from gpu_runner.samplers import make_scheduler
 from gpu_runner.training import checkpoint as ckpt
 from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
@@ -43,8 +44,6 @@ from gpu_runner.training.export import (
 from gpu_runner.training.objective import (
     ValidationBatch,
     make_validation_batch,
-    min_snr_weights,
-    target_for,
     weighted_mse,
 )
 from gpu_runner.training.precision import Precision, choose_precision
@@ -145,8 +144,6 @@ class _Trainer:
         device: str | torch.device,
         adapters: AdapterState,
     ) -> None:
-        from diffusers import DDPMScheduler
-
         self.adapters = adapters
         self.config = config
         self.pipeline = pipeline
@@ -154,19 +151,17 @@ class _Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.device = torch.device(device)
         self.is_ti = isinstance(config, TextualInversionConfig)
-        self.is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
-        if (config.family == "sdxl") != self.is_sdxl:
-            have = "SDXL" if self.is_sdxl else "SD1.5"
+        self.family = get_family(config.family)
+        if not self.family.owns(pipeline):
+            have = family_of_pipeline(pipeline).label
             raise TrainingError(
                 f"the settings are for {config.family} but the base model is {have}: "
                 f"choose a {have} preset or another base model"
             )
-        self.unet = pipeline.unet
+        self.denoiser = self.family.denoiser(pipeline)
         self.precision: Precision = choose_precision(self.device, config.mixed_precision)
-        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-        self.prediction_type = config.prediction_type or self.noise_scheduler.config.prediction_type
-        self.num_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.objective = self.family.objective(pipeline, config, self.device)
+        self.prediction_type = self.objective.prediction_type
         self.vae_cfg = pipeline.vae.config
         self.sample_sampler = defaults_for(config.base_model_name, config.family).sampler
         self.train_pipe: Any = pipeline
@@ -180,7 +175,7 @@ class _Trainer:
     def _setup(self) -> None:
         cfg = self.config
         self.pipeline.to(self.device)
-        self.unet.requires_grad_(False)
+        self.denoiser.requires_grad_(False)
         self.pipeline.vae.requires_grad_(False)
         self.adapters.show(())  # style adapters a warm pipeline carries stay out of training
         self.data = prepare_data(
@@ -242,7 +237,7 @@ class _Trainer:
         self.last_checkpoint: Path | None = None
         # TI backpropagates through the UNet to the token too: checkpointing saves as much.
         if self.device.type == "cuda" and cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
             self.checkpointing_on = True
 
     def _encode_vae_all(self) -> None:
@@ -280,9 +275,8 @@ class _Trainer:
             val_idx,
             mean,
             std,
-            float(self.vae_cfg.scaling_factor),
-            float(getattr(self.vae_cfg, "shift_factor", None) or 0.0),
-            self.num_timesteps,
+            lambda z: self.family.scale_latents(z, self.vae_cfg),
+            self.objective,
             self.config.seed,
         )
 
@@ -315,7 +309,7 @@ class _Trainer:
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         return encode_text(self.train_pipe, captions, self.device, grad=grad)
 
-    def _unet(
+    def _predict(
         self,
         noisy: torch.Tensor,
         t: torch.Tensor,
@@ -323,16 +317,9 @@ class _Trainer:
         idx: list[int],
         time_ids: torch.Tensor | None = None,
     ) -> Any:
-        kwargs: dict[str, Any] = {}
-        if self.is_sdxl:
-            assert self.data is not None and cond.pooled is not None
-            ids = self.data.time_ids[idx] if time_ids is None else time_ids
-            time_ids = ids.to(self.device, cond.pooled.dtype)
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
-        dtype = self.unet.dtype
-        return self.unet(
-            noisy.to(dtype), t, encoder_hidden_states=cond.hidden.to(dtype), **kwargs
-        ).sample
+        assert self.data is not None
+        extra = self.data.time_ids[idx] if time_ids is None else time_ids
+        return self.family.predict(self.denoiser, noisy, t, cond, extra)
 
     # ----- steps --------------------------------------------------------------------------
 
@@ -346,20 +333,16 @@ class _Trainer:
             mean, std = self._encode_pixels(batch)
         # Fixed draw order on a CPU generator: latents, noise, timesteps, dropout. The same
         # stream whether or not latents are cached, and on any device.
-        latents = sample_latents(mean, std, gen, self.vae_cfg)
+        latents = sample_latents(mean, std, gen, self.vae_cfg, self.family.scale_latents)
         noise = torch.randn(latents.shape, generator=gen).to(self.device)
-        t = torch.randint(0, self.num_timesteps, (len(batch),), generator=gen).to(self.device)
+        t = self.objective.sample_timesteps(len(batch), gen).to(self.device)
         drop = caption_dropout_mask(len(batch), cfg.caption_dropout, gen)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        target = target_for(self.noise_scheduler, latents, noise, t, self.prediction_type)
-        weights = None
-        if cfg.min_snr_gamma:
-            weights = min_snr_weights(
-                self.alphas_cumprod, t, cfg.min_snr_gamma, self.prediction_type
-            )
+        noisy = self.objective.add_noise(latents, noise, t)
+        target = self.objective.target(latents, noise, t)
+        weights = self.objective.weights(t)
         with self.precision.autocast():
             cond = self._text(batch, drop if cfg.caption_dropout > 0 else None, grad=self.is_ti)
-            pred = self._unet(noisy, t, cond, batch)
+            pred = self._predict(noisy, t, cond, batch)
         loss = weighted_mse(pred, target, weights)
         if self.priors is not None:
             loss = loss + self.config.prior_preservation * self._prior_loss(len(batch))  # type: ignore[union-attr]
@@ -398,9 +381,9 @@ class _Trainer:
             empty, text.select(torch.tensor([len(data.captions)], device=text.hidden.device))
         )
         with torch.no_grad(), self.adapters.base(), self.precision.autocast():
-            want = self._unet(noisy, t, cond, batch)
+            want = self._predict(noisy, t, cond, batch)
         with self.precision.autocast():
-            pred = self._unet(noisy, t, cond, batch)
+            pred = self._predict(noisy, t, cond, batch)
         return weighted_mse(pred, want.detach(), None)
 
     def _prior_loss(self, count: int) -> torch.Tensor:
@@ -410,12 +393,12 @@ class _Trainer:
         pick = torch.randint(0, len(priors), (count,), generator=gen)
         latents = priors.latents[pick.to(priors.latents.device)]
         noise = torch.randn(latents.shape, generator=gen).to(self.device)
-        t = torch.randint(0, self.num_timesteps, (count,), generator=gen).to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        target = target_for(self.noise_scheduler, latents, noise, t, self.prediction_type)
+        t = self.objective.sample_timesteps(count, gen).to(self.device)
+        noisy = self.objective.add_noise(latents, noise, t)
+        target = self.objective.target(latents, noise, t)
         cond = priors.text.select(pick.to(priors.text.hidden.device))
         with self.precision.autocast():
-            pred = self._unet(noisy, t, cond, [], time_ids=priors.time_ids[pick])
+            pred = self._predict(noisy, t, cond, [], time_ids=priors.time_ids[pick])
         return weighted_mse(pred, target, None)
 
     def validation_loss(self) -> float:
@@ -423,22 +406,20 @@ class _Trainer:
         so numbers compare across settings)."""
         vb, data = self.val_batch, self.data
         assert data is not None
-        was_training = self.unet.training
-        self.unet.eval()
+        was_training = self.denoiser.training
+        self.denoiser.eval()
         total, count, chunk = 0.0, 0, max(1, self.config.batch_size * 2)
         with torch.no_grad(), self.precision.autocast():
             for start in range(0, len(vb.timesteps), chunk):
                 sl = slice(start, start + chunk)
                 idx = vb.image_idx[sl].tolist()
                 t = vb.timesteps[sl]
-                noisy = self.noise_scheduler.add_noise(vb.latents[sl], vb.noise[sl], t)
-                target = target_for(
-                    self.noise_scheduler, vb.latents[sl], vb.noise[sl], t, self.prediction_type
-                )
-                pred = self._unet(noisy, t, self._text(idx, None, grad=False), idx)
+                noisy = self.objective.add_noise(vb.latents[sl], vb.noise[sl], t)
+                target = self.objective.target(vb.latents[sl], vb.noise[sl], t)
+                pred = self._predict(noisy, t, self._text(idx, None, grad=False), idx)
                 total += float(weighted_mse(pred, target, None)) * len(idx)
                 count += len(idx)
-        self.unet.train(was_training)
+        self.denoiser.train(was_training)
         return total / count
 
     # ----- samples ------------------------------------------------------------------------
@@ -455,8 +436,8 @@ class _Trainer:
             for _ in cfg.sample_prompts
             for s in cfg.sample_seeds
         ]
-        was_training = self.unet.training
-        self.unet.eval()
+        was_training = self.denoiser.training
+        self.denoiser.eval()
         # One fixed sampler, whatever the last /imagine left on the pipeline, so samples
         # from different checkpoints (and runs) compare.
         previous = pipe.scheduler
@@ -472,7 +453,7 @@ class _Trainer:
                 )
         finally:
             pipe.scheduler = previous
-            self.unet.train(was_training)
+            self.denoiser.train(was_training)
         return list(out.images)
 
     def save_samples(self, step: int) -> list[Path]:
@@ -560,15 +541,15 @@ class _Trainer:
         Training state (weights, optimizer, RNGs) is untouched; on exit the adapter owner
         makes the training adapter the only active one again, and trainable.
         """
-        was_training = self.unet.training
-        self.unet.eval()
+        was_training = self.denoiser.training
+        self.denoiser.eval()
         try:
             with self.adapters.paused():
                 yield
         finally:
             for param in self.trainable.values():
                 param.requires_grad_(True)
-            self.unet.train(was_training)
+            self.denoiser.train(was_training)
 
     def run(
         self,
@@ -580,7 +561,7 @@ class _Trainer:
         started = now_utc()
         self._setup()
         self.maybe_resume()
-        self.unet.train()
+        self.denoiser.train()
         t0, first = time.perf_counter(), self.step
         stopped = False
         while self.step < cfg.steps:
@@ -657,21 +638,22 @@ class _Trainer:
         else:
             from peft.utils import get_peft_model_state_dict
 
-            state = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME)
+            state = get_peft_model_state_dict(self.denoiser, adapter_name=ADAPTER_NAME)
             kohya_state = state
             if cfg.method == "dora":  # magnitudes as ComfyUI's rule reads them back
-                kohya_state = {**state, **comfy_dora_scales(self.unet, ADAPTER_NAME, state)}
+                kohya_state = {**state, **comfy_dora_scales(self.denoiser, ADAPTER_NAME, state)}
             result.kohya_path = export_kohya(
                 self.out_dir / f"{cfg.output_name}.safetensors",
                 kohya_state,
                 cfg.alpha,  # type: ignore[union-attr]
                 metadata,
+                family=cfg.family,
             )
             result.diffusers_path = export_diffusers(
                 self.out_dir / "diffusers",
                 type(self.pipeline),
                 state,
-                self.unet.peft_config[ADAPTER_NAME].to_dict(),
+                self.denoiser.peft_config[ADAPTER_NAME].to_dict(),
             )
         trained = self.render(self.train_pipe)
         base = self.base_images()
@@ -716,9 +698,9 @@ class _Trainer:
     def cleanup(self) -> None:
         """Hand the pipeline back as it came: no training adapter, no checkpointing."""
         if self.checkpointing_on:
-            self.unet.disable_gradient_checkpointing()
+            self.denoiser.disable_gradient_checkpointing()
         self.adapters.end_training()
         if self.token is not None:
             self.token.remove_hooks()
-        self.unet.eval()
-        self.unet.requires_grad_(False)
+        self.denoiser.eval()
+        self.denoiser.requires_grad_(False)

@@ -3,7 +3,10 @@ fixed-noise validation batch."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,78 @@ def target_for(
     )
 
 
+class Objective(ABC):
+    """What a family trains its denoiser to do: how timesteps are drawn, how latents are
+    noised at them, what the prediction is compared with, and how samples are weighted.
+    Timesteps are drawn on the caller's CPU generator, so a run is the same on any device."""
+
+    prediction_type: str
+
+    @abstractmethod
+    def sample_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """`count` training timesteps (CPU)."""
+
+    @abstractmethod
+    def validation_timesteps(self, count: int) -> torch.Tensor:
+        """`count` timesteps evenly spread over the schedule, for the fixed validation batch."""
+
+    @abstractmethod
+    def add_noise(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights (None: plain MSE)."""
+        return None
+
+
+class DiffusionObjective(Objective):
+    """DDPM training as SD1.5/SDXL were trained: uniform integer timesteps, epsilon or
+    v-prediction targets, optional min-SNR-gamma weights (diffusers'
+    train_text_to_image_lora.py)."""
+
+    def __init__(
+        self, scheduler_config: Any, prediction_type: str | None, min_snr_gamma: float | None,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.prediction_type = prediction_type or self.scheduler.config.prediction_type
+        self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        self.min_snr_gamma = min_snr_gamma
+
+    def sample_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.num_timesteps, (count,), generator=generator)
+
+    def validation_timesteps(self, count: int) -> torch.Tensor:
+        k = count
+        return ((torch.arange(k, dtype=torch.float64) + 0.5) * self.num_timesteps / k).long()
+
+    def add_noise(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        return target_for(self.scheduler, latents, noise, timesteps, self.prediction_type)
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        if not self.min_snr_gamma:
+            return None
+        return min_snr_weights(
+            self.alphas_cumprod, timesteps, self.min_snr_gamma, self.prediction_type
+        )
+
+
 def weighted_mse(
     pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
 ) -> torch.Tensor:
@@ -66,22 +141,22 @@ def make_validation_batch(
     val_idx: list[int],
     latent_mean: torch.Tensor,
     latent_std: torch.Tensor,
-    scaling_factor: float,
-    shift_factor: float,
-    num_train_timesteps: int,
+    scale: Callable[[torch.Tensor], torch.Tensor],
+    objective: Objective,
     seed: int,
     timesteps_per_image: int = 8,
 ) -> ValidationBatch:
-    """Each held-out image at evenly spaced timesteps across the schedule, fixed noise."""
+    """Each held-out image at evenly spaced timesteps across the schedule, fixed noise;
+    `scale` turns VAE samples into the denoiser's latents (the family's shift and scale)."""
     gen = torch.Generator().manual_seed(seed + 15485863)
     k = timesteps_per_image
-    ts = ((torch.arange(k, dtype=torch.float64) + 0.5) * num_train_timesteps / k).long()
+    ts = objective.validation_timesteps(k)
     image_idx = torch.tensor(val_idx).repeat_interleave(k)
     timesteps = ts.repeat(len(val_idx))
     mean = latent_mean[image_idx].cpu()
     std = latent_std[image_idx].cpu()
     z = mean + std * torch.randn(mean.shape, generator=gen)
-    latents = (z - shift_factor) * scaling_factor
+    latents = scale(z)
     noise = torch.randn(latents.shape, generator=gen)
     device = latent_mean.device
     return ValidationBatch(image_idx, latents.to(device), noise.to(device), timesteps.to(device))

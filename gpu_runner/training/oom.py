@@ -35,7 +35,7 @@ def out_of_memory_message(config: Any) -> str:
 
 
 def _cheaper_options(config: Any) -> list[str]:
-    family: Family = "sdxl" if config.family == "sdxl" else "sd15"
+    family: Family = config.family
     rank = getattr(config, "rank", None)
     tips: list[str] = []
     if config.method != "lora":

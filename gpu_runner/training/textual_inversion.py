@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from gpu_runner.families import family_of_pipeline
+
 
 class TextualInversionError(ValueError):
     """The trigger cannot become a new token; the message is one line for people."""
@@ -147,9 +149,11 @@ def attach_token(
     """
     tuned = copy.copy(pipeline)
     emb = TokenEmbedding(trigger, num_vectors)
-    pairs = [("tokenizer", "text_encoder")]
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        pairs.append(("tokenizer_2", "text_encoder_2"))
+    pairs = family_of_pipeline(pipeline).text_encoder_pairs
+    if not pairs:
+        raise TextualInversionError(
+            f"{family_of_pipeline(pipeline).label} has no token table to train: use lora or dora"
+        )
     tokens = token_strings(trigger, num_vectors)
     for tok_name, enc_name in pairs:
         tokenizer = copy.deepcopy(getattr(pipeline, tok_name))

@@ -1,0 +1,68 @@
+"""The model families the runner knows, by name: one module each, one interface
+(`base.ModelFamily`). Shared code asks the registry, never a family name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpu_runner.families.base import ModelFamily, TinyBuilder
+from gpu_runner.families.sd15 import StableDiffusion15
+from gpu_runner.families.sdxl import StableDiffusionXL
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (StableDiffusion15(), StableDiffusionXL())}
+
+
+class UnknownFamilyError(ValueError):
+    pass
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family of a `storage.families` name (SD2 shares SD1.5's: same pipeline class)."""
+    family = FAMILIES.get("sd15" if name == "sd2" else name)
+    if family is None:
+        raise UnknownFamilyError(f"unknown model family {name!r}: use one of {', '.join(FAMILIES)}")
+    return family
+
+
+def family_of_pipeline(pipe: Any) -> ModelFamily:
+    """The family whose pipeline class `pipe` is."""
+    for family in FAMILIES.values():
+        if family.owns(pipe):
+            return family
+    raise UnknownFamilyError(f"{type(pipe).__name__} is not a pipeline of a known family")
+
+
+def family_of_pipeline_class(cls: type[Any]) -> ModelFamily:
+    """The family a pipeline class belongs to."""
+    for family in FAMILIES.values():
+        if issubclass(cls, family.pipeline_classes()):
+            return family
+    raise UnknownFamilyError(f"{cls.__name__} is not a pipeline of a known family")
+
+
+def family_of_class_name(class_name: str) -> ModelFamily | None:
+    """The family that loads a `model_index.json` `_class_name` (None: none does)."""
+    for family in FAMILIES.values():
+        if class_name in family.pipeline_class_names:
+            return family
+    return None
+
+
+def tiny_builder(name: str) -> TinyBuilder | None:
+    """The builder of a built-in model made in code (None: not one)."""
+    for family in FAMILIES.values():
+        if name in family.tiny_builders:
+            return family.tiny_builders[name]
+    return None
+
+
+__all__ = [
+    "FAMILIES",
+    "ModelFamily",
+    "UnknownFamilyError",
+    "family_of_class_name",
+    "family_of_pipeline",
+    "family_of_pipeline_class",
+    "get_family",
+    "tiny_builder",
+]

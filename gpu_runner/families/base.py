@@ -1,0 +1,136 @@
+"""The interface every model family implements: what differs between SD1.5, SDXL and the
+flow-matching transformers lives behind it, one module per family (`sd15.py`, `sdxl.py`,
+...), and the runner's shared code (loading, training, export, generation) calls only it.
+
+Generation defaults, memory estimates and the built-in model table stay in
+`storage.families` (torch-free, the bot reads them); a family module reads its defaults
+from there.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from gpu_runner.training.dataset import TextCond
+    from gpu_runner.training.objective import Objective
+
+TinyBuilder = Callable[[int], Any]  # seed -> a pipeline built in code
+
+
+class ModelFamily(ABC):
+    """One model family. Instances are stateless: the registry holds one of each."""
+
+    # The family's name in `storage.families` (config, the database, chat).
+    name: ClassVar[str]
+    # How people read it ("SD1.5"), in messages.
+    label: ClassVar[str]
+    # What it runs, in the list of supported models ("SD1.5/SD2").
+    runs_label: ClassVar[str]
+    # The diffusers pipeline class names (`model_index.json` `_class_name`) it loads.
+    pipeline_class_names: ClassVar[tuple[str, ...]]
+    # The pipeline attribute holding the model LoRAs train ("unet", "transformer").
+    denoiser_attr: ClassVar[str]
+    # Built-in models of the family (storage.families.BUILTIN_MODELS) made in code.
+    tiny_builders: ClassVar[Mapping[str, TinyBuilder]]
+    # The layers a LoRA trains when the preset does not say (peft target_modules).
+    lora_targets: ClassVar[tuple[str, ...]]
+    # Header values kohya's library/sai_model_spec.py and train_util.py write for the family.
+    modelspec_architecture: ClassVar[str]
+    modelspec_implementation: ClassVar[str]
+    ss_base_model_version: ClassVar[str]
+    # Textual inversion trains new token rows in these (tokenizer, text encoder) pairs;
+    # empty where the family's text encoder makes it meaningless.
+    text_encoder_pairs: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # A key prefix only this family's single checkpoint files carry ("": none).
+    single_file_marker: ClassVar[str] = ""
+
+    # ----- loading ------------------------------------------------------------------------
+
+    @abstractmethod
+    def pipeline_class(self) -> type[Any]:
+        """The diffusers pipeline class a single checkpoint file of this family loads as."""
+
+    def pipeline_classes(self) -> tuple[type[Any], ...]:
+        """Every pipeline class of the family (a loaded pipeline is one of these)."""
+        return (self.pipeline_class(),)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for from_pretrained / from_single_file."""
+        return {}
+
+    def owns(self, pipe: Any) -> bool:
+        return isinstance(pipe, self.pipeline_classes())
+
+    def variant_of(self, pipe: Any) -> str:
+        """The name `lora_import` detects adapter files by for this loaded pipeline (SD2
+        runs as SD1.5 but takes only SD2 LoRAs)."""
+        return self.name
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        return getattr(pipe, self.denoiser_attr)  # type: ignore[no-any-return]
+
+    # ----- conditioning -------------------------------------------------------------------
+
+    @abstractmethod
+    def encode_text(
+        self, pipe: Any, prompts: list[str], device: torch.device, *, grad: bool = False
+    ) -> TextCond:
+        """The pipeline's own prompt encoding, so training sees what generation feeds."""
+
+    @abstractmethod
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: TextCond,
+        extra: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The denoiser's prediction on latents in the loop's (N, C, h, w) layout; `extra`
+        is the family's per-image conditioning (SDXL: size/crop ids), None where unused."""
+
+    # ----- latents ------------------------------------------------------------------------
+
+    def scale_latents(self, z: torch.Tensor, vae_config: Any) -> torch.Tensor:
+        """VAE posterior samples -> what the denoiser sees (the VAE's shift and scale)."""
+        from gpu_runner.training.dataset import shift_and_scale
+
+        return shift_and_scale(z, vae_config)
+
+    # ----- training -----------------------------------------------------------------------
+
+    @abstractmethod
+    def objective(self, pipe: Any, config: Any, device: torch.device) -> Objective:
+        """The training objective: timestep sampling, noising, target and loss weights."""
+
+    # ----- export -------------------------------------------------------------------------
+
+    @abstractmethod
+    def kohya_state(
+        self, peft_state: Mapping[str, torch.Tensor], alpha: float
+    ) -> dict[str, torch.Tensor]:
+        """peft's LoRA/DoRA weights renamed to the kohya layout other tools load."""
+
+    def diffusers_layers(self, peft_state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """`save_lora_weights` keyword arguments holding the denoiser's LoRA layers."""
+        layers = {k: v.detach().float().cpu() for k, v in peft_state.items()}
+        return {f"{self.denoiser_attr}_lora_layers": layers}
+
+    # ----- embeddings (textual inversion) -------------------------------------------------
+
+    def load_embedding(self, pipe: Any, state: Mapping[str, torch.Tensor], token: str) -> None:
+        """Load a textual-inversion file's vectors under `token`."""
+        raise ValueError(f"{self.label} has no textual-inversion embeddings")
+
+    def unload_embedding(self, pipe: Any, tokens: list[str]) -> None:
+        for tok_name, enc_name in self.text_encoder_pairs:
+            pipe.unload_textual_inversion(
+                tokens=tokens,
+                tokenizer=getattr(pipe, tok_name),
+                text_encoder=getattr(pipe, enc_name),
+            )
