@@ -28,9 +28,16 @@ class AdapterState:
         self._active: Wanted | None = ()
         self._adopt_existing()
 
+    @property
+    def _denoiser(self) -> Any:
+        # The model adapters live on (UNet or transformer): the pipeline family's.
+        from gpu_runner.families import family_of_pipeline
+
+        return family_of_pipeline(self._pipe).denoiser(self._pipe)
+
     def _adopt_existing(self) -> None:
         # A pipeline handed over with adapters on it (e.g. by a test): take them over, off.
-        names = list(getattr(self._pipe.unet, "peft_config", {}) or {})
+        names = list(getattr(self._denoiser, "peft_config", {}) or {})
         for name in names:
             self._loaded[name] = None
         if names:
@@ -90,7 +97,7 @@ class AdapterState:
         """Add the training adapter, make it the only active one; its parameters (fp32
         master weights, trainable) are returned by name."""
         self.show(())
-        unet = self._pipe.unet
+        unet = self._denoiser
         # peft draws lora_A from the global RNG: seed it so a run is reproducible per seed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -107,7 +114,7 @@ class AdapterState:
         """Only the training adapter active, and trainable (peft freezes adapters it turns
         off, so a generation served in between must not leave it frozen)."""
         assert self._training is not None
-        unet = self._pipe.unet
+        unet = self._denoiser
         unet.enable_adapters()
         unet.set_adapter(self._training)
         for n, p in unet.named_parameters():
@@ -142,7 +149,7 @@ class AdapterState:
         afterwards. Safe to call when no training adapter is on."""
         if self._training is None:
             return
-        self._pipe.unet.delete_adapters(self._training)
+        self._denoiser.delete_adapters(self._training)
         self._training = None
         self._active = None  # peft picks some remaining adapter as active: turn all off
         self.show(())

@@ -60,7 +60,7 @@ from gpu_runner.prompts import (
     strip_lora_tags,
     validate_settings,
 )
-from gpu_runner.samplers import make_scheduler, resolve_sampler
+from gpu_runner.samplers import resolve_sampler
 from gpu_runner.training.export import a1111_lora_hash, lora_file_stem
 from storage.families import defaults_for
 
@@ -460,7 +460,7 @@ class Generator:
 
     def _scheduler(self, loaded: LoadedPipeline, sampler: str) -> Any:
         # A fresh scheduler per call: they keep per-run state between steps.
-        return make_scheduler(loaded.scheduler_config, sampler)
+        return loaded.model_family.make_scheduler(loaded.scheduler_config, sampler)
 
     def _run_group(self, members: list[_Render], on_step: StepCallback | None) -> None:
         first = members[0]

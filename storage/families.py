@@ -6,6 +6,9 @@ Sources of the defaults:
           defaults: 20 steps, CFG 7, DPM++ 2M with the Karras schedule.
   [sdxl]  stabilityai/stable-diffusion-xl-base-1.0 model card: 1024x1024 native; diffusers'
           StableDiffusionXLPipeline default guidance_scale 5.0; Stability's guide: 25-40 steps.
+  [flux2] diffusers 0.42 Flux2KleinPipeline defaults for the (undistilled) klein base:
+          num_inference_steps 50, guidance_scale 4.0, 128 latent px x VAE factor 8 = 1024;
+          flow-matching Euler (FlowMatchEulerDiscreteScheduler).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Family = Literal["sd15", "sdxl"]
+Family = Literal["sd15", "sdxl", "flux2-klein"]
+# Families with training presets and memory estimates (chat offers these).
 FAMILIES: tuple[Family, ...] = ("sd15", "sdxl")
 
 
@@ -30,6 +34,7 @@ class GenerationDefaults:
 FAMILY_DEFAULTS: dict[Family, GenerationDefaults] = {
     "sd15": GenerationDefaults(512, 512, 25, "DPM++ 2M Karras", 7.0),  # [sd15]
     "sdxl": GenerationDefaults(1024, 1024, 30, "DPM++ 2M Karras", 5.0),  # [sdxl]
+    "flux2-klein": GenerationDefaults(1024, 1024, 50, "Euler", 4.0),  # [flux2]
 }
 
 
@@ -151,7 +156,7 @@ def generation_defaults(base_model: str, configured: Mapping[str, Any]) -> Gener
 
 def defaults_for(base_model: str, family: str) -> GenerationDefaults:
     """The family's defaults (SD2 shares SD1.5's), at a built-in model's own size."""
-    defaults = FAMILY_DEFAULTS["sdxl" if family == "sdxl" else "sd15"]
+    defaults = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["sd15"])  # type: ignore[call-overload]
     builtin = BUILTIN_MODELS.get(base_model)
     if builtin is not None:
         side = builtin.native_side

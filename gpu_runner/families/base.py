@@ -96,11 +96,19 @@ class ModelFamily(ABC):
 
     # ----- latents ------------------------------------------------------------------------
 
-    def scale_latents(self, z: torch.Tensor, vae_config: Any) -> torch.Tensor:
-        """VAE posterior samples -> what the denoiser sees (the VAE's shift and scale)."""
+    def latent_scaler(self, vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """VAE posterior samples -> the latents the denoiser sees, in the loop's (N, C, h, w)
+        layout (default: the VAE config's shift and scale)."""
         from gpu_runner.training.dataset import shift_and_scale
 
-        return shift_and_scale(z, vae_config)
+        config = vae.config
+        return lambda z: shift_and_scale(z, config)
+
+    def make_scheduler(self, base_config: Mapping[str, Any], sampler: str) -> Any:
+        """A fresh scheduler for an Atelier sampler name on the model's scheduler config."""
+        from gpu_runner.samplers import make_scheduler
+
+        return make_scheduler(base_config, sampler)
 
     # ----- training -----------------------------------------------------------------------
 

@@ -206,12 +206,13 @@ def sample_latents(
     std: torch.Tensor,
     generator: torch.Generator,
     vae_config: Any,
-    scale: Callable[[torch.Tensor, Any], torch.Tensor] = shift_and_scale,
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Draw z ~ N(mean, std) with a CPU generator (same draw on any device), then scale
-    (`scale`: the family's rule, see ModelFamily.scale_latents)."""
+    """Draw z ~ N(mean, std) with a CPU generator (same draw on any device), then scale:
+    by `scale` (the family's, ModelFamily.latent_scaler) or the VAE config's shift and scale."""
     eps = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return scale(mean + std * eps, vae_config)
+    z = mean + std * eps
+    return scale(z) if scale is not None else shift_and_scale(z, vae_config)
 
 
 @dataclass

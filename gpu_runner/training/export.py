@@ -203,8 +203,9 @@ def build_metadata(
         "atelier.base_model_hash": config.base_model_hash,
         "atelier.config": config.model_dump_json(),
     }
-    if prediction_type is not None:
-        meta["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
+    modelspec_prediction = {"epsilon": "epsilon", "v_prediction": "v"}.get(prediction_type or "")
+    if modelspec_prediction is not None:  # flow-matching models have no modelspec value
+        meta["modelspec.prediction_type"] = modelspec_prediction
     if not is_ti:
         rank = config.rank  # type: ignore[union-attr]
         meta["ss_network_dim"] = str(rank)

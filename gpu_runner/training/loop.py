@@ -18,7 +18,6 @@ import torch
 from gpu_runner import failpoints
 from gpu_runner.adapter_state import AdapterState
 from gpu_runner.families import family_of_pipeline, get_family
-from gpu_runner.samplers import make_scheduler
 from gpu_runner.training import checkpoint as ckpt
 from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
 from gpu_runner.training.dataset import (
@@ -163,6 +162,7 @@ class _Trainer:
         self.objective = self.family.objective(pipeline, config, self.device)
         self.prediction_type = self.objective.prediction_type
         self.vae_cfg = pipeline.vae.config
+        self.scale_latents = self.family.latent_scaler(pipeline.vae)
         self.sample_sampler = defaults_for(config.base_model_name, config.family).sampler
         self.train_pipe: Any = pipeline
         self.token: TokenEmbedding | None = None
@@ -275,7 +275,7 @@ class _Trainer:
             val_idx,
             mean,
             std,
-            lambda z: self.family.scale_latents(z, self.vae_cfg),
+            self.scale_latents,
             self.objective,
             self.config.seed,
         )
@@ -333,7 +333,7 @@ class _Trainer:
             mean, std = self._encode_pixels(batch)
         # Fixed draw order on a CPU generator: latents, noise, timesteps, dropout. The same
         # stream whether or not latents are cached, and on any device.
-        latents = sample_latents(mean, std, gen, self.vae_cfg, self.family.scale_latents)
+        latents = sample_latents(mean, std, gen, self.vae_cfg, self.scale_latents)
         noise = torch.randn(latents.shape, generator=gen).to(self.device)
         t = self.objective.sample_timesteps(len(batch), gen).to(self.device)
         drop = caption_dropout_mask(len(batch), cfg.caption_dropout, gen)
@@ -441,7 +441,9 @@ class _Trainer:
         # One fixed sampler, whatever the last /imagine left on the pipeline, so samples
         # from different checkpoints (and runs) compare.
         previous = pipe.scheduler
-        pipe.scheduler = make_scheduler(self.pipeline.scheduler.config, self.sample_sampler)
+        pipe.scheduler = self.family.make_scheduler(
+            self.pipeline.scheduler.config, self.sample_sampler
+        )
         try:
             with self.precision.autocast():
                 out = pipe(

@@ -116,6 +116,48 @@ class DiffusionObjective(Objective):
         )
 
 
+class FlowMatchObjective(Objective):
+    """Rectified-flow training as diffusers' FLUX LoRA examples do it
+    (examples/dreambooth/train_dreambooth_lora_flux2_klein.py, weighting_scheme "none"):
+    a uniform draw indexes the scheduler's own (possibly shifted) timestep table,
+    x_t = (1 - sigma) x + sigma noise with sigma = t / 1000, and the model predicts the
+    velocity noise - x. Timesteps stay on the scheduler's 0-1000 scale."""
+
+    prediction_type = "flow_matching"
+
+    def __init__(self, scheduler_config: Any) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+        self.table = scheduler.timesteps.float().cpu()
+
+    def _at(self, u: torch.Tensor) -> torch.Tensor:
+        idx = (u * self.num_timesteps).long().clamp(0, len(self.table) - 1)
+        return self.table[idx]
+
+    def sample_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        return self._at(torch.rand(count, generator=generator))
+
+    def validation_timesteps(self, count: int) -> torch.Tensor:
+        return self._at((torch.arange(count, dtype=torch.float64) + 0.5) / count)
+
+    def _sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        sigma = timesteps.to(like.device, torch.float32) / self.num_timesteps
+        return sigma.view(-1, *([1] * (like.ndim - 1)))
+
+    def add_noise(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        sigma = self._sigma(timesteps, latents)
+        return (1.0 - sigma) * latents + sigma * noise
+
+    def target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        return noise - latents
+
+
 def weighted_mse(
     pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
 ) -> torch.Tensor:

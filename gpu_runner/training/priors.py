@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gpu_runner.samplers import make_scheduler
+from gpu_runner.families import family_of_pipeline
 from gpu_runner.training.dataset import TextCond, encode_text
 
 # The trigger leaves prior captions by the rule captions and chat find it with.
@@ -49,7 +49,7 @@ def draw_priors(
     """One base-model image per caption (trigger removed), kept as latents (no VAE trip)."""
     plain = [without_trigger(c, trigger) for c in captions]
     previous = pipeline.scheduler
-    pipeline.scheduler = make_scheduler(previous.config, sampler)
+    pipeline.scheduler = family_of_pipeline(pipeline).make_scheduler(previous.config, sampler)
     try:
         gens = [torch.Generator("cpu").manual_seed(seed * 7919 + i) for i in range(len(plain))]
         latents = pipeline(
