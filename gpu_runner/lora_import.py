@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Family = Literal["sd15", "sd2", "sdxl"]
+from storage.families import FAMILY_LABELS as FAMILY_LABELS  # re-exported: callers' labels
 
-FAMILY_LABELS: dict[str, str] = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL"}
+Family = Literal["sd15", "sd2", "sdxl", "flux2-klein"]
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 32 * 1024 * 1024  # kohya headers with tag frequencies reach a few MB
 MAX_FILE_BYTES = 4 * 1024**3

@@ -17,9 +17,45 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from storage.training_bounds import Method
+
 Family = Literal["sd15", "sdxl", "flux2-klein"]
 # Families with training presets and memory estimates (chat offers these).
-FAMILIES: tuple[Family, ...] = ("sd15", "sdxl")
+FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein")
+# How people read each family (and SD2, which runs as SD1.5 but takes only SD2 adapters).
+FAMILY_LABELS: dict[str, str] = {
+    "sd15": "SD1.5",
+    "sd2": "SD2",
+    "sdxl": "SDXL",
+    "flux2-klein": "FLUX.2 [klein]",
+}
+# The training methods each family supports. Textual inversion needs a CLIP-style token
+# table whose rows are the prompt's meaning; FLUX.2's Qwen3 language model reads prompts
+# through a chat template and 36 layers of context, where one new row is not a style (no
+# FLUX.2 trainer offers it: ai-toolkit, musubi-tuner, the diffusers examples).
+TRAINING_METHODS: dict[Family, tuple[Method, ...]] = {
+    "sd15": ("lora", "dora", "textual_inversion"),
+    "sdxl": ("lora", "dora", "textual_inversion"),
+    "flux2-klein": ("lora", "dora"),
+}
+# Chat spells methods as `/style train method=...` takes them.
+_CHAT_METHOD = {"textual_inversion": "ti"}
+
+
+class MethodNotSupportedError(ValueError):
+    """A training method the family cannot train; str() names the ones it can."""
+
+
+def check_training_method(family: str, method: str) -> None:
+    """Refuse a method the family does not support, naming those it does."""
+    fam = "sd15" if family == "sd2" else family
+    methods = TRAINING_METHODS.get(fam, ())  # type: ignore[call-overload]
+    if method not in methods:
+        label = FAMILY_LABELS.get(family, family)
+        allowed = " or ".join(f"method={_CHAT_METHOD.get(m, m)}" for m in methods)
+        raise MethodNotSupportedError(
+            f"{label} base models cannot train {method.replace('_', ' ')}; use {allowed}"
+        )
 
 
 @dataclass(frozen=True)
@@ -62,6 +98,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "tiny-sdxl", "sdxl", 64, True, "SDXL layout in miniature, random weights (tests)"
         ),
         BuiltinModel(
+            "tiny-flux2-klein",
+            "flux2-klein",
+            64,
+            True,
+            "FLUX.2 [klein] layout in miniature, random weights (tests)",
+        ),
+        BuiltinModel(
             "toy-sd15",
             "sd15",
             64,
@@ -95,8 +138,23 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 #          keeps every block's activations, several times the checkpointed figure; SDXL
 #          decodes with its VAE upcast to fp32 at 1024 px (force_upcast), which dominates a
 #          generation's peak; cuBLAS/cuDNN workspaces and allocator fragmentation.
-WEIGHTS_MB: dict[Family, int] = {"sd15": 2_035, "sdxl": 6_616}  # [params]
-LORA_PARAMS_PER_RANK: dict[Family, int] = {"sd15": 199_296, "sdxl": 1_451_520}  # [lora]
+# [f2est]  FLUX.2 [klein] 4B, ESTIMATES not yet counted from configs nor measured (no
+#          network or GPU when they were written; bench/gpu.py should replace them):
+#          transformer ~3.9B + Qwen3-4B text encoder ~4.0B + FLUX.2 VAE ~0.08B at 2 bytes;
+#          LoRA targets (Flux2Klein.lora_targets) on 5 double blocks of 8 3072x3072
+#          projections and 20 single blocks' 3072 -> 27648 fused projection; activations
+#          at 1024 px (4096 image + 512 text tokens) taken as 1.6x SDXL's checkpointed
+#          figure, as community klein-4B trainers report 13+ GB cards with 8-bit AdamW.
+WEIGHTS_MB: dict[Family, int] = {
+    "sd15": 2_035,  # [params]
+    "sdxl": 6_616,  # [params]
+    "flux2-klein": 15_200,  # [f2est]
+}
+LORA_PARAMS_PER_RANK: dict[Family, int] = {
+    "sd15": 199_296,  # [lora]
+    "sdxl": 1_451_520,  # [lora]
+    "flux2-klein": 860_160,  # [f2est] 5 x 8 x 6144 + 20 x 30720
+}
 TRAINABLE_BYTES_PER_PARAM = 16  # [adamw] 4 B weight + 4 B gradient + 8 B moments
 # Activations of one training image at the family's native side, with and without gradient
 # checkpointing (key: family, checkpointing); they grow with the pixel count.
@@ -105,9 +163,15 @@ TRAIN_IMAGE_MB: dict[tuple[Family, bool], int] = {
     ("sd15", False): 2_400,  # [est]
     ("sdxl", True): 2_500,  # [kohya]
     ("sdxl", False): 14_000,  # [est]
+    ("flux2-klein", True): 4_000,  # [f2est]
+    ("flux2-klein", False): 24_000,  # [f2est]
 }
 # One generated image at the native side: the UNet on the CFG pair, then the VAE decode.
-GENERATE_IMAGE_MB: dict[Family, int] = {"sd15": 1_000, "sdxl": 4_000}  # [est]
+GENERATE_IMAGE_MB: dict[Family, int] = {
+    "sd15": 1_000,  # [est]
+    "sdxl": 4_000,  # [est]
+    "flux2-klein": 3_000,  # [f2est] the CFG pair's 4608 tokens, then the VAE at 1024 px
+}
 WORKSPACE_MB = 600  # [est]
 # DoRA: peft rebuilds each adapted weight (W + BA) to take its norm on every forward, and
 # keeps extra activations for the magnitude vector.
@@ -131,7 +195,16 @@ PRESET_BATCH_RANK: dict[tuple[Family, str, str], tuple[int, int | None]] = {
     ("sd15", "dora", "concept"): (2, 8),
     ("sdxl", "dora", "style"): (1, 16),
     ("sdxl", "dora", "concept"): (1, 8),
-    **{(f, "textual_inversion", p): (4, None) for f in FAMILIES for p in ("style", "concept")},
+    ("flux2-klein", "lora", "style"): (1, 32),
+    ("flux2-klein", "lora", "concept"): (1, 16),
+    ("flux2-klein", "dora", "style"): (1, 16),
+    ("flux2-klein", "dora", "concept"): (1, 8),
+    **{
+        (f, "textual_inversion", p): (4, None)
+        for f in FAMILIES
+        if "textual_inversion" in TRAINING_METHODS[f]
+        for p in ("style", "concept")
+    },
 }
 
 
@@ -194,7 +267,7 @@ def training_memory_mb(
     """Peak memory of a training run (None for the built-in models)."""
     if base_model in BUILTIN_MODELS:
         return None
-    fam: Family = "sdxl" if family == "sdxl" else "sd15"
+    fam: Family = family if family in FAMILIES else "sd15"  # type: ignore[assignment]  # SD2
     ti = method == "textual_inversion"
     checkpointed = gradient_checkpointing and (TI_UNET_CHECKPOINTING or not ti)
     per_image = TRAIN_IMAGE_MB[(fam, checkpointed)] * _pixels_ratio(fam, resolution, resolution)
@@ -234,6 +307,7 @@ def memory_needed_mb(
         )
     if kind == "train":
         method = method or "lora"
+        check_training_method(family, method)
         batch, preset_rank = PRESET_BATCH_RANK[(family, method, preset or "style")]
         return training_memory_mb(
             base_model,

@@ -155,7 +155,8 @@ def test_preset_shapes_in_the_estimates_match_the_presets() -> None:
         values = preset_defaults(method, family, preset)
         assert (values["batch_size"], values.get("rank")) == (batch, rank), (family, method)
         assert values["resolution"] == FAMILY_DEFAULTS[family].width
-    assert len(PRESET_BATCH_RANK) == 12
+    # 2 SD families x 3 methods x 2 presets, and FLUX.2 [klein] x (LoRA, DoRA) x 2 presets.
+    assert len(PRESET_BATCH_RANK) == 16
 
 
 # --- textual inversion ---------------------------------------------------------------------
@@ -239,3 +240,23 @@ def test_out_of_memory_advises_only_options_chat_offers(
     advised = re.findall(r"`(\w+)=", message)
     assert advised and set(advised) <= set(StyleTrainArgs.model_fields), message
     assert "batch_size" not in message and "lower resolution" not in message
+
+
+def test_flux2_klein_estimates_use_its_own_figures_and_refuse_textual_inversion() -> None:
+    from storage.families import MethodNotSupportedError
+
+    klein = {"klein": {"source": "/m/klein", "family": "flux2-klein"}}
+
+    def need(kind: str, **kw: Any) -> int:
+        value = memory_needed_mb(kind, "klein", klein, **kw)
+        assert value is not None
+        return value
+
+    sdxl = {"xl": {"source": "/m/xl", "family": "sdxl"}}
+    # Its ~8 B parameters of weights outweigh SDXL's 3.4 B, generating and training alike.
+    assert need(JobKind.GENERATE) > memory_needed_mb(JobKind.GENERATE, "xl", sdxl)  # type: ignore[operator]
+    assert need(JobKind.TRAIN) > memory_needed_mb(JobKind.TRAIN, "xl", sdxl)  # type: ignore[operator]
+    assert need(JobKind.TRAIN, rank=128) > need(JobKind.TRAIN, rank=8)
+    with pytest.raises(MethodNotSupportedError, match="use method=lora or method=dora"):
+        memory_needed_mb(JobKind.TRAIN, "klein", klein, method="textual_inversion")
+    assert memory_needed_mb(JobKind.TRAIN, "tiny-flux2-klein", {}) is None  # built-in

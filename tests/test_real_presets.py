@@ -17,8 +17,23 @@ from gpu_runner.training.config import (
     make_config,
     preset_defaults,
 )
+from storage.families import TRAINING_METHODS
 
-COMBOS = list(itertools.product(FAMILIES, PRESETS, METHODS))
+# Every method a family supports (FLUX.2 [klein] has no textual inversion).
+COMBOS = [
+    c for c in itertools.product(FAMILIES, PRESETS, METHODS) if c[2] in TRAINING_METHODS[c[0]]
+]
+
+
+def test_a_method_the_family_lacks_is_refused_naming_those_it_has() -> None:
+    from gpu_runner.training.config import ConfigError
+
+    with pytest.raises(
+        ConfigError,
+        match=r"FLUX.2 \[klein\] base models cannot train textual "
+        r"inversion; use method=lora or method=dora",
+    ):
+        make_config("textual_inversion", "flux2-klein", "style", trigger="zxq")
 
 
 @pytest.mark.parametrize(("family", "preset", "method"), COMBOS)

@@ -15,7 +15,12 @@ from bot.core.errors import UserError
 from bot.core.queue_room import check_queue_room
 from bot.core.teams import get_style
 from storage.datasets import images_of, latest_approved, latest_version
-from storage.families import memory_needed_mb
+from storage.families import (
+    MethodNotSupportedError,
+    check_training_method,
+    memory_needed_mb,
+    model_family,
+)
 from storage.job_payloads import JobKind, Priority, TrainPayload
 from storage.models import (
     DatasetStatus,
@@ -37,6 +42,12 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
     with ctx.write() as tx:
         s, team = tx.session, tx.team
         style = get_style(s, team.id, args.name, lock=True)
+        try:
+            check_training_method(
+                model_family(style.base_model, services.settings.base_models), method
+            )
+        except MethodNotSupportedError as exc:
+            raise UserError(f"{style.name} is on {style.base_model}: {exc}.") from None
         check_queue_room(ctx, s, team.id)
         approved = latest_approved(s, style.id)
         latest = latest_version(s, style.id)

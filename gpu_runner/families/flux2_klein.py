@@ -34,7 +34,12 @@ _DOUBLE_FUSED = {
     "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
 _SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
-_PEFT_SUFFIXES = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
+_PEFT_SUFFIXES = {
+    ".lora_A.weight": "lora_down.weight",
+    ".lora_B.weight": "lora_up.weight",
+    ".lora_magnitude_vector": "dora_scale",  # DoRA; LyCORIS/kohya keep it (out_features, 1)
+}
+_MAGNITUDE = ".lora_magnitude_vector"
 
 
 def _tiny(seed: int) -> Any:
@@ -179,10 +184,18 @@ class Flux2Klein(ModelFamily):
                     out[f"{key}.lora_down.weight"] = torch.cat(downs).contiguous()
                     out[f"{key}.lora_up.weight"] = torch.block_diag(*ups).contiguous()
                     out[f"{key}.alpha"] = torch.tensor(float(alpha) * len(parts))
+                    if _MAGNITUDE in modules[names[0]]:
+                        # DoRA normalises each output row: the fused rows are q's, k's and
+                        # v's stacked, so the fused magnitude is theirs stacked.
+                        mags = [modules[n][_MAGNITUDE].reshape(-1, 1) for n in names]
+                        out[f"{key}.dora_scale"] = torch.cat(mags).contiguous()
                     done.add(f"{index}.{fused}")
                 continue
             key = KOHYA_PREFIX + _bfl_name(module)
             for suffix, kohya in _PEFT_SUFFIXES.items():
-                out[f"{key}.{kohya}"] = weights[suffix].contiguous()
+                if suffix in weights:
+                    value = weights[suffix]
+                    value = value.reshape(-1, 1) if suffix == _MAGNITUDE else value
+                    out[f"{key}.{kohya}"] = value.contiguous()
             out[f"{key}.alpha"] = torch.tensor(float(alpha))
         return out

@@ -79,6 +79,7 @@ _TOY: dict[str, Any] = {
 BUILTIN_TRAINING: dict[str, dict[str, Any]] = {
     "tiny-sd15": _TINY,
     "tiny-sdxl": _TINY,
+    "tiny-flux2-klein": _TINY,
     "toy-sd15": _TOY,
 }
 
@@ -212,6 +213,10 @@ def _config(inputs: RunInputs, loaded: LoadedPipeline) -> Any:
     )
     if inputs.method == "textual_inversion":  # it trains an embedding: no target layers
         defaults.pop("target_modules", None)
+    else:
+        # The family's own layers unless the built-in model's defaults name others (SD's
+        # equal LoraConfig's default, so their runs and fingerprints are unchanged).
+        defaults.setdefault("target_modules", list(loaded.model_family.lora_targets))
     return make_config(
         inputs.method,
         loaded.family,

@@ -14,7 +14,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from storage.families import FAMILIES, Family
+from storage.families import (
+    FAMILIES,
+    TRAINING_METHODS,
+    Family,
+    MethodNotSupportedError,
+    check_training_method,
+)
 from storage.training_bounds import BOUNDS, METHODS, PRESETS, WHOLE_BOUNDS, Method, Preset
 
 LrSchedule = Literal["constant_with_warmup", "cosine"]
@@ -153,6 +159,10 @@ AnyTrainConfig = LoraConfig | DoraConfig | TextualInversionConfig
 #  [dora]   Liu et al. 2024, "DoRA": matches LoRA at about half the rank, same lr.
 #  [ti]     diffusers examples/textual_inversion README: lr 5e-4, 3000 steps, batch 1 x 4
 #           accumulation, 512 px (SDXL script: 1024 px).
+#  [dflux2] diffusers examples/dreambooth README_flux2 (train_dreambooth_lora_flux2_klein.py)
+#           on the klein base: lr 1e-4, constant schedule with no warmup, resolution 1024,
+#           batch 1 x 4 accumulation, ~500 steps for a subject, weighting_scheme "none"
+#           (flow matching: no min-SNR). Recalled from the example, not re-read offline.
 _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # Styles want more capacity (rank 32/alpha 16 is the common kohya style setting) and a
     # little caption dropout so the look also leaks into untriggered text.
@@ -204,6 +214,31 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "lr_scheduler": "constant_with_warmup",
         "warmup_steps": 0,
     },
+    # FLUX.2 [klein]: the SDXL shapes (1024 px, batch 1) with flow matching's objective.
+    ("flux2-klein", "style"): {
+        "rank": 32,  # [kohya] community style setting, as for SD
+        "alpha": 16,  # [kohya]
+        "learning_rate": 1e-4,  # [dflux2]
+        "steps": 2000,  # as SDXL style: 4x [dflux2]'s subject run at batch 1
+        "resolution": 1024,  # [dflux2] klein native
+        "batch_size": 1,  # [dflux2]
+        "caption_dropout": 0.05,  # [kohya]
+        "min_snr_gamma": None,  # [dflux2] flow matching weights no timestep by SNR
+        "lr_scheduler": "cosine",  # [kohya], as the SD style presets
+        "warmup_steps": 100,  # [kohya]
+    },
+    ("flux2-klein", "concept"): {
+        "rank": 16,
+        "alpha": 8,
+        "learning_rate": 1e-4,  # [dflux2]
+        "steps": 1000,  # [dflux2] 500 at 1 x 4, doubled for several views (as SDXL)
+        "resolution": 1024,  # [dflux2]
+        "batch_size": 1,  # [dflux2]
+        "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "min_snr_gamma": None,  # [dflux2]
+        "lr_scheduler": "constant_with_warmup",  # [dflux2] constant
+        "warmup_steps": 0,  # [dflux2]
+    },
 }
 _TI_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     (family, preset): {
@@ -218,6 +253,7 @@ _TI_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "initializer_token": "style" if preset == "style" else "object",
     }
     for family in FAMILIES
+    if "textual_inversion" in TRAINING_METHODS[family]
     for preset in PRESETS
 }
 
@@ -230,6 +266,10 @@ def preset_defaults(method: str, family: str, preset: str) -> dict[str, Any]:
         raise ConfigError(f"unknown model family {family!r}: use one of {', '.join(FAMILIES)}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    try:
+        check_training_method(family, method)
+    except MethodNotSupportedError as exc:
+        raise ConfigError(str(exc)) from None
     if method == "textual_inversion":
         return dict(_TI_PRESETS[(family, preset)])
     values = dict(_LORA_PRESETS[(family, preset)])
