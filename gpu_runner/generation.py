@@ -55,7 +55,6 @@ from gpu_runner.prompts import (
     AdapterUse,
     InvalidRequestError,
     Limits,
-    check_prompt_length,
     parse_prompt,
     strip_lora_tags,
     validate_settings,
@@ -208,6 +207,8 @@ class GenerationResult:
     images: list[GeneratedImage]  # with the request's adapters, one per seed
     base_images: list[GeneratedImage] = field(default_factory=list)  # compare: no adapters
     comparisons: list[GeneratedImage] = field(default_factory=list)  # compare: base | style
+    # What the person should know about how the request was served (one line each).
+    notices: tuple[str, ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -319,12 +320,12 @@ class Generator:
                 self._check_adapters(loaded, request.adapters)
                 text = strip_lora_tags(request.prompt)
                 self._sync_embeddings(loaded, request.adapters, [text])
-                check_prompt_length(loaded.tokenizers, self._expand(loaded, text), "prompt")
-                check_prompt_length(
-                    loaded.tokenizers,
-                    self._expand(loaded, request.negative_prompt),
-                    "negative prompt",
-                )
+                family = loaded.model_family
+                family.check_prompt_length(loaded.pipe, text, "prompt")
+                if family.takes_negative_prompt:
+                    family.check_prompt_length(
+                        loaded.pipe, request.negative_prompt, "negative prompt"
+                    )
             except USER_ERRORS as exc:
                 outcomes[i] = exc
                 continue
@@ -451,11 +452,6 @@ class Generator:
     def _unload_embedding(self, loaded: LoadedPipeline, tokens: list[str]) -> None:
         loaded.model_family.unload_embedding(loaded.pipe, tokens)
 
-    @staticmethod
-    def _expand(loaded: LoadedPipeline, text: str) -> str:
-        # Multi-vector embeddings expand one token into several; count what the encoder sees.
-        return str(loaded.pipe.maybe_convert_prompt(text, loaded.pipe.tokenizer))
-
     # -- running -------------------------------------------------------------------------
 
     def _scheduler(self, loaded: LoadedPipeline, sampler: str) -> Any:
@@ -534,11 +530,13 @@ class Generator:
         with torch.inference_mode():
             out = pipe(
                 prompt=[render.text for render, _ in chunk],
-                negative_prompt=[render.request.negative_prompt for render, _ in chunk],
                 num_inference_steps=steps,
                 guidance_scale=request.cfg,
                 generator=generators,
                 output_type="pil",
+                **loaded.model_family.call_kwargs(
+                    [render.request.negative_prompt for render, _ in chunk]
+                ),
                 **kwargs,
             )
         return list(out.images)
@@ -561,10 +559,12 @@ class Generator:
             )
             for u in loras
         )
+        # What the model was given: an ignored negative prompt is not part of the recipe.
+        negative = r.negative_prompt if loaded.model_family.takes_negative_prompt else ""
         infotext = format_parameters(
             A1111Parameters(
                 prompt=render.text,
-                negative_prompt=r.negative_prompt,
+                negative_prompt=negative,
                 steps=r.steps,
                 sampler=sampler,
                 cfg=r.cfg,
@@ -581,7 +581,7 @@ class Generator:
             "variant": variant,
             "prompt": r.prompt,
             "prompt_sent": render.text,
-            "negative_prompt": r.negative_prompt,
+            "negative_prompt": negative,
             "seed": seed,
             "steps": r.steps,
             "cfg": r.cfg,
@@ -605,6 +605,9 @@ class Generator:
             ],
             "extra": dict(r.extra),
         }
+        notices = self._notices(loaded, r)
+        if notices:
+            record["notices"] = list(notices)
         if r.init_image is not None:
             record["img2img"] = {
                 "strength": r.strength,
@@ -647,6 +650,16 @@ class Generator:
             record=record,
         )
 
+    @staticmethod
+    def _notices(loaded: LoadedPipeline, request: GenerationRequest) -> tuple[str, ...]:
+        family = loaded.model_family
+        if request.negative_prompt and not family.takes_negative_prompt:
+            return (
+                f"Negative prompt ignored: {family.label} models take none; say what you "
+                "want in the prompt instead.",
+            )
+        return ()
+
     def _result(self, parts: list[_Render]) -> GenerationResult:
         style = next(p for p in parts if p.variant == "style")
         base = next((p for p in parts if p.variant == "base"), None)
@@ -658,8 +671,9 @@ class Generator:
             self._encode(loaded, style, s, im, "style")
             for s, im in zip(seeds, style.images, strict=True)
         ]
+        notices = self._notices(loaded, request)
         if base is None:
-            return GenerationResult(request=request, images=images)
+            return GenerationResult(request=request, images=images, notices=notices)
         base_images = [
             self._encode(loaded, base, s, im, "base")
             for s, im in zip(seeds, base.images, strict=True)
@@ -668,4 +682,4 @@ class Generator:
             self._compare(side_by_side([b, st]), bi, si)
             for b, st, bi, si in zip(base.images, style.images, base_images, images, strict=True)
         ]
-        return GenerationResult(request, images, base_images, comparisons)
+        return GenerationResult(request, images, base_images, comparisons, notices)

@@ -48,6 +48,9 @@ class ModelFamily(ABC):
     text_encoder_pairs: ClassVar[tuple[tuple[str, str], ...]] = ()
     # A key prefix only this family's single checkpoint files carry ("": none).
     single_file_marker: ClassVar[str] = ""
+    # Whether the pipeline's call takes a negative prompt (generation tells the person when
+    # one is ignored rather than dropping it silently).
+    takes_negative_prompt: ClassVar[bool] = True
 
     # ----- loading ------------------------------------------------------------------------
 
@@ -93,6 +96,23 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """The denoiser's prediction on latents in the loop's (N, C, h, w) layout; `extra`
         is the family's per-image conditioning (SDXL: size/crop ids), None where unused."""
+
+    # ----- generation ---------------------------------------------------------------------
+
+    def call_kwargs(self, negative_prompts: list[str]) -> dict[str, Any]:
+        """The family's own pipeline-call arguments beside prompt, size, steps and CFG."""
+        return {"negative_prompt": negative_prompts} if self.takes_negative_prompt else {}
+
+    def expand_prompt(self, pipe: Any, text: str) -> str:
+        """The text the encoder sees (multi-vector embeddings expand one token into several)."""
+        return str(pipe.maybe_convert_prompt(text, pipe.tokenizer))
+
+    def check_prompt_length(self, pipe: Any, text: str, what: str) -> None:
+        """Refuse text longer than the family's text encoder reads (CLIP: 77 tokens)."""
+        from gpu_runner.prompts import check_prompt_length
+
+        tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
+        check_prompt_length(tokenizers, self.expand_prompt(pipe, text), what)
 
     # ----- latents ------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from gpu_runner.training.dataset import TextCond
 from gpu_runner.training.objective import FlowMatchObjective, Objective
 
 KOHYA_PREFIX = "lora_unet_"
+# Flux2KleinPipeline's max_sequence_length default: tokens past it are cut off silently.
+MAX_SEQUENCE_LENGTH = 512
 # diffusers module (inside transformer_blocks.N / single_transformer_blocks.N) -> BFL name
 # (inside double_blocks.N / single_blocks.N): the table diffusers' own Flux2 kohya converter
 # (loaders/lora_conversion_utils.py, _convert_kohya_flux2_lora_to_diffusers) reads back.
@@ -88,6 +90,8 @@ class Flux2Klein(ModelFamily):
     # Atelier's own value: no kohya ss_base_model_version for FLUX.2 was found to follow.
     ss_base_model_version = "flux2_klein"
     single_file_marker = "double_blocks.0.img_attn.qkv."
+    # Flux2KleinPipeline encodes an empty prompt for CFG's other half: no negative prompt.
+    takes_negative_prompt = False
 
     def pipeline_class(self) -> type[Any]:
         from diffusers import Flux2KleinPipeline
@@ -100,6 +104,29 @@ class Flux2Klein(ModelFamily):
         with torch.set_grad_enabled(grad):
             hidden, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1)
         return TextCond(hidden)
+
+    def call_kwargs(self, negative_prompts: list[str]) -> dict[str, Any]:
+        return {"max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    def expand_prompt(self, pipe: Any, text: str) -> str:
+        return text  # no textual-inversion embeddings to expand
+
+    def check_prompt_length(self, pipe: Any, text: str, what: str) -> None:
+        # Counted as the pipeline tokenizes: inside Qwen3's chat template, thinking off.
+        tok = pipe.tokenizer
+        templated = tok.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
+        used = len(tok(templated)["input_ids"])
+        if used > MAX_SEQUENCE_LENGTH:
+            raise InvalidRequestError(
+                f"the {what} is {used} tokens long (with the chat template) but {self.label}'s "
+                f"text encoder reads at most {MAX_SEQUENCE_LENGTH}; shorten it by "
+                f"{used - MAX_SEQUENCE_LENGTH} tokens"
+            )
 
     def latent_scaler(self, vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         # As Flux2KleinPipeline encodes a reference image: 2x2 patches into channels, then

@@ -255,6 +255,7 @@ def _result_text(payload: GeneratePayload, result: GenerationResult) -> str:
     ]
     if request.negative_prompt:
         lines.insert(1, f"Negative: {request.negative_prompt}")
+    lines.extend(result.notices)
     if result.comparisons:
         lines.append("Left: base model, right: with the style, same seed.")
     if payload.parent_generation_id is not None:
