@@ -168,7 +168,22 @@ _LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", ".oft_", "boft_")
 _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 
 
+# FLUX.2 [klein] LoRAs: kohya keys in Black Forest Labs' module names (`lora_unet_double_
+# blocks_N_...`, `lora_unet_single_blocks_N_...`), or diffusers keys on the transformer's
+# FLUX.2-only layers (the single blocks' fused `to_qkv_mlp_proj`, the gated `ff.linear_in`).
+# Checked before SD's patterns: diffusers' `transformer_blocks.1` would read as SDXL depth.
+# FLUX.1 kohya files share the BFL names; when FLUX.1 is a family, tell them apart here by
+# metadata and FLUX.1's per-block `img_mod_lin`/`modulation_lin` layers.
+_FLUX2_KEYS = (
+    r"^lora_unet_(double|single)_blocks_\d+_",
+    r"^(transformer\.)?single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj\.",
+    r"^(transformer\.)?transformer_blocks\.\d+\.ff(_context)?\.linear_(in|out)\.",
+)
+
+
 def _family_from_structure(keys: list[str]) -> Family | None:
+    if any(re.search(pattern, k) for pattern in _FLUX2_KEYS for k in keys):
+        return "flux2-klein"
     # SDXL: no attention in the first down block, attention in up block 0, and
     # transformer depth above 1. SD1.x/2.x: attention in down block 0 and up block 3.
     sep = r"[._]"
@@ -200,6 +215,8 @@ def _context_dim(tensors: Mapping[str, TensorInfo]) -> int | None:
 def _family_from_metadata(meta: Mapping[str, str]) -> Family | None:
     arch = meta.get("modelspec.architecture", "").lower()
     version = meta.get("ss_base_model_version", "").lower()
+    if arch.startswith("flux.2-klein") or version.startswith("flux2_klein"):
+        return "flux2-klein"
     if arch.startswith("stable-diffusion-xl") or version.startswith("sdxl"):
         return "sdxl"
     if arch.startswith("stable-diffusion-v2") or version.startswith("sd_v2"):
@@ -215,8 +232,8 @@ def detect_family(tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str]
     structural = _family_from_structure(list(tensors))
     by_dim: dict[int, Family] = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
     dim = _context_dim(tensors)
-    if structural == "sdxl":
-        return "sdxl"
+    if structural in ("sdxl", "flux2-klein"):
+        return structural
     if dim in by_dim:
         return by_dim[dim]
     return structural or _family_from_metadata(metadata)

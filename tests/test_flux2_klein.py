@@ -110,3 +110,21 @@ def test_every_kohya_key_maps_onto_the_model(family: Any, trained: Any) -> None:
     via_diffusers = output(Path(trained.diffusers_path))
     assert not torch.allclose(base, via_kohya)
     torch.testing.assert_close(via_kohya, via_diffusers, rtol=1e-4, atol=1e-5)
+
+
+def test_import_detects_both_exported_layouts_as_flux2_by_their_keys(
+    trained: Any, tmp_path: Path
+) -> None:
+    """With headers and by structure alone (headers stripped). Without the FLUX.2 rules a
+    real file's `transformer.transformer_blocks.1` reads as SDXL's depth, the tiny one's as
+    no family at all."""
+    from safetensors.torch import load_file, save_file
+
+    from gpu_runner.lora_import import inspect_adapter_file
+
+    for source in (trained.kohya_path, Path(trained.diffusers_path)):
+        bare = tmp_path / f"bare_{Path(source).name}"
+        save_file(load_file(source), bare)  # no metadata
+        for path in (Path(source), bare):
+            info = inspect_adapter_file(path, with_hashes=False)
+            assert (info.kind, info.family) == ("lora", "flux2-klein"), path
