@@ -9,8 +9,9 @@ adapter methods itself, so the state cannot drift from what the UNet really does
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,9 +61,14 @@ class AdapterState:
     def training(self) -> bool:
         return self._training is not None and self._active is None
 
-    def ensure(self, name: str, load: Callable[[], dict[str, torch.Tensor]], keep: int) -> None:
-        """Load a style adapter under `name` unless it is loaded (least recently used ones
-        go first so at most `keep` stay). `load` returns its state dict."""
+    def ensure(self, name: str, path: Path, keep: int) -> None:
+        """Load the style adapter file at `path` under `name` unless it is loaded (least
+        recently used ones go first so at most `keep` stay).
+
+        diffusers reads the file itself: a diffusers-format file's alpha lives only in its
+        header (`lora_adapter_metadata`), and a state dict handed over in memory loses it, so
+        a rank-32/alpha-16 style rendered at twice its trained strength. `use_safetensors`
+        also stops diffusers falling back to unpickling a file that is not safetensors."""
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return
@@ -70,7 +76,7 @@ class AdapterState:
             oldest, _ = self._loaded.popitem(last=False)
             self._pipe.delete_adapters(oldest)
         self._active = None  # loading changes what diffusers makes active
-        self._pipe.load_lora_weights(load(), adapter_name=name)
+        self._pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
         self._loaded[name] = None
 
     def show(self, wanted: Sequence[tuple[str, float]]) -> None:

@@ -390,12 +390,8 @@ class Generator:
     def _ensure_lora(self, loaded: LoadedPipeline, info: AdapterInfo) -> str:
         name = self.adapter_name(info)
 
-        def read() -> dict[str, torch.Tensor]:
-            # Our own safetensors read: diffusers would fall back to pickles for other files.
-            return load_file(info.render_path or info.path)
-
         try:
-            loaded.adapters.ensure(name, read, keep=self.max_loras)
+            loaded.adapters.ensure(name, Path(info.render_path or info.path), keep=self.max_loras)
         except Exception as exc:  # peft/diffusers raise assorted errors for bad files
             raise GenerationError(
                 f"style '{info.name}': its LoRA could not be applied to '{loaded.name}' ({exc})"

@@ -9,6 +9,7 @@ extensions-builtin/Lora/network.py + networks.py: how a LoRA is found by name an
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import struct
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest_plugins = ("runner_fixtures",)
+pytest_plugins = ("runner_fixtures", "generation_fixtures")
 pytestmark = pytest.mark.runner
 torch = pytest.importorskip("torch")
 
@@ -89,6 +90,37 @@ def test_kohya_and_diffusers_files_give_the_same_image(
     a, b = _image(via_kohya), _image(via_diffusers)
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert np.abs(a - base).max() > 1e-2  # and the LoRA does change the image
+
+
+def test_atelier_renders_a_style_at_the_strength_it_was_trained(
+    trained_lora: Any, tiny_builders: Builders, generator: Any
+) -> None:
+    # alpha 16 / rank 8: the scale lives in the diffusers file's header, which a state dict
+    # handed over in memory loses (Atelier once rendered such styles at alpha/rank = 1).
+    from gpu_runner.generation import GenerationRequest
+    from gpu_runner.prompts import AdapterInfo, AdapterUse
+
+    res = trained_lora.result
+    assert trained_lora.config.alpha != trained_lora.config.rank
+    style = AdapterInfo(
+        name="zxq_style", path=str(res.kohya_path), trigger="zxq",
+        render_path=str(res.diffusers_path),
+    )  # fmt: skip
+    prompt = "zxq, blue and red stripes"
+    png = generator.generate(
+        GenerationRequest(prompt, seed=4, steps=2, cfg=7.0, width=64, height=64,
+                          sampler="Euler", adapters=(AdapterUse(style),))
+    ).images[0].png  # fmt: skip
+    ours = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    from gpu_runner.samplers import make_scheduler
+
+    reference = tiny_builders["sd15"](0)
+    reference.load_lora_weights(str(res.diffusers_path), adapter_name="reference")
+    reference.scheduler = make_scheduler(reference.scheduler.config, "Euler")
+    g = torch.Generator("cpu").manual_seed(4)
+    theirs = reference(prompt, num_inference_steps=2, guidance_scale=7.0, width=64, height=64,
+                       generator=g).images[0]  # fmt: skip
+    assert np.abs(ours - np.asarray(theirs).astype(int)).max() <= 1
 
 
 def test_report_files(trained_lora: Any) -> None:
