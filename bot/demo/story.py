@@ -58,8 +58,9 @@ REFERENCE_COUNT = 12
 # prompts by this step (bench/style.py measures when) and training takes seconds on a CPU.
 DEFAULT_STEPS = 150
 SHOWCASE = held_out_prompts(1)[0]
-# The trigger goes last: toy-sd15's text encoder never saw a made-up word, and with CLIP's
-# causal attention the words after it would read differently (colour fell from 90% to 30%).
+# The trigger goes last: toy-sd15 saw made-up words only at the end of its captions, and
+# with CLIP's causal attention the words after one would read differently (with the first
+# weights colour fell from 90% to 30%).
 PROMPT = f"{SHOWCASE.caption}, {TRIGGER}"
 IMAGE_OPTIONS = "seed=7"  # toy-sd15's own size (64 px), steps, sampler and CFG
 # Held-out prompts scored with and without the trigger; 2 seeds each.
