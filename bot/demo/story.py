@@ -533,7 +533,9 @@ def _block_text(entry: Entry) -> str:
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the demo the way Ctrl-C does (so the runner is stopped too)."""
+    """SIGTERM stops the demo the way Ctrl-C does (so the runner is stopped too), and Ctrl-C
+    works even where the demo was started with SIGINT ignored (a background job of a
+    non-interactive shell, e.g. a CI step), where Python installs no handler of its own."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -542,10 +544,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def run_demo(
