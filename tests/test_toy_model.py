@@ -94,3 +94,27 @@ def test_pretraining_pool_knows_one_style_word_and_ignores_made_up_ones() -> Non
     words = {captions[i].rsplit(", ", 1)[1] for i in made_up}
     assert len(words) > 0.9 * len(made_up) and not words & set(toy.VOCABULARY)
     assert pool_captions(scenes, Recipe()) == ([()] * 400, [s.caption for s in scenes])
+
+
+def test_pretraining_goes_on_from_earlier_weights(tmp_path: Path, capsys: Any) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    main(["--out", str(first), *SMOKE])
+    more = ["--init-from", str(first), "--seed", "1", "--unet-steps", "2"]
+    main(["--out", str(second), *SMOKE, *more])
+    assert "going on from" in capsys.readouterr().out
+    before = json.loads((first / toy.MANIFEST).read_text())
+    after = json.loads((second / toy.MANIFEST).read_text())
+    # The VAE is the earlier run's, bit for bit; the UNet trained on.
+    assert after["files"]["vae"]["sha256"] == before["files"]["vae"]["sha256"]
+    assert after["files"]["unet"]["sha256"] != before["files"]["unet"]["sha256"]
+    assert after["vae_scaling_factor"] == before["vae_scaling_factor"]
+    # The manifest says how to make these weights from nothing: both commands, in order.
+    assert after["commands"] == [before["command"], after["command"]]
+    assert after["earlier"]["unet_sha256"] == before["files"]["unet"]["sha256"]
+    assert after["total_seconds"] >= after["seconds"]
+    toy.build_toy_sd15_pipeline(second)
+    # A checkpoint made from one set of earlier weights does not resume from another.
+    main(["--out", str(tmp_path / "third"), *SMOKE, *more, "--max-steps-this-run", "1"])
+    with pytest.raises(SystemExit, match="other --init-from weights"):
+        main(["--out", str(tmp_path / "third"), *SMOKE, "--seed", "1", "--unet-steps", "2",
+              "--init-from", str(second)])  # fmt: skip

@@ -10,6 +10,11 @@ schedule, min-SNR weighting, caption dropout for classifier-free guidance, EMA).
 checkpoint is written every `--checkpoint-every` steps; rerunning the same command resumes
 from it. The end writes fp16 safetensors and a manifest with recipe, command, time,
 hardware, metrics and sha256 of each file.
+
+`--init-from DIR` goes on from an earlier run's weights (checked against its manifest):
+its VAE is kept and the UNet phase runs again for `--unet-steps` more steps, on the pool of
+this run's `--seed`. The manifest then lists every command, in order, that makes the
+weights from nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from gpu_runner.lora_import import file_sha256
 from gpu_runner.toyworld import model as toy
@@ -132,9 +137,16 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
 
 class Pretrainer:
     def __init__(
-        self, out: Path, recipe: Recipe, device: torch.device, log: Any, budget: int | None = None
+        self,
+        out: Path,
+        recipe: Recipe,
+        device: torch.device,
+        log: Any,
+        budget: int | None = None,
+        init_from: Path | None = None,
     ) -> None:
         self.out = out
+        self.init_from = init_from
         # Steps this invocation may take before it checkpoints and exits (None: all).
         self.budget = budget
         self.recipe = recipe
@@ -156,7 +168,7 @@ class Pretrainer:
         self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
         self.state: dict[str, Any] = {
             "vae_step": 0, "unet_step": 0, "scaling_factor": None, "seconds": 0.0,
-            "vae_report": None, "evals": [],
+            "vae_report": None, "evals": [], "earlier": None,
         }  # fmt: skip
 
     # ---- checkpoint -------------------------------------------------------------------
@@ -188,6 +200,11 @@ class Pretrainer:
                 f"{path} was made with another recipe; rerun with the same options or use a "
                 "new --out folder"
             )
+        if (blob["state"].get("earlier") or {}).get("unet_sha256") != self._earlier_id():
+            raise SystemExit(
+                f"{path} was made from other --init-from weights; rerun with the same options "
+                "or use a new --out folder"
+            )
         self.state = blob["state"]
         self.vae.load_state_dict(blob["vae"])
         self.unet.load_state_dict(blob["unet"])
@@ -200,6 +217,43 @@ class Pretrainer:
         self.log(f"resumed at VAE step {self.state['vae_step']}, UNet step "
                  f"{self.state['unet_step']}")  # fmt: skip
         return True
+
+    # ---- going on from an earlier run ---------------------------------------------------
+    def _earlier_id(self) -> str | None:
+        if self.init_from is None:
+            return None
+        return self._earlier_manifest()["files"]["unet"]["sha256"]
+
+    def _earlier_manifest(self) -> dict[str, Any]:
+        assert self.init_from is not None
+        try:
+            return toy.verify(self.init_from)
+        except toy.ToyWeightsError as exc:
+            raise SystemExit(f"--init-from {self.init_from}: {exc}") from exc
+
+    def start_from_earlier(self) -> None:
+        """Take the earlier run's weights: its VAE as trained, its (EMA) UNet and text
+        encoder as the start of this UNet phase."""
+        earlier = self._earlier_manifest()
+        assert self.init_from is not None
+        for name, live, ema in (
+            ("unet", self.unet, self.ema_unet),
+            ("text_encoder", self.text_encoder, self.ema_text),
+            ("vae", self.vae, None),
+        ):
+            state = load_file(self.init_from / earlier["files"][name]["file"])
+            weights = {k: v.to(self.device, torch.float32) for k, v in state.items()}
+            live.load_state_dict(weights, strict=True)
+            if ema is not None:
+                ema.load_state_dict(weights, strict=True)
+        self.state.update(
+            vae_step=self.recipe.vae_steps,
+            scaling_factor=float(earlier["vae_scaling_factor"]),
+            vae_report=earlier["metrics"]["vae_reconstruction"],
+            earlier={k: v for k, v in earlier.items() if k != "files"}
+            | {"unet_sha256": earlier["files"]["unet"]["sha256"]},
+        )
+        self.log(f"going on from {self.init_from} ({earlier['recipe']['unet_steps']} UNet steps)")
 
     # ---- phase 1: VAE -----------------------------------------------------------------
     def train_vae(self) -> None:
@@ -373,7 +427,8 @@ class Pretrainer:
         first (a checkpoint holds the state; rerun the same command to go on)."""
         self._last = time.monotonic()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.load_checkpoint()
+        if not self.load_checkpoint() and self.init_from is not None:
+            self.start_from_earlier()
         self.train_vae()
         if self.state["vae_step"] < self.recipe.vae_steps:
             return self._pause()
@@ -409,12 +464,19 @@ class Pretrainer:
                 "bytes": path.stat().st_size,
                 "parameters": sum(p.numel() for p in module.parameters()),
             }
+        earlier = self.state["earlier"] or {}
+        commands = [*earlier.get("commands", [earlier.get("command")] if earlier else []), command]
+        seconds = self.state["seconds"] + earlier.get("total_seconds", earlier.get("seconds", 0))
         manifest = {
             "model": "toy-sd15",
             "command": command,
+            # Every command, in order, from nothing to these weights.
+            "commands": commands,
+            "earlier": earlier or None,
             "recipe": asdict(self.recipe),
             "vae_scaling_factor": self.state["scaling_factor"],
             "seconds": round(self.state["seconds"], 1),
+            "total_seconds": round(seconds, 1),
             "hardware": _hardware(self.device),
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
             "metrics": {
@@ -464,6 +526,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument(
+        "--init-from", type=Path, default=None,
+        help="go on from an earlier run's weights folder (keeps its VAE; --unet-steps more)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-steps-this-run", type=int, default=None,
         help="checkpoint and exit after this many steps (rerun the same command to go on)",
     )  # fmt: skip
@@ -493,8 +559,9 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
 
     trainer = Pretrainer(
-        args.out, recipe, torch.device(args.device), log, budget=args.max_steps_this_run
-    )
+        args.out, recipe, torch.device(args.device), log,
+        budget=args.max_steps_this_run, init_from=args.init_from,
+    )  # fmt: skip
     manifest = trainer.run(command)
     if manifest is not None:
         log(f"wrote {args.out / toy.MANIFEST}: {json.dumps(manifest['metrics']['final'])}")
