@@ -209,6 +209,8 @@ class GenerationResult:
     comparisons: list[GeneratedImage] = field(default_factory=list)  # compare: base | style
     # What the person should know about how the request was served (one line each).
     notices: tuple[str, ...] = ()
+    # The base model's family as people read it ("FLUX.2 [klein]"), for the result text.
+    family_label: str = ""
 
     @property
     def seeds(self) -> list[int]:
@@ -668,8 +670,11 @@ class Generator:
             for s, im in zip(seeds, style.images, strict=True)
         ]
         notices = self._notices(loaded, request)
+        label = loaded.model_family.label
         if base is None:
-            return GenerationResult(request=request, images=images, notices=notices)
+            return GenerationResult(
+                request=request, images=images, notices=notices, family_label=label
+            )
         base_images = [
             self._encode(loaded, base, s, im, "base")
             for s, im in zip(seeds, base.images, strict=True)
@@ -678,4 +683,4 @@ class Generator:
             self._compare(side_by_side([b, st]), bi, si)
             for b, st, bi, si in zip(base.images, style.images, base_images, images, strict=True)
         ]
-        return GenerationResult(request, images, base_images, comparisons, notices)
+        return GenerationResult(request, images, base_images, comparisons, notices, label)

@@ -247,10 +247,12 @@ def _result_text(payload: GeneratePayload, result: GenerationResult) -> str:
     request = result.request
     seeds = ", ".join(str(seed) for seed in result.seeds)
     styles = ", ".join(f"{a.name} ({a.weight:g})" for a in payload.adapters) or "none"
+    family = f" ({result.family_label})" if result.family_label else ""
     lines = [
         f"**{request.prompt}**",
         f"Seed {seeds} · {request.steps} steps · CFG {request.cfg:g} · "
-        f"{request.width}x{request.height} · {request.sampler} · model {request.base_model}",
+        f"{request.width}x{request.height} · {request.sampler} · "
+        f"model {request.base_model}{family}",
         f"Styles: {styles}",
     ]
     if request.negative_prompt:

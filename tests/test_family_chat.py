@@ -1,0 +1,88 @@
+"""Every family through the same chat commands, on SQLite and PostgreSQL: a style created
+on the family's built-in tiny model trains from `/style train`, and `/imagine` with its
+trigger draws with the LoRA and says which model and family made the picture."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bot_fixtures import png_bytes
+from runner_fixtures import make_runner
+from sqlalchemy import select
+
+from storage.families import BUILTIN_MODELS, FAMILY_LABELS
+from storage.models import Generation, JobStatus, ModelVersion
+from storage.settings import load_settings
+
+pytest_plugins = ("runner_fixtures", "bot_fixtures")
+pytestmark = pytest.mark.runner
+
+# One random-weight tiny model per family: the path every real model of it takes.
+TINY = sorted(
+    {m.family: m.name for m in BUILTIN_MODELS.values() if m.random}.items(),
+    key=lambda item: item[0],
+)
+
+
+def _number(blocks: list[str], marker: str) -> int:
+    block = next(b for b in blocks if marker in b)
+    match = re.match(r"\[(\d+)\]", block)
+    assert match is not None, block
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize(("family", "base"), TINY, ids=[f for f, _ in TINY])
+def test_a_style_trains_and_draws_on_every_family_from_chat(
+    family: str, base: str, db_url: str, tmp_path: Path, tiny_builders: Any
+) -> None:
+    from bot.console import open_console
+    from gpu_runner.services import open_services
+
+    settings = load_settings(
+        data_dir=tmp_path / "data", database_url=db_url, device="cpu", min_image_side=64
+    )
+    session = open_console(settings, out_dir=tmp_path / "console")
+    session.base_dir = tmp_path
+    services = open_services(settings)
+    runner = make_runner(services)
+
+    def work() -> list[str]:
+        while runner.run_once():
+            pass
+        return session.run_line("wait 0")
+
+    for seed in (1, 2, 3, 4):
+        (tmp_path / f"p{seed}.png").write_bytes(png_bytes(seed))
+    out = session.run_line(f"/style create ink inkstyle style {base}")
+    assert "Created style **ink**" in out[0], out
+    session.run_line("/style add ink p1.png p2.png p3.png p4.png")
+    sheet = _number(session.run_line("/style review ink"), "📋")
+    session.run_line("as you lead")
+    assert "approved **ink**" in session.run_line(f"react {sheet} ✅")[0]
+
+    assert "Training **ink**" in session.run_line("/style train ink steps=12")[0]
+    trained = "\n".join(work())
+    with services.db.session() as s:
+        version = s.scalar(select(ModelVersion))
+    assert version is not None, trained
+    assert version.kohya_blob, trained
+
+    session.run_line("/imagine inkstyle, a harbour seed=3 steps=2")
+    session.run_line("/imagine a harbour seed=3 steps=2")
+    posted = "\n".join(work())
+    with services.db.session() as s:
+        styled, plain = s.scalars(select(Generation).order_by(Generation.id)).all()
+    for generation in (styled, plain):
+        job = services.queue.get(generation.job_id)
+        assert job.status == JobStatus.SUCCEEDED, job.error
+    # The result names the model and its family; the trigger put the style on.
+    assert f"model {base} ({FAMILY_LABELS[family]})" in posted
+    assert "Styles: ink (1)" in posted and "Styles: none" in posted
+    assert [a["name"] for a in styled.record["adapters"]] == ["ink"]
+    assert styled.record["base_model"]["family"] == family
+    assert services.blobs.read_bytes(styled.image_blobs[0]) != services.blobs.read_bytes(
+        plain.image_blobs[0]
+    )
