@@ -79,6 +79,16 @@ class AdapterState:
         self._pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
         self._loaded[name] = None
 
+    def unload_all(self) -> None:
+        """Take every style adapter off, peft's wrapper layers too (before the base's own
+        layers are replaced, e.g. quantized); they load again from their files on demand."""
+        if self._training is not None:
+            raise RuntimeError("a training adapter is on; end the training first")
+        if self._loaded:
+            self._pipe.unload_lora_weights()
+        self._loaded.clear()
+        self._active = ()
+
     def show(self, wanted: Sequence[tuple[str, float]]) -> None:
         """Exactly these style adapters at these weights (none for ()); a training adapter,
         if any, is off."""

@@ -651,12 +651,18 @@ class Generator:
     @staticmethod
     def _notices(loaded: LoadedPipeline, request: GenerationRequest) -> tuple[str, ...]:
         family = loaded.model_family
+        notices: list[str] = []
         if request.negative_prompt and not family.takes_negative_prompt:
-            return (
+            notices.append(
                 f"Negative prompt ignored: {family.label} models take none; say what you "
-                "want in the prompt instead.",
+                "want in the prompt instead."
             )
-        return ()
+        if loaded.quantization != "none":
+            notices.append(
+                f"Drawn on the {loaded.quantization.upper()}-quantized base a training is "
+                "using; the same request after it ends is drawn at full precision."
+            )
+        return tuple(notices)
 
     def _result(self, parts: list[_Render]) -> GenerationResult:
         style = next(p for p in parts if p.variant == "style")

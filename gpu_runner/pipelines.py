@@ -49,6 +49,7 @@ from gpu_runner.lora_import import (
     read_safetensors_header,
 )
 from storage.families import BUILTIN_MODELS as BUILTIN
+from storage.training_bounds import Quantization
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,9 @@ class LoadedPipeline:
     nbytes: int
     scheduler_config: dict[str, Any]
     embeddings: dict[str, list[str]] = field(default_factory=dict)  # key -> tokens
+    # How the denoiser's weights are stored: "none" as loaded, "nf4" once a training asked
+    # for a quantized base (the cache drops such a pipeline when that training ends).
+    quantization: Quantization = "none"
     # The one owner of which LoRA adapters are loaded and active on this pipeline.
     adapters: AdapterState = field(init=False)
 
@@ -147,6 +151,19 @@ class LoadedPipeline:
     def model_family(self) -> ModelFamily:
         """The family interface this pipeline runs through."""
         return get_family(self.family)
+
+    def quantize_denoiser(self, kind: Quantization) -> None:
+        """Store the denoiser's linear layers as `kind` (gpu_runner/training/quantize.py),
+        computing in its current dtype. Style adapters come off first: they wrap the layers
+        being replaced, and load again from their files when a generation asks."""
+        if kind == "none" or kind == self.quantization:
+            return
+        from gpu_runner.training.quantize import quantize_frozen_linears
+
+        denoiser = self.model_family.denoiser(self.pipe)
+        self.adapters.unload_all()
+        quantize_frozen_linears(denoiser, next(denoiser.parameters()).dtype)
+        self.quantization = kind
 
     @property
     def short_hash(self) -> str:

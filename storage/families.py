@@ -150,6 +150,15 @@ WEIGHTS_MB: dict[Family, int] = {
     "sdxl": 6_616,  # [params]
     "flux2-klein": 15_200,  # [f2est]
 }
+# The denoiser's share of WEIGHTS_MB: what a quantized base (NF4) shrinks.
+DENOISER_MB: dict[Family, int] = {
+    "sd15": 1_719,  # [params] 859.5M x 2 B
+    "sdxl": 5_135,  # [params] 2567.5M x 2 B
+    "flux2-klein": 7_800,  # [f2est] ~3.9B x 2 B
+}
+# [nf4] bitsandbytes NF4: 4 bits a weight plus one fp32 absmax per block of 64 weights
+#       (Dettmers et al. 2023, "QLoRA"): 4.5 / 16 of bf16's bytes.
+NF4_BYTES_RATIO = 4.5 / 16
 LORA_PARAMS_PER_RANK: dict[Family, int] = {
     "sd15": 199_296,  # [lora]
     "sdxl": 1_451_520,  # [lora]
@@ -263,8 +272,10 @@ def training_memory_mb(
     batch_size: int,
     rank: int | None,
     gradient_checkpointing: bool = True,
+    quantize: str = "none",
 ) -> int | None:
-    """Peak memory of a training run (None for the built-in models)."""
+    """Peak memory of a training run (None for the built-in models); `quantize="nf4"`
+    stores the denoiser's weights in NF4 [nf4]."""
     if base_model in BUILTIN_MODELS:
         return None
     fam: Family = family if family in FAMILIES else "sd15"  # type: ignore[assignment]  # SD2
@@ -279,7 +290,10 @@ def training_memory_mb(
     else:
         params = LORA_PARAMS_PER_RANK[fam] * (rank or 0)
         state = params * TRAINABLE_BYTES_PER_PARAM / 2**20
-    return round(WEIGHTS_MB[fam] + state + per_image * batch_size + WORKSPACE_MB)
+    weights = WEIGHTS_MB[fam]
+    if quantize == "nf4":
+        weights -= DENOISER_MB[fam] * (1 - NF4_BYTES_RATIO)
+    return round(weights + state + per_image * batch_size + WORKSPACE_MB)
 
 
 def memory_needed_mb(
@@ -293,6 +307,7 @@ def memory_needed_mb(
     method: str | None = None,
     preset: str | None = None,
     rank: int | None = None,
+    quantize: str = "none",
 ) -> int | None:
     """Device memory (MiB) a job needs, for the queue's claim filter: generations by size
     and count, trainings by method, preset and rank (the preset's when not given). None
@@ -316,6 +331,7 @@ def memory_needed_mb(
             resolution=side,
             batch_size=batch,
             rank=rank if rank is not None and preset_rank is not None else preset_rank,
+            quantize=quantize,
         )
     return None
 

@@ -15,6 +15,10 @@ Preset = Literal["style", "concept"]  # one preset per kind of style (storage.mo
 
 METHODS: tuple[Method, ...] = get_args(Method)
 PRESETS: tuple[Preset, ...] = get_args(Preset)
+# How LoRA/DoRA training stores the frozen base: as loaded, or its linear layers in 4-bit
+# NormalFloat (QLoRA; gpu_runner/training/quantize.py), for big models on small cards.
+Quantization = Literal["none", "nf4"]
+QUANTIZATIONS: tuple[Quantization, ...] = get_args(Quantization)
 
 # Safe bounds for anything a person may override: (low, high), both inclusive.
 # Wide enough for real use, narrow enough that a typo cannot OOM a GPU or run for days.

@@ -17,7 +17,7 @@ from bot.core.errors import UserError
 from bot.core.parsing import PARSE_ERROR, usage
 from storage.families import ASPECT_RATIOS
 from storage.models import StyleKind
-from storage.training_bounds import METHODS, PRESETS, REAL_BOUNDS, WHOLE_BOUNDS
+from storage.training_bounds import METHODS, PRESETS, QUANTIZATIONS, REAL_BOUNDS, WHOLE_BOUNDS
 
 MAX_SEED = 2**32 - 1
 _NAME = re.compile(r"\w[\w-]{0,39}")
@@ -298,6 +298,7 @@ class StyleTrainArgs(Args):
     rank: Annotated[int | None, _whole("rank", *WHOLE_BOUNDS["rank"])] = None
     lr: Annotated[float | None, _real("lr", *REAL_BOUNDS["learning_rate"])] = None
     method: Annotated[str | None, _choice("method", _METHOD_NAMES)] = None
+    quantize: Annotated[str | None, _choice("quantize", {q: q for q in QUANTIZATIONS})] = None
 
 
 class NoArgs(Args):

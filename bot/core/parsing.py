@@ -105,6 +105,7 @@ COMMANDS: dict[str, CommandSpec] = {
                 _p("rank", "LoRA rank"),
                 _p("lr", "learning rate"),
                 _p("method", "lora, dora or ti", positional=False),
+                _p("quantize", "nf4: the base in 4 bits (QLoRA), for big models", positional=False),
             ),
         ),
         CommandSpec("style list", "the team's styles"),

@@ -1,5 +1,6 @@
 """Choices offered while an option is typed (Discord autocomplete): the team's own style
-names, and the fixed lists of kinds, presets, methods, base models and aspect ratios.
+names, and the fixed lists of kinds, presets, methods, quantizations, base models and
+aspect ratios.
 Slack's command modals show the same lists as pick lists."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from bot.core.policy import known_base_models
 from bot.core.teams import find_team, team_styles
 from storage.families import ASPECT_RATIOS
 from storage.models import StyleKind
-from storage.training_bounds import PRESETS
+from storage.training_bounds import PRESETS, QUANTIZATIONS
 
 MAX_CHOICES = 25  # Discord shows at most 25
 
@@ -28,6 +29,8 @@ def suggest(services: Services, team: TeamRef, option: str, typed: str) -> list[
         options = list(PRESETS)
     elif option == "method":
         options = list(METHOD_CHOICES)
+    elif option == "quantize":
+        options = list(QUANTIZATIONS)
     elif option == "base":
         options = sorted(known_base_models(services.settings))
     elif option == "ar":

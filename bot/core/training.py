@@ -39,6 +39,8 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
     method = args.method or TrainingMethod.LORA
     if method == TrainingMethod.TEXTUAL_INVERSION and args.rank is not None:
         raise UserError("rank applies to LoRA and DoRA only; leave it out for method=ti.")
+    if method == TrainingMethod.TEXTUAL_INVERSION and args.quantize not in (None, "none"):
+        raise UserError("quantize applies to LoRA and DoRA only; leave it out for method=ti.")
     with ctx.write() as tx:
         s, team = tx.session, tx.team
         style = get_style(s, team.id, args.name, lock=True)
@@ -77,6 +79,7 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
                 "steps": args.steps,
                 "rank": args.rank,
                 "learning_rate": args.lr,
+                "quantize": args.quantize,
             }.items()
             if v is not None
         }
@@ -109,6 +112,7 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
                 method=method,
                 preset=params["preset"],
                 rank=params.get("rank"),
+                quantize=params.get("quantize", "none"),
             ),
             session=s,
         )

@@ -12,7 +12,7 @@ from typing import Literal
 import discord
 from discord import app_commands
 
-from storage.training_bounds import REAL_BOUNDS, WHOLE_BOUNDS, Preset
+from storage.training_bounds import REAL_BOUNDS, WHOLE_BOUNDS, Preset, Quantization
 
 Dispatch = Callable[
     [discord.Interaction, str, dict[str, object], list[discord.Attachment]], Awaitable[None]
@@ -132,6 +132,7 @@ class StyleGroup(app_commands.Group):
         rank="LoRA rank",
         lr="learning rate, e.g. 0.0001",
         method="lora, dora or ti (textual inversion)",
+        quantize="nf4: the frozen base in 4 bits (QLoRA), for big models on small cards",
     )
     async def train(
         self,
@@ -142,6 +143,7 @@ class StyleGroup(app_commands.Group):
         rank: app_commands.Range[int, _RANK[0], _RANK[1]] | None = None,
         lr: app_commands.Range[float, _LR[0], _LR[1]] | None = None,
         method: str | None = None,
+        quantize: Quantization | None = None,
     ) -> None:
         args = {
             "name": name,
@@ -150,6 +152,7 @@ class StyleGroup(app_commands.Group):
             "rank": rank,
             "lr": lr,
             "method": method,
+            "quantize": quantize,
         }
         await self._dispatch(interaction, "style train", args, [])
 

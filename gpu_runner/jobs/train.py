@@ -6,6 +6,8 @@ job that was retried) resumes from the last checkpoint instead of starting over.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from gpu_runner.training.config import ConfigError, make_config
 from gpu_runner.training.dataset import DatasetError, TrainItem, check_shape
 from gpu_runner.training.export import lora_file_stem
 from gpu_runner.training.loop import PauseFn, TrainingError, TrainResult, train
+from gpu_runner.training.quantize import QuantizationError
 from gpu_runner.training.textual_inversion import TextualInversionError
 from gpu_runner.worker import JobContext, JobFailed, JobStopped
 from storage.datasets import content_hash, effective_captions, images_of
@@ -109,10 +112,9 @@ def run_train(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
         return {"model_version_id": done.id, "final_step": None, "resumed_from": None}
     try:
         inputs = _load_inputs(services, payload.training_run_id)
-        # Pinned for the whole run: a generation served at a checkpoint on another model
-        # cannot evict it (and a later one reload a second copy of it).
-        with services.models.pinned(inputs.base_model) as loaded:
+        with _training_pin(services, inputs.base_model) as loaded:
             config = _config(inputs, loaded)
+            loaded.quantize_denoiser(getattr(config, "quantize", "none"))
             _make_room(services, inputs, loaded, config)
             _mark(services, inputs.run_id, status=RunStatus.RUNNING, started=True)
             result = train(
@@ -135,6 +137,7 @@ def run_train(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
         DatasetError,
         TextualInversionError,
         TrainingError,
+        QuantizationError,
         JobFailed,
     ) as exc:
         _mark(services, payload.training_run_id, status=RunStatus.FAILED, error=str(exc))
@@ -150,6 +153,20 @@ def run_train(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
         "resumed_from": result.resumed_from,
         "val_improvement": result.val_improvement,
     }
+
+
+@contextmanager
+def _training_pin(services: RunnerServices, name: str) -> Iterator[LoadedPipeline]:
+    """The base model, pinned for the whole run: a generation served at a checkpoint on
+    another model cannot evict it (and a later one reload a second copy of it). A base the
+    run quantized is dropped at the end: what follows is drawn at full precision again."""
+    loaded: LoadedPipeline | None = None
+    try:
+        with services.models.pinned(name) as loaded:
+            yield loaded
+    finally:
+        if loaded is not None and loaded.quantization != "none":
+            services.models.evict(name)
 
 
 def _load_inputs(services: RunnerServices, run_id: int) -> RunInputs:
@@ -245,6 +262,7 @@ def _make_room(
         batch_size=config.batch_size,
         rank=getattr(config, "rank", None),
         gradient_checkpointing=config.gradient_checkpointing,
+        quantize=getattr(config, "quantize", "none"),
     )
     if need_mb is not None:
         services.models.make_room(need_mb << 20, keep=loaded.name)

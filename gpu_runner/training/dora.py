@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft.utils.integrations import dequantize_module_weight
 
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 # ComfyUI patches weights in float32 (its intermediate dtype) and adds that dtype's eps.
@@ -34,7 +35,8 @@ def comfy_dora_scales(
         if not isinstance(base, torch.nn.Linear | torch.nn.Conv2d):
             raise ValueError(f"DoRA export handles linear and conv layers only, not {key}")
         with torch.no_grad():
-            weight = base.weight.detach().float()
+            # A quantized base (QLoRA) trained against its dequantized weights.
+            weight = dequantize_module_weight(base).detach().float()
             # Conv as ComfyUI patches it: up and down flattened past dim 0, the product
             # reshaped to the kernel (peft's lora_B of a conv is a 1x1 conv).
             up = layer.lora_B[adapter_name].weight.float().flatten(1)

@@ -1,6 +1,7 @@
 """What a person is told when a training runs out of device memory.
 
-It advises only what `/style train` offers in chat (preset, steps, rank, lr, method):
+It advises only what `/style train` offers in chat (preset, steps, rank, lr, method,
+quantize):
 batch size and resolution come from the preset, so naming them would send people looking
 for options that do not exist.
 """
@@ -47,6 +48,8 @@ def _cheaper_options(config: Any) -> list[str]:
         fewer = LORA_PARAMS_PER_RANK[family] * (rank - _LOW_RANK)
         if fewer * TRAINABLE_BYTES_PER_PARAM / 2**20 >= _RANK_WORTH_MB:
             tips.append(f"rank={_LOW_RANK}")
+    if config.method != "textual_inversion" and getattr(config, "quantize", "none") == "none":
+        tips.append("quantize=nf4")
     return tips
 
 
@@ -59,6 +62,7 @@ def _estimate(config: Any, method: str, batch_size: int, rank: int | None) -> in
         batch_size=batch_size,
         rank=rank,
         gradient_checkpointing=config.gradient_checkpointing,
+        quantize=getattr(config, "quantize", "none"),
     )
     assert need is not None
     return need
