@@ -136,7 +136,15 @@ def test_a_configured_flux1_base_takes_styles_and_refuses_textual_inversion(
     from storage.families import memory_needed_mb
 
     configured = {"flux1": {"source": "/models/FLUX.1-dev", "family": "flux1"}}
-    rig = build_rig(db, tmp_path, base_models=configured)
+    rig = build_rig(db, tmp_path, base_models=configured, default_base_model="flux1")
+    # /imagine on it: FluxPipeline's own defaults, the shape at FLUX.1's native area.
+    assert "Queued" in rig.say("/imagine", "a harbour ar=16:9")
+    (job,) = rig.jobs("generate")
+    settings = {k: job.payload[k] for k in ("width", "height", "steps", "cfg", "sampler")}
+    assert settings == {"width": 1344, "height": 768, "steps": 28, "cfg": 3.5, "sampler": "Euler"}
+    assert job.min_memory_mb == memory_needed_mb(
+        JobKind.GENERATE, "flux1", configured, width=1344, height=768
+    )
     text = rig.say("/style", "create ink inkstyle style flux1")
     assert "Created style **ink** with trigger `inkstyle` on flux1" in text
     rig.run("style add", {"name": "ink"}, files=images(1, 2, 3))
