@@ -105,6 +105,33 @@ def test_prompt_length_is_counted_in_t5_tokens(family: Any) -> None:
         family.check_prompt_length(pipe, "a red cat " * 200, "prompt")
 
 
+def test_a_saved_folder_loads_as_flux1_and_bfl_checkpoints_are_told_apart(
+    family: Any, tmp_path: Path
+) -> None:
+    import torch
+
+    from gpu_runner.devices import DeviceChoice
+    from gpu_runner.pipelines import BaseModelSpec, _family_from_checkpoint_keys, load_pipeline
+
+    pipe = family.tiny_builders[TINY](0)
+    pipe.save_pretrained(tmp_path / "model")
+    spec = BaseModelSpec.from_config("dev", {"source": str(tmp_path / "model"), "family": "flux1"})
+    loaded = load_pipeline(spec, DeviceChoice(device="cpu", dtype=torch.float32))
+    assert loaded.family == "flux1" and loaded.model_family is family
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(pipe, name).state_dict(), getattr(loaded.pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    text = "a red cat in the harbour"
+    assert loaded.pipe.tokenizer_2(text).input_ids == pipe.tokenizer_2(text).input_ids
+    # Single BFL files: FLUX.1 modulates each block, FLUX.2 shares one modulation; both
+    # have `double_blocks.0.img_attn.qkv`.
+    qkv = "double_blocks.0.img_attn.qkv.weight"
+    flux1 = [qkv, "double_blocks.0.img_mod.lin.weight", "single_blocks.0.modulation.lin.weight"]
+    flux2 = [qkv, "double_stream_modulation_img.lin.weight", "single_stream_modulation.lin.weight"]
+    assert _family_from_checkpoint_keys(flux1) is family
+    assert _family_from_checkpoint_keys(flux2).name == "flux2-klein"
+
+
 # --- training ------------------------------------------------------------------------------
 
 
