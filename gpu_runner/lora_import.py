@@ -181,7 +181,7 @@ _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_sta
 #   wide for FLUX.1 (q, k, v and a 4D MLP) and 9D for FLUX.2 (q, k, v and a gated 3D MLP,
 #   doubled); linear2 reads 5D or 4D; a double block's MLP is 4D or gated 3D (6D in);
 # - depth: FLUX.1 has 19 double blocks, every FLUX.2 at most 8.
-# A file with only names both share (attention) is told by its header, else unknown.
+# A BFL file with only names both share (attention) is told by its header, else unknown.
 # Checked before SD's patterns: diffusers' `transformer_blocks.1` would read as SDXL depth.
 _P = r"^(transformer\.)?"
 _FLUX_ONLY: tuple[tuple[Family, str], ...] = (
@@ -193,12 +193,9 @@ _FLUX_ONLY: tuple[tuple[Family, str], ...] = (
     ("flux1", _P + r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)\."),
     ("flux1", _P + r"single_transformer_blocks\.\d+\.norm\.linear\."),
 )
-# A FLUX LoRA at all: BFL kohya names, or the double stream's joint attention in diffusers
-# names outside any UNet block.
-_FLUX_ANY = (
-    r"^lora_unet_(double|single)_blocks_\d+_",
-    _P + r"(single_)?transformer_blocks\.\d+\.attn\.(add_[qkv]_proj|to_add_out|to_q)\.",
-)
+# A FLUX LoRA at all, in BFL's kohya names (diffusers' names are told by _FLUX_ONLY: their
+# joint attention alone is also Qwen-Image's and SD3's).
+_FLUX_BFL = r"^lora_unet_(double|single)_blocks_\d+_"
 # Output/input width of a BFL-named layer in each family.
 _FLUX_RATIOS: dict[str, dict[Fraction, Family]] = {
     "linear1": {Fraction(7): "flux1", Fraction(9): "flux2-klein"},
@@ -216,10 +213,10 @@ def _flux_family(tensors: Mapping[str, TensorInfo]) -> tuple[bool, Family | None
     for family, pattern in _FLUX_ONLY:
         if any(re.search(pattern, k) for k in keys):
             return True, family
-    if not any(re.search(pattern, k) for pattern in _FLUX_ANY for k in keys):
+    if not any(re.search(_FLUX_BFL, k) for k in keys):
         return False, None
     for key, down in tensors.items():
-        match = _FLUX_LAYER.search(key) if key.startswith("lora_unet_") else None
+        match = _FLUX_LAYER.search(key) if re.match(_FLUX_BFL, key) else None
         up = tensors.get(key.replace(".lora_down.", ".lora_up.")) if match else None
         if match and up and len(down.shape) == len(up.shape) == 2 and down.shape[1]:
             found = _FLUX_RATIOS[match.group(1)].get(Fraction(up.shape[0], down.shape[1]))
