@@ -170,7 +170,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 #          of 4608 tokens x 3072 at 2 B (~1.6 GB) plus one block recomputed with its 4x MLP,
 #          rounded up; without checkpointing ~20 such tensors per block are kept. A
 #          generation has no CFG pair (guidance is embedded): one pass per step, then the
-#          VAE at 1024 px as SDXL's.
+#          VAE at 1024 px as SDXL's. Check: diffusers' README_flux.md says a rank-16 LoRA
+#          "can exceed 40GB of VRAM" with every component trained; the concept preset
+#          (rank 16, transformer only) comes to ~38.6 GB here.
 WEIGHTS_MB: dict[Family, int] = {
     "sd15": 2_035,  # [params]
     "sdxl": 6_616,  # [params]

@@ -164,9 +164,10 @@ AnyTrainConfig = LoraConfig | DoraConfig | TextualInversionConfig
 #           batch 1 x 4 accumulation, ~500 steps for a subject, weighting_scheme "none"
 #           (flow matching: no min-SNR). Recalled from the example, not re-read offline.
 #  [dflux1] diffusers examples/dreambooth train_dreambooth_lora_flux.py (read): lr 1e-4,
-#           constant schedule, weighting_scheme "none", guidance embedding given while
-#           training; its README_flux.md example: resolution 1024, batch 1 x 4
-#           accumulation, 500 steps for a subject, --guidance_scale=1.
+#           constant schedule, weighting_scheme "none"; its README_flux.md (read): a subject
+#           in 500 steps at batch 1 x 4 accumulation, --guidance_scale=1, constant with no
+#           warmup; its LoRA example trains at 512 px to save memory, its full fine-tune at
+#           FLUX.1's native 1024.
 #  [kflux1] kohya-ss/sd-scripts docs/flux_train_network.md (read): learning_rate 1e-4,
 #           constant schedule, network_dim 16, --guidance_scale=1.0 when training dev.
 _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
@@ -251,7 +252,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "alpha": 16,  # [kohya]
         "learning_rate": 1e-4,  # [dflux1] [kflux1]
         "steps": 2000,  # as SDXL style: 4x [dflux1]'s subject run at batch 1
-        "resolution": 1024,  # [dflux1] FLUX.1 native
+        "resolution": 1024,  # [dflux1] FLUX.1 native, as the SDXL presets
         "batch_size": 1,  # [dflux1]
         "caption_dropout": 0.05,  # [kohya]
         "min_snr_gamma": None,  # [dflux1] flow matching weights no timestep by SNR
