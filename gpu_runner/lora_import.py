@@ -17,12 +17,14 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
 from storage.families import FAMILY_LABELS as FAMILY_LABELS  # re-exported: callers' labels
 
-Family = Literal["sd15", "sd2", "sdxl", "flux2-klein"]
+Family = Literal["sd15", "sd2", "sdxl", "flux2-klein", "flux1"]
+_FLUX_FAMILIES: tuple[Family, ...] = ("flux2-klein", "flux1")
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 32 * 1024 * 1024  # kohya headers with tag frequencies reach a few MB
@@ -168,22 +170,65 @@ _LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", ".oft_", "boft_")
 _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 
 
-# FLUX.2 [klein] LoRAs: kohya keys in Black Forest Labs' module names (`lora_unet_double_
-# blocks_N_...`, `lora_unet_single_blocks_N_...`), or diffusers keys on the transformer's
-# FLUX.2-only layers (the single blocks' fused `to_qkv_mlp_proj`, the gated `ff.linear_in`).
+# FLUX LoRAs. FLUX.1 and FLUX.2 [klein] files share Black Forest Labs' kohya names
+# (`lora_unet_double_blocks_N_...`, `lora_unet_single_blocks_N_...`) and, at 3072 wide,
+# klein 4B's widths; what tells them apart, first to last:
+# - layers only one of them has: FLUX.1 modulates each block (`img_mod_lin`, `txt_mod_lin`,
+#   `modulation_lin`) and keeps a single block's q/k/v and `proj_mlp` apart in diffusers
+#   names; FLUX.2 shares one modulation (`*_stream_modulation*`), fuses a single block's
+#   projections (`to_qkv_mlp_proj`) and gates its feed-forwards (`ff.linear_in`);
+# - a layer's output/input widths, whatever the width D: a single block's linear1 is 7D
+#   wide for FLUX.1 (q, k, v and a 4D MLP) and 9D for FLUX.2 (q, k, v and a gated 3D MLP,
+#   doubled); linear2 reads 5D or 4D; a double block's MLP is 4D or gated 3D (6D in);
+# - depth: FLUX.1 has 19 double blocks, every FLUX.2 at most 8.
+# A BFL file with only names both share (attention) is told by its header, else unknown.
 # Checked before SD's patterns: diffusers' `transformer_blocks.1` would read as SDXL depth.
-# FLUX.1 kohya files share the BFL names; when FLUX.1 is a family, tell them apart here by
-# metadata and FLUX.1's per-block `img_mod_lin`/`modulation_lin` layers.
-_FLUX2_KEYS = (
-    r"^lora_unet_(double|single)_blocks_\d+_",
-    r"^(transformer\.)?single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj\.",
-    r"^(transformer\.)?transformer_blocks\.\d+\.ff(_context)?\.linear_(in|out)\.",
+_P = r"^(transformer\.)?"
+_FLUX_ONLY: tuple[tuple[Family, str], ...] = (
+    ("flux2-klein", _P + r"single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj\."),
+    ("flux2-klein", _P + r"transformer_blocks\.\d+\.ff(_context)?\.linear_(in|out)\."),
+    ("flux2-klein", r"^(lora_unet_|transformer\.)?(double|single)_stream_modulation"),
+    ("flux1", r"^lora_unet_double_blocks_\d+_(img|txt)_mod_lin\."),
+    ("flux1", r"^lora_unet_single_blocks_\d+_modulation_lin\."),
+    ("flux1", _P + r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)\."),
+    ("flux1", _P + r"single_transformer_blocks\.\d+\.norm\.linear\."),
 )
+# A FLUX LoRA at all, in BFL's kohya names (diffusers' names are told by _FLUX_ONLY: their
+# joint attention alone is also Qwen-Image's and SD3's).
+_FLUX_BFL = r"^lora_unet_(double|single)_blocks_\d+_"
+# Output/input width of a BFL-named layer in each family.
+_FLUX_RATIOS: dict[str, dict[Fraction, Family]] = {
+    "linear1": {Fraction(7): "flux1", Fraction(9): "flux2-klein"},
+    "linear2": {Fraction(1, 5): "flux1", Fraction(1, 4): "flux2-klein"},
+    "mlp_0": {Fraction(4): "flux1", Fraction(6): "flux2-klein"},
+    "mlp_2": {Fraction(1, 4): "flux1", Fraction(1, 3): "flux2-klein"},
+}
+_FLUX_LAYER = re.compile(r"_(linear1|linear2|mlp_0|mlp_2)\.lora_down\.weight$")
+_FLUX1_MIN_DOUBLE_DEPTH = 8  # a double block past FLUX.2's last: FLUX.1 (19 of them)
+
+
+def _flux_family(tensors: Mapping[str, TensorInfo]) -> tuple[bool, Family | None]:
+    """(is a FLUX LoRA, which FLUX when its layers tell)."""
+    keys = list(tensors)
+    for family, pattern in _FLUX_ONLY:
+        if any(re.search(pattern, k) for k in keys):
+            return True, family
+    if not any(re.search(_FLUX_BFL, k) for k in keys):
+        return False, None
+    for key, down in tensors.items():
+        match = _FLUX_LAYER.search(key) if re.match(_FLUX_BFL, key) else None
+        up = tensors.get(key.replace(".lora_down.", ".lora_up.")) if match else None
+        if match and up and len(down.shape) == len(up.shape) == 2 and down.shape[1]:
+            found = _FLUX_RATIOS[match.group(1)].get(Fraction(up.shape[0], down.shape[1]))
+            if found is not None:
+                return True, found
+    depths = (re.match(r"^lora_unet_double_blocks_(\d+)_", k) for k in keys)
+    if any(m and int(m.group(1)) >= _FLUX1_MIN_DOUBLE_DEPTH for m in depths):
+        return True, "flux1"
+    return True, None
 
 
 def _family_from_structure(keys: list[str]) -> Family | None:
-    if any(re.search(pattern, k) for pattern in _FLUX2_KEYS for k in keys):
-        return "flux2-klein"
     # SDXL: no attention in the first down block, attention in up block 0, and
     # transformer depth above 1. SD1.x/2.x: attention in down block 0 and up block 3.
     sep = r"[._]"
@@ -217,6 +262,9 @@ def _family_from_metadata(meta: Mapping[str, str]) -> Family | None:
     version = meta.get("ss_base_model_version", "").lower()
     if arch.startswith("flux.2-klein") or version.startswith("flux2_klein"):
         return "flux2-klein"
+    # kohya's sai_model_spec: flux-1-dev, flux-1-schnell, flux-1; flux_utils: "flux1".
+    if arch.startswith("flux-1") or version == "flux1":
+        return "flux1"
     if arch.startswith("stable-diffusion-xl") or version.startswith("sdxl"):
         return "sdxl"
     if arch.startswith("stable-diffusion-v2") or version.startswith("sd_v2"):
@@ -229,10 +277,14 @@ def _family_from_metadata(meta: Mapping[str, str]) -> Family | None:
 def detect_family(tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> Family | None:
     """Best guess of the base-model family a LoRA was made for: its layers, then the text
     width its cross-attention reads, then its metadata."""
+    is_flux, flux = _flux_family(tensors)
+    if is_flux:
+        told = _family_from_metadata(metadata)
+        return flux or (told if told in _FLUX_FAMILIES else None)
     structural = _family_from_structure(list(tensors))
     by_dim: dict[int, Family] = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
     dim = _context_dim(tensors)
-    if structural in ("sdxl", "flux2-klein"):
+    if structural == "sdxl":
         return structural
     if dim in by_dim:
         return by_dim[dim]

@@ -9,6 +9,9 @@ Sources of the defaults:
   [flux2] diffusers 0.42 Flux2KleinPipeline defaults for the (undistilled) klein base:
           num_inference_steps 50, guidance_scale 4.0, 128 latent px x VAE factor 8 = 1024;
           flow-matching Euler (FlowMatchEulerDiscreteScheduler).
+  [flux1] diffusers 0.42 FluxPipeline defaults for FLUX.1 [dev]: num_inference_steps 28,
+          guidance_scale 3.5 (the guidance embedding of the distilled model, not CFG),
+          default_sample_size 128 x VAE factor 8 = 1024; flow-matching Euler.
 """
 
 from __future__ import annotations
@@ -19,24 +22,29 @@ from typing import Any, Literal
 
 from storage.training_bounds import Method
 
-Family = Literal["sd15", "sdxl", "flux2-klein"]
+Family = Literal["sd15", "sdxl", "flux2-klein", "flux1"]
 # Families with training presets and memory estimates (chat offers these).
-FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein")
+FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein", "flux1")
 # How people read each family (and SD2, which runs as SD1.5 but takes only SD2 adapters).
 FAMILY_LABELS: dict[str, str] = {
     "sd15": "SD1.5",
     "sd2": "SD2",
     "sdxl": "SDXL",
     "flux2-klein": "FLUX.2 [klein]",
+    "flux1": "FLUX.1",
 }
 # The training methods each family supports. Textual inversion needs a CLIP-style token
 # table whose rows are the prompt's meaning; FLUX.2's Qwen3 language model reads prompts
 # through a chat template and 36 layers of context, where one new row is not a style (no
-# FLUX.2 trainer offers it: ai-toolkit, musubi-tuner, the diffusers examples).
+# FLUX.2 trainer offers it: ai-toolkit, musubi-tuner, the diffusers examples). FLUX.1's
+# CLIP-L gives only a pooled summary; its prompt's tokens are T5's, where a new row helps
+# only beside a LoRA (the diffusers advanced script's pivotal tuning), not alone (kohya
+# sd-scripts and ai-toolkit train FLUX.1 LoRAs only).
 TRAINING_METHODS: dict[Family, tuple[Method, ...]] = {
     "sd15": ("lora", "dora", "textual_inversion"),
     "sdxl": ("lora", "dora", "textual_inversion"),
     "flux2-klein": ("lora", "dora"),
+    "flux1": ("lora", "dora"),
 }
 # Chat spells methods as `/style train method=...` takes them.
 _CHAT_METHOD = {"textual_inversion": "ti"}
@@ -71,6 +79,7 @@ FAMILY_DEFAULTS: dict[Family, GenerationDefaults] = {
     "sd15": GenerationDefaults(512, 512, 25, "DPM++ 2M Karras", 7.0),  # [sd15]
     "sdxl": GenerationDefaults(1024, 1024, 30, "DPM++ 2M Karras", 5.0),  # [sdxl]
     "flux2-klein": GenerationDefaults(1024, 1024, 50, "Euler", 4.0),  # [flux2]
+    "flux1": GenerationDefaults(1024, 1024, 28, "Euler", 3.5),  # [flux1]
 }
 
 
@@ -103,6 +112,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             64,
             True,
             "FLUX.2 [klein] layout in miniature, random weights (tests)",
+        ),
+        BuiltinModel(
+            "tiny-flux1",
+            "flux1",
+            64,
+            True,
+            "FLUX.1 [dev] layout in miniature, random weights (tests)",
         ),
         BuiltinModel(
             "toy-sd15",
@@ -145,10 +161,23 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 #          projections and 20 single blocks' 3072 -> 27648 fused projection; activations
 #          at 1024 px (4096 image + 512 text tokens) taken as 1.6x SDXL's checkpointed
 #          figure, as community klein-4B trainers report 13+ GB cards with 8-bit AdamW.
+# [f1est]  FLUX.1 [dev]. Weights and LoRA counted from the published configs built on the
+#          meta device (configs recalled, not downloaded): FluxTransformer2DModel 11,901.4M
+#          (19 double + 38 single blocks, width 3072) + T5-v1.1-XXL encoder 4,762.3M + CLIP-L
+#          123.1M + the 16-channel VAE 83.8M, 2 bytes each; LoRA inputs + outputs of
+#          Flux1.lora_targets per unit of rank. Activations are ESTIMATES (no GPU here;
+#          bench/gpu.py should replace them): checkpointed, the 57 blocks' boundary states
+#          of 4608 tokens x 3072 at 2 B (~1.6 GB) plus one block recomputed with its 4x MLP,
+#          rounded up; without checkpointing ~20 such tensors per block are kept. A
+#          generation has no CFG pair (guidance is embedded): one pass per step, then the
+#          VAE at 1024 px as SDXL's. Check: diffusers' README_flux.md says a rank-16 LoRA
+#          "can exceed 40GB of VRAM" with every component trained; the concept preset
+#          (rank 16, transformer only) comes to ~38.6 GB here.
 WEIGHTS_MB: dict[Family, int] = {
     "sd15": 2_035,  # [params]
     "sdxl": 6_616,  # [params]
     "flux2-klein": 15_200,  # [f2est]
+    "flux1": 32_178,  # [f1est]
 }
 # The denoiser's share of WEIGHTS_MB: what a quantized base (NF4) shrinks.
 DENOISER_MB: dict[Family, int] = {
@@ -163,6 +192,7 @@ LORA_PARAMS_PER_RANK: dict[Family, int] = {
     "sd15": 199_296,  # [lora]
     "sdxl": 1_451_520,  # [lora]
     "flux2-klein": 860_160,  # [f2est] 5 x 8 x 6144 + 20 x 30720
+    "flux1": 3_385_344,  # [f1est] 19 x (8 x 6144 + 4 x 15360) + 38 x (3 x 6144 + 15360)
 }
 TRAINABLE_BYTES_PER_PARAM = 16  # [adamw] 4 B weight + 4 B gradient + 8 B moments
 # Activations of one training image at the family's native side, with and without gradient
@@ -174,12 +204,15 @@ TRAIN_IMAGE_MB: dict[tuple[Family, bool], int] = {
     ("sdxl", False): 14_000,  # [est]
     ("flux2-klein", True): 4_000,  # [f2est]
     ("flux2-klein", False): 24_000,  # [f2est]
+    ("flux1", True): 5_000,  # [f1est]
+    ("flux1", False): 40_000,  # [f1est]
 }
 # One generated image at the native side: the UNet on the CFG pair, then the VAE decode.
 GENERATE_IMAGE_MB: dict[Family, int] = {
     "sd15": 1_000,  # [est]
     "sdxl": 4_000,  # [est]
     "flux2-klein": 3_000,  # [f2est] the CFG pair's 4608 tokens, then the VAE at 1024 px
+    "flux1": 3_000,  # [f1est]
 }
 WORKSPACE_MB = 600  # [est]
 # DoRA: peft rebuilds each adapted weight (W + BA) to take its norm on every forward, and
@@ -208,6 +241,10 @@ PRESET_BATCH_RANK: dict[tuple[Family, str, str], tuple[int, int | None]] = {
     ("flux2-klein", "lora", "concept"): (1, 16),
     ("flux2-klein", "dora", "style"): (1, 16),
     ("flux2-klein", "dora", "concept"): (1, 8),
+    ("flux1", "lora", "style"): (1, 32),
+    ("flux1", "lora", "concept"): (1, 16),
+    ("flux1", "dora", "style"): (1, 16),
+    ("flux1", "dora", "concept"): (1, 8),
     **{
         (f, "textual_inversion", p): (4, None)
         for f in FAMILIES

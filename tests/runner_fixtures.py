@@ -47,6 +47,7 @@ def tiny_builders() -> dict[str, Callable[..., Any]]:
     # shared (CI, parallel jobs) OpenMP's spinning threads made the suite 3-4x slower
     # (measured: 94 s with 1 thread vs 340 s with 2 under a load of ~4).
     torch.set_num_threads(1)
+    from gpu_runner.families.tiny_flux1 import build_tiny_flux1_pipeline
     from gpu_runner.families.tiny_flux2_klein import build_tiny_flux2_klein_pipeline
     from gpu_runner.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
 
@@ -54,6 +55,7 @@ def tiny_builders() -> dict[str, Callable[..., Any]]:
         "sd15": build_tiny_sd15_pipeline,
         "sdxl": build_tiny_sdxl_pipeline,
         "flux2-klein": build_tiny_flux2_klein_pipeline,
+        "flux1": build_tiny_flux1_pipeline,
     }
 
 

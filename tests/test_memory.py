@@ -155,8 +155,9 @@ def test_preset_shapes_in_the_estimates_match_the_presets() -> None:
         values = preset_defaults(method, family, preset)
         assert (values["batch_size"], values.get("rank")) == (batch, rank), (family, method)
         assert values["resolution"] == FAMILY_DEFAULTS[family].width
-    # 2 SD families x 3 methods x 2 presets, and FLUX.2 [klein] x (LoRA, DoRA) x 2 presets.
-    assert len(PRESET_BATCH_RANK) == 16
+    # 2 SD families x 3 methods x 2 presets, and FLUX.2 [klein] and FLUX.1 x (LoRA, DoRA) x
+    # 2 presets each.
+    assert len(PRESET_BATCH_RANK) == 20
 
 
 # --- textual inversion ---------------------------------------------------------------------
@@ -260,3 +261,26 @@ def test_flux2_klein_estimates_use_its_own_figures_and_refuse_textual_inversion(
     with pytest.raises(MethodNotSupportedError, match="use method=lora or method=dora"):
         memory_needed_mb(JobKind.TRAIN, "klein", klein, method="textual_inversion")
     assert memory_needed_mb(JobKind.TRAIN, "tiny-flux2-klein", {}) is None  # built-in
+
+
+def test_flux1_estimates_use_its_own_figures_and_refuse_textual_inversion() -> None:
+    from storage.families import MethodNotSupportedError
+
+    flux1 = {"dev": {"source": "/m/FLUX.1-dev", "family": "flux1"}}
+    klein = {"klein": {"source": "/m/klein", "family": "flux2-klein"}}
+
+    def need(kind: str, models: dict[str, Any] = flux1, **kw: Any) -> int:
+        value = memory_needed_mb(kind, next(iter(models)), models, **kw)
+        assert value is not None
+        return value
+
+    # Its 16.9 B parameters (12 B transformer, T5-XXL) outweigh klein's ~8 B.
+    assert need(JobKind.GENERATE) > need(JobKind.GENERATE, klein)
+    assert need(JobKind.TRAIN) > need(JobKind.TRAIN, klein)
+    assert need(JobKind.TRAIN, rank=128) > need(JobKind.TRAIN, rank=8)
+    with pytest.raises(
+        MethodNotSupportedError,
+        match=r"FLUX\.1 base models cannot train textual inversion; use method=lora or method=dora",
+    ):
+        memory_needed_mb(JobKind.TRAIN, "dev", flux1, method="textual_inversion")
+    assert memory_needed_mb(JobKind.TRAIN, "tiny-flux1", {}) is None  # built-in

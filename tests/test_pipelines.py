@@ -162,9 +162,12 @@ def test_model_larger_than_budget_still_loads_alone(cpu_choice: Any) -> None:
 def test_unsupported_pipeline_class_is_named(tmp_path: Path, cpu_choice: Any) -> None:
     from gpu_runner.pipelines import BaseModelLoadError, BaseModelSpec, load_pipeline
 
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    with pytest.raises(BaseModelLoadError, match=r"is a FluxPipeline; Atelier runs SD1\.5/SD2"):
-        load_pipeline(BaseModelSpec("flux", str(tmp_path)), cpu_choice)
+    # FluxPipeline was the example until FLUX.1 became a family; SD3 is none.
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    with pytest.raises(
+        BaseModelLoadError, match=r"is a StableDiffusion3Pipeline; Atelier runs SD1\.5/SD2"
+    ):
+        load_pipeline(BaseModelSpec("sd3", str(tmp_path)), cpu_choice)
 
 
 # --- devices -------------------------------------------------------------------------------

@@ -60,10 +60,17 @@ def test_explicit_warmup_is_kept_and_checked() -> None:
 def test_real_preset_trains_a_few_steps(
     family: str, preset: str, method: str, tmp_path: Path, tiny_builders: Any, demo_items: Any
 ) -> None:
+    from gpu_runner.families import get_family
     from gpu_runner.training.loop import train
 
+    # The family's own LoRA layers, as the train job gives them (gpu_runner/jobs/train.py).
+    targets = (
+        {}
+        if method == "textual_inversion"
+        else {"target_modules": list(get_family(family).lora_targets)}
+    )
     cfg = make_config(
-        method, family, preset, trigger="zxq", steps=3, resolution=64, sample_seeds=[1]
+        method, family, preset, trigger="zxq", steps=3, resolution=64, sample_seeds=[1], **targets
     )
     result = train(
         cfg, demo_items, tiny_builders[family](0), tmp_path / "out", checkpoint_dir=tmp_path / "c"

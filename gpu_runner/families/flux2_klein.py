@@ -89,7 +89,9 @@ class Flux2Klein(ModelFamily):
     modelspec_implementation = "https://github.com/black-forest-labs/flux2"
     # Atelier's own value: no kohya ss_base_model_version for FLUX.2 was found to follow.
     ss_base_model_version = "flux2_klein"
-    single_file_marker = "double_blocks.0.img_attn.qkv."
+    # Its shared modulation: FLUX.1 files have `double_blocks.0.img_attn.qkv.` too (the
+    # marker diffusers' single_file_utils checks FLUX.2 by).
+    single_file_marker = "single_stream_modulation.lin."
     # Flux2KleinPipeline encodes an empty prompt for CFG's other half: no negative prompt.
     takes_negative_prompt = False
 

@@ -174,6 +174,13 @@ AnyTrainConfig = LoraConfig | DoraConfig | TextualInversionConfig
 #           on the klein base: lr 1e-4, constant schedule with no warmup, resolution 1024,
 #           batch 1 x 4 accumulation, ~500 steps for a subject, weighting_scheme "none"
 #           (flow matching: no min-SNR). Recalled from the example, not re-read offline.
+#  [dflux1] diffusers examples/dreambooth train_dreambooth_lora_flux.py (read): lr 1e-4,
+#           constant schedule, weighting_scheme "none"; its README_flux.md (read): a subject
+#           in 500 steps at batch 1 x 4 accumulation, --guidance_scale=1, constant with no
+#           warmup; its LoRA example trains at 512 px to save memory, its full fine-tune at
+#           FLUX.1's native 1024.
+#  [kflux1] kohya-ss/sd-scripts docs/flux_train_network.md (read): learning_rate 1e-4,
+#           constant schedule, network_dim 16, --guidance_scale=1.0 when training dev.
 _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # Styles want more capacity (rank 32/alpha 16 is the common kohya style setting) and a
     # little caption dropout so the look also leaks into untriggered text.
@@ -249,6 +256,31 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "min_snr_gamma": None,  # [dflux2]
         "lr_scheduler": "constant_with_warmup",  # [dflux2] constant
         "warmup_steps": 0,  # [dflux2]
+    },
+    # FLUX.1 [dev]: the SDXL shapes (1024 px, batch 1) with flow matching's objective.
+    ("flux1", "style"): {
+        "rank": 32,  # [kohya] community style setting, as for SD
+        "alpha": 16,  # [kohya]
+        "learning_rate": 1e-4,  # [dflux1] [kflux1]
+        "steps": 2000,  # as SDXL style: 4x [dflux1]'s subject run at batch 1
+        "resolution": 1024,  # [dflux1] FLUX.1 native, as the SDXL presets
+        "batch_size": 1,  # [dflux1]
+        "caption_dropout": 0.05,  # [kohya]
+        "min_snr_gamma": None,  # [dflux1] flow matching weights no timestep by SNR
+        "lr_scheduler": "cosine",  # [kohya], as the SD style presets
+        "warmup_steps": 100,  # [kohya]
+    },
+    ("flux1", "concept"): {
+        "rank": 16,
+        "alpha": 8,
+        "learning_rate": 1e-4,  # [dflux1] [kflux1]
+        "steps": 1000,  # [dflux1] 500 at 1 x 4, doubled for several views (as SDXL)
+        "resolution": 1024,  # [dflux1]
+        "batch_size": 1,  # [dflux1]
+        "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "min_snr_gamma": None,  # [dflux1]
+        "lr_scheduler": "constant_with_warmup",  # [dflux1] [kflux1] constant
+        "warmup_steps": 0,  # [dflux1]
     },
 }
 _TI_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
