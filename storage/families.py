@@ -184,6 +184,7 @@ DENOISER_MB: dict[Family, int] = {
     "sd15": 1_719,  # [params] 859.5M x 2 B
     "sdxl": 5_135,  # [params] 2567.5M x 2 B
     "flux2-klein": 7_800,  # [f2est] ~3.9B x 2 B
+    "flux1": 22_700,  # [f1est] 11,901.4M x 2 B
 }
 # [nf4] bitsandbytes NF4: 4 bits a weight plus one fp32 absmax per block of 64 weights
 #       (Dettmers et al. 2023, "QLoRA"): 4.5 / 16 of bf16's bytes.

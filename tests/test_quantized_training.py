@@ -14,7 +14,13 @@ from runner_fixtures import make_runner
 from runner_seed import approved_style, enqueue_generate, enqueue_training, generate_payload
 from sqlalchemy import select
 
-from storage.families import DENOISER_MB, NF4_BYTES_RATIO, memory_needed_mb
+from storage.families import (
+    DENOISER_MB,
+    FAMILIES,
+    NF4_BYTES_RATIO,
+    WEIGHTS_MB,
+    memory_needed_mb,
+)
 from storage.models import Generation, JobStatus, ModelVersion, Style
 
 pytest_plugins = ("runner_fixtures", "bot_fixtures")
@@ -129,3 +135,6 @@ def test_the_memory_a_runner_needs_shrinks_by_the_quantized_denoiser() -> None:
     assert full is not None and small is not None
     saved = DENOISER_MB["flux2-klein"] * (1 - NF4_BYTES_RATIO)
     assert full - small == pytest.approx(saved, abs=1)
+    # Every family says how much of its weights a quantized base shrinks.
+    assert set(DENOISER_MB) == set(FAMILIES)
+    assert all(0 < DENOISER_MB[f] < WEIGHTS_MB[f] for f in FAMILIES)
