@@ -9,6 +9,9 @@ Sources of the defaults:
   [flux2] diffusers 0.42 Flux2KleinPipeline defaults for the (undistilled) klein base:
           num_inference_steps 50, guidance_scale 4.0, 128 latent px x VAE factor 8 = 1024;
           flow-matching Euler (FlowMatchEulerDiscreteScheduler).
+  [qwen]  Qwen/Qwen-Image model card: 1328x1328 for 1:1 (its aspect table), 50 steps,
+          true_cfg_scale 4.0 with a negative prompt; QwenImagePipeline samples with
+          flow-matching Euler. Sides are multiples of 16 (VAE factor 8 x 2x2 packing).
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ from typing import Any, Literal
 
 from storage.training_bounds import Method
 
-Family = Literal["sd15", "sdxl", "flux2-klein"]
+Family = Literal["sd15", "sdxl", "flux2-klein", "qwenimage"]
 # Families with training presets and memory estimates (chat offers these).
-FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein")
+FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein", "qwenimage")
 # How people read each family (and SD2, which runs as SD1.5 but takes only SD2 adapters).
 FAMILY_LABELS: dict[str, str] = {
     "sd15": "SD1.5",
     "sd2": "SD2",
     "sdxl": "SDXL",
     "flux2-klein": "FLUX.2 [klein]",
+    "qwenimage": "Qwen-Image",
 }
 # The training methods each family supports. Textual inversion needs a CLIP-style token
 # table whose rows are the prompt's meaning; FLUX.2's Qwen3 language model reads prompts
@@ -37,6 +41,9 @@ TRAINING_METHODS: dict[Family, tuple[Method, ...]] = {
     "sd15": ("lora", "dora", "textual_inversion"),
     "sdxl": ("lora", "dora", "textual_inversion"),
     "flux2-klein": ("lora", "dora"),
+    # Qwen-Image reads the last layer of a 28-layer Qwen2.5-VL behind a system prompt: as
+    # for FLUX.2, one new token row is no style, and no Qwen-Image trainer offers it.
+    "qwenimage": ("lora", "dora"),
 }
 # Chat spells methods as `/style train method=...` takes them.
 _CHAT_METHOD = {"textual_inversion": "ti"}
@@ -71,6 +78,7 @@ FAMILY_DEFAULTS: dict[Family, GenerationDefaults] = {
     "sd15": GenerationDefaults(512, 512, 25, "DPM++ 2M Karras", 7.0),  # [sd15]
     "sdxl": GenerationDefaults(1024, 1024, 30, "DPM++ 2M Karras", 5.0),  # [sdxl]
     "flux2-klein": GenerationDefaults(1024, 1024, 50, "Euler", 4.0),  # [flux2]
+    "qwenimage": GenerationDefaults(1328, 1328, 50, "Euler", 4.0),  # [qwen]
 }
 
 
@@ -103,6 +111,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             64,
             True,
             "FLUX.2 [klein] layout in miniature, random weights (tests)",
+        ),
+        BuiltinModel(
+            "tiny-qwenimage",
+            "qwenimage",
+            64,
+            True,
+            "Qwen-Image layout in miniature, random weights (tests)",
         ),
         BuiltinModel(
             "toy-sd15",
@@ -145,15 +160,28 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 #          projections and 20 single blocks' 3072 -> 27648 fused projection; activations
 #          at 1024 px (4096 image + 512 text tokens) taken as 1.6x SDXL's checkpointed
 #          figure, as community klein-4B trainers report 13+ GB cards with 8-bit AdamW.
+# [qwest]  Qwen-Image, ESTIMATES (no GPU when they were written; bench/gpu.py should replace
+#          them). Weights counted from configs built on the meta device (no download):
+#          diffusers 0.42's QwenImageTransformer2DModel and AutoencoderKLQwenImage defaults
+#          (Qwen-Image's sizes) 20,430.4M + 126.9M, Qwen2.5-VL-7B (sizes recalled: 28 layers
+#          of 3584, vision tower 32 x 1280) 8,292.2M, at 2 bytes. LoRA: the 8 attention
+#          projections (QwenImage.lora_targets), 3072 -> 3072 in each of 60 blocks, counted
+#          the same way. Activations from kohya-ss/musubi-tuner docs/qwen_image.md, which
+#          measured 42 GB for a 1024 px, batch-1 LoRA with gradient checkpointing and the
+#          text encoder off the GPU: ~1.2 GB beside the 40.9 GB transformer, scaled to
+#          1328 px (x1.68) with headroom. Without checkpointing: ~20 saved tensors of
+#          6889 image tokens x 3072 in bf16 per block (MLP's 4x counted 4 times), 60 blocks.
 WEIGHTS_MB: dict[Family, int] = {
     "sd15": 2_035,  # [params]
     "sdxl": 6_616,  # [params]
     "flux2-klein": 15_200,  # [f2est]
+    "qwenimage": 55_026,  # [qwest]
 }
 LORA_PARAMS_PER_RANK: dict[Family, int] = {
     "sd15": 199_296,  # [lora]
     "sdxl": 1_451_520,  # [lora]
     "flux2-klein": 860_160,  # [f2est] 5 x 8 x 6144 + 20 x 30720
+    "qwenimage": 2_949_120,  # [qwest] 60 x 8 x 6144
 }
 TRAINABLE_BYTES_PER_PARAM = 16  # [adamw] 4 B weight + 4 B gradient + 8 B moments
 # Activations of one training image at the family's native side, with and without gradient
@@ -165,12 +193,15 @@ TRAIN_IMAGE_MB: dict[tuple[Family, bool], int] = {
     ("sdxl", False): 14_000,  # [est]
     ("flux2-klein", True): 4_000,  # [f2est]
     ("flux2-klein", False): 24_000,  # [f2est]
+    ("qwenimage", True): 2_500,  # [qwest]
+    ("qwenimage", False): 52_000,  # [qwest]
 }
 # One generated image at the native side: the UNet on the CFG pair, then the VAE decode.
 GENERATE_IMAGE_MB: dict[Family, int] = {
     "sd15": 1_000,  # [est]
     "sdxl": 4_000,  # [est]
     "flux2-klein": 3_000,  # [f2est] the CFG pair's 4608 tokens, then the VAE at 1024 px
+    "qwenimage": 6_000,  # [qwest] true CFG's two passes of 6889 tokens, the video VAE at 1328
 }
 WORKSPACE_MB = 600  # [est]
 # DoRA: peft rebuilds each adapted weight (W + BA) to take its norm on every forward, and
@@ -199,6 +230,10 @@ PRESET_BATCH_RANK: dict[tuple[Family, str, str], tuple[int, int | None]] = {
     ("flux2-klein", "lora", "concept"): (1, 16),
     ("flux2-klein", "dora", "style"): (1, 16),
     ("flux2-klein", "dora", "concept"): (1, 8),
+    ("qwenimage", "lora", "style"): (1, 32),
+    ("qwenimage", "lora", "concept"): (1, 16),
+    ("qwenimage", "dora", "style"): (1, 16),
+    ("qwenimage", "dora", "concept"): (1, 8),
     **{
         (f, "textual_inversion", p): (4, None)
         for f in FAMILIES
@@ -332,6 +367,8 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
 # at 64 px, use the VAE's factor of 8 instead.
 SIZE_MULTIPLE = 64
 SMALL_SIZE_MULTIPLE = 8
+# Families whose native side is no multiple of 64: their pipelines' own multiple. [qwen]
+FAMILY_SIZE_MULTIPLE: dict[Family, int] = {"qwenimage": 16}
 MIN_SIDE = 64
 
 
@@ -341,7 +378,9 @@ def aspect_size(
     """The family's native size reshaped to `ratio` (same pixel count, rounded)."""
     native = generation_defaults(base_model, configured)
     area = native.width * native.height
-    step = SIZE_MULTIPLE if native.width >= 512 else SMALL_SIZE_MULTIPLE
+    step = SMALL_SIZE_MULTIPLE
+    if native.width >= 512:
+        step = FAMILY_SIZE_MULTIPLE.get(model_family(base_model, configured), SIZE_MULTIPLE)
     rw, rh = ratio
     width = (area * rw / rh) ** 0.5
     height = width * rh / rw
