@@ -2,7 +2,8 @@
 PostgreSQL: `/style create ... style tiny-qwenimage`, a lead's approval, `/style train`
 (textual inversion refused by name), then `/imagine` with the family's sampler defaults,
 trigger words, two LoRAs combined, compare and a batch of two, adapters switched without
-reloading the pipeline, and a quick generation served while a training pauses."""
+reloading the pipeline, a team's LoRA file imported by its family, and a quick generation
+served while a training pauses."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from bot_fixtures import LEAD, build_rig, images
+from bot_fixtures import LEAD, build_rig, images, mem_file
 from PIL import Image
 from runner_fixtures import make_runner
 from sqlalchemy import select
 
+from bot.core.policy import CorePolicy
 from storage.db import Database
 from storage.job_payloads import result_key
 from storage.models import Generation, JobStatus, ModelVersion
@@ -37,7 +39,9 @@ class Studio:
     def __init__(self, db: Database, db_url: str, tmp: Path) -> None:
         from gpu_runner.services import open_services
 
-        self.rig = build_rig(db, tmp, default_base_model=BASE)
+        # A whole session's commands within the fake clock's one minute.
+        policy = CorePolicy(rate_limit_commands=100)
+        self.rig = build_rig(db, tmp, policy=policy, default_base_model=BASE)
         config = load_settings(
             data_dir=self.rig.settings.data_dir, database_url=db_url, device="cpu"
         )
@@ -148,6 +152,27 @@ def test_a_qwen_image_style_trains_and_generates_from_chat(studio: Studio) -> No
     assert np.abs(first[:, :64] - plain).max() <= 2
     assert np.abs(first[:, 64:] - inked).max() <= 2
     assert studio.services.models.get(BASE).pipe is pipe
+
+    # A team's own Qwen-Image LoRA file imports onto a Qwen-Image base, not onto SD1.5.
+    lora = studio.services.blobs.read_bytes(ink.kohya_blob)
+    studio.rig.run(
+        "style import",
+        {"name": "copy", "trigger": "copystyle", "base": BASE},
+        files=[mem_file("team-ink.safetensors", lora)],
+    )
+    studio.say("/style", "create sdink sdinkstyle style tiny-sd15")
+    studio.rig.run(
+        "style import",
+        {"name": "sdink", "trigger": "sdinkstyle"},
+        files=[mem_file("team-ink.safetensors", lora)],
+    )
+    studio.work()
+    imports = [j for j in studio.services.queue.list_jobs() if j.kind == "import"]
+    assert [j.status for j in imports] == [JobStatus.SUCCEEDED, JobStatus.FAILED]
+    assert "Imported team-ink.safetensors as **copy** v1 (Qwen-Image)" in (
+        studio.services.outbox.get(result_key(imports[0].id)).text
+    )
+    assert "was made for Qwen-Image, but sdink is on tiny-sd15 (SD1.5)" in imports[1].error
 
 
 def test_a_quick_generation_is_served_while_a_qwen_image_training_pauses(
