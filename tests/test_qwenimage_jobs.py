@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,9 @@ def test_a_qwen_image_style_trains_and_generates_from_chat(studio: Studio) -> No
     header = _header(studio, ink.kohya_blob)
     assert header["modelspec.architecture"] == "Qwen-Image/lora"
     assert header["modelspec.trigger_phrase"] == "inkstyle"
+    # The base it was trained on (the weights' sha256, as loaded) and its dataset's hash.
+    assert header["ss_new_sd_model_hash"] == studio.services.models.get(BASE).model_hash
+    assert re.fullmatch(r"[0-9a-f]{64}", header["atelier.dataset_hash"])
     refused = studio.say("/style", "train ink method=ti", user=LEAD)
     assert "Qwen-Image base models cannot train textual inversion" in refused
     assert "use method=lora or method=dora" in refused
