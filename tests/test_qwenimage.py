@@ -90,15 +90,21 @@ def _image(pipe: Any, seed: int, **kw: Any) -> np.ndarray:
     return out.images[0]
 
 
+def _predict(family: Any, pipe: Any, cond: Any, noisy: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        t = torch.full((noisy.shape[0],), 500.0)
+        return family.predict(pipe.transformer, noisy, t, cond, None)
+
+
 def _prediction(family: Any, pipe: Any, prompts: list[str], noisy: Any = None) -> Any:
     import torch
 
     cond = family.encode_text(pipe, prompts, torch.device("cpu"))
     if noisy is None:
         noisy = torch.randn((len(prompts), 16, 8, 8), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        t = torch.full((len(prompts),), 500.0)
-        return family.predict(pipe.transformer, noisy, t, cond, None)
+    return _predict(family, pipe, cond, noisy)
 
 
 def test_tiny_builds_fast_and_generates_deterministically_with_true_cfg(build: Any) -> None:
@@ -134,6 +140,27 @@ def test_padded_prompts_predict_as_each_prompt_alone(family: Any, build: Any) ->
     for i, prompt in enumerate(prompts):
         alone = _prediction(family, pipe, [prompt], noisy[i : i + 1])
         torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_caption_dropout_swaps_in_the_empty_prompt_whatever_its_length(
+    family: Any, build: Any
+) -> None:
+    """Cached captions (padded to the longest) and the empty caption (shorter) meet in one
+    batch: each row must predict as its own text alone."""
+    import torch
+
+    pipe = build(0)
+    cpu = torch.device("cpu")
+    long = "a much longer caption about a harbour at dusk"
+    captions = family.encode_text(pipe, ["a cat", long], cpu)
+    empty = family.encode_text(pipe, [""], cpu)
+    assert empty.hidden.shape[1] < captions.hidden.shape[1]
+    mixed = captions.where(torch.tensor([True, False]), empty)
+    noisy = torch.randn((2, 16, 8, 8), generator=torch.Generator().manual_seed(4))
+    got = _predict(family, pipe, mixed, noisy)
+    torch.testing.assert_close(got[:1], _predict(family, pipe, empty, noisy[:1]))
+    alone = family.encode_text(pipe, [long], cpu)
+    torch.testing.assert_close(got[1:], _predict(family, pipe, alone, noisy[1:]))
 
 
 def test_lora_trains_with_flow_matching_and_names_the_family(trained: Any) -> None:
