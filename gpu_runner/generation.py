@@ -529,9 +529,9 @@ class Generator:
             out = pipe(
                 prompt=[render.text for render, _ in chunk],
                 num_inference_steps=steps,
-                guidance_scale=request.cfg,
                 generator=generators,
                 output_type="pil",
+                **loaded.model_family.cfg_kwargs(request.cfg),
                 **loaded.model_family.call_kwargs(
                     [render.request.negative_prompt for render, _ in chunk]
                 ),

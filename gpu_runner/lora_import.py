@@ -23,7 +23,7 @@ from typing import Literal
 
 from storage.families import FAMILY_LABELS as FAMILY_LABELS  # re-exported: callers' labels
 
-Family = Literal["sd15", "sd2", "sdxl", "flux2-klein", "flux1"]
+Family = Literal["sd15", "sd2", "sdxl", "flux2-klein", "flux1", "qwenimage"]
 _FLUX_FAMILIES: tuple[Family, ...] = ("flux2-klein", "flux1")
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -228,7 +228,25 @@ def _flux_family(tensors: Mapping[str, TensorInfo]) -> tuple[bool, Family | None
     return True, None
 
 
+# Qwen-Image LoRAs: kohya keys on its double-stream blocks (`lora_unet_transformer_blocks_N_
+# ...`, musubi-tuner's names), or diffusers/ComfyUI keys (`transformer.`, `diffusion_model.`
+# or no prefix) on `transformer_blocks.N`'s attention, MLPs and modulations, with no
+# single-stream block anywhere: the rule InvokeAI's Qwen-Image LoRA probe applies (FLUX's
+# diffusers files name their double-stream blocks alike; single-stream ones tell them apart).
+# Checked before SD's patterns: `transformer_blocks.1` would read as SDXL depth.
+_QWENIMAGE_KEYS = (
+    r"^lora_unet_transformer_blocks_\d+_",
+    r"^(transformer\.|diffusion_model\.)?transformer_blocks\.\d+\."
+    r"(attn|img_mlp|txt_mlp|img_mod|txt_mod)\.",
+)
+_SINGLE_STREAM = r"single_(transformer_)?blocks"
+
+
 def _family_from_structure(keys: list[str]) -> Family | None:
+    if any(re.search(p, k) for p in _QWENIMAGE_KEYS for k in keys) and not any(
+        re.search(_SINGLE_STREAM, k) for k in keys
+    ):
+        return "qwenimage"
     # SDXL: no attention in the first down block, attention in up block 0, and
     # transformer depth above 1. SD1.x/2.x: attention in down block 0 and up block 3.
     sep = r"[._]"
@@ -265,6 +283,9 @@ def _family_from_metadata(meta: Mapping[str, str]) -> Family | None:
     # kohya's sai_model_spec: flux-1-dev, flux-1-schnell, flux-1; flux_utils: "flux1".
     if arch.startswith("flux-1") or version == "flux1":
         return "flux1"
+    # musubi-tuner's "Qwen-Image/lora", ai-toolkit's "qwen_image" (not Qwen-Image-2.x).
+    if arch.split("/")[0] == "qwen-image" or version == "qwen_image":
+        return "qwenimage"
     if arch.startswith("stable-diffusion-xl") or version.startswith("sdxl"):
         return "sdxl"
     if arch.startswith("stable-diffusion-v2") or version.startswith("sd_v2"):
@@ -284,7 +305,7 @@ def detect_family(tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str]
     structural = _family_from_structure(list(tensors))
     by_dim: dict[int, Family] = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
     dim = _context_dim(tensors)
-    if structural == "sdxl":
+    if structural in ("sdxl", "qwenimage"):
         return structural
     if dim in by_dim:
         return by_dim[dim]

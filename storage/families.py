@@ -12,6 +12,9 @@ Sources of the defaults:
   [flux1] diffusers 0.42 FluxPipeline defaults for FLUX.1 [dev]: num_inference_steps 28,
           guidance_scale 3.5 (the guidance embedding of the distilled model, not CFG),
           default_sample_size 128 x VAE factor 8 = 1024; flow-matching Euler.
+  [qwen]  Qwen/Qwen-Image model card: 1328x1328 for 1:1 (its aspect table), 50 steps,
+          true_cfg_scale 4.0 with a negative prompt; QwenImagePipeline samples with
+          flow-matching Euler. Sides are multiples of 16 (VAE factor 8 x 2x2 packing).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from typing import Any, Literal
 
 from storage.training_bounds import Method
 
-Family = Literal["sd15", "sdxl", "flux2-klein", "flux1"]
+Family = Literal["sd15", "sdxl", "flux2-klein", "flux1", "qwenimage"]
 # Families with training presets and memory estimates (chat offers these).
-FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein", "flux1")
+FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein", "flux1", "qwenimage")
 # How people read each family (and SD2, which runs as SD1.5 but takes only SD2 adapters).
 FAMILY_LABELS: dict[str, str] = {
     "sd15": "SD1.5",
@@ -32,6 +35,7 @@ FAMILY_LABELS: dict[str, str] = {
     "sdxl": "SDXL",
     "flux2-klein": "FLUX.2 [klein]",
     "flux1": "FLUX.1",
+    "qwenimage": "Qwen-Image",
 }
 # The training methods each family supports. Textual inversion needs a CLIP-style token
 # table whose rows are the prompt's meaning; FLUX.2's Qwen3 language model reads prompts
@@ -45,6 +49,9 @@ TRAINING_METHODS: dict[Family, tuple[Method, ...]] = {
     "sdxl": ("lora", "dora", "textual_inversion"),
     "flux2-klein": ("lora", "dora"),
     "flux1": ("lora", "dora"),
+    # Qwen-Image reads the last layer of a 28-layer Qwen2.5-VL behind a system prompt: as
+    # for FLUX.2, one new token row is no style, and no Qwen-Image trainer offers it.
+    "qwenimage": ("lora", "dora"),
 }
 # Chat spells methods as `/style train method=...` takes them.
 _CHAT_METHOD = {"textual_inversion": "ti"}
@@ -80,6 +87,7 @@ FAMILY_DEFAULTS: dict[Family, GenerationDefaults] = {
     "sdxl": GenerationDefaults(1024, 1024, 30, "DPM++ 2M Karras", 5.0),  # [sdxl]
     "flux2-klein": GenerationDefaults(1024, 1024, 50, "Euler", 4.0),  # [flux2]
     "flux1": GenerationDefaults(1024, 1024, 28, "Euler", 3.5),  # [flux1]
+    "qwenimage": GenerationDefaults(1328, 1328, 50, "Euler", 4.0),  # [qwen]
 }
 
 
@@ -119,6 +127,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             64,
             True,
             "FLUX.1 [dev] layout in miniature, random weights (tests)",
+        ),
+        BuiltinModel(
+            "tiny-qwenimage",
+            "qwenimage",
+            64,
+            True,
+            "Qwen-Image layout in miniature, random weights (tests)",
         ),
         BuiltinModel(
             "toy-sd15",
@@ -173,11 +188,23 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 #          VAE at 1024 px as SDXL's. Check: diffusers' README_flux.md says a rank-16 LoRA
 #          "can exceed 40GB of VRAM" with every component trained; the concept preset
 #          (rank 16, transformer only) comes to ~38.6 GB here.
+# [qwest]  Qwen-Image, ESTIMATES (no GPU when they were written; bench/gpu.py should replace
+#          them). Weights counted from configs built on the meta device (no download):
+#          diffusers 0.42's QwenImageTransformer2DModel and AutoencoderKLQwenImage defaults
+#          (Qwen-Image's sizes) 20,430.4M + 126.9M, Qwen2.5-VL-7B (sizes recalled: 28 layers
+#          of 3584, vision tower 32 x 1280) 8,292.2M, at 2 bytes. LoRA: the 8 attention
+#          projections (QwenImage.lora_targets), 3072 -> 3072 in each of 60 blocks, counted
+#          the same way. Activations from kohya-ss/musubi-tuner docs/qwen_image.md, which
+#          measured 42 GB for a 1024 px, batch-1 LoRA with gradient checkpointing and the
+#          text encoder off the GPU: ~1.2 GB beside the 40.9 GB transformer, scaled to
+#          1328 px (x1.68) with headroom. Without checkpointing: ~20 saved tensors of
+#          6889 image tokens x 3072 in bf16 per block (MLP's 4x counted 4 times), 60 blocks.
 WEIGHTS_MB: dict[Family, int] = {
     "sd15": 2_035,  # [params]
     "sdxl": 6_616,  # [params]
     "flux2-klein": 15_200,  # [f2est]
     "flux1": 32_178,  # [f1est]
+    "qwenimage": 55_026,  # [qwest]
 }
 # The denoiser's share of WEIGHTS_MB: what a quantized base (NF4) shrinks.
 DENOISER_MB: dict[Family, int] = {
@@ -185,6 +212,7 @@ DENOISER_MB: dict[Family, int] = {
     "sdxl": 5_135,  # [params] 2567.5M x 2 B
     "flux2-klein": 7_800,  # [f2est] ~3.9B x 2 B
     "flux1": 22_700,  # [f1est] 11,901.4M x 2 B
+    "qwenimage": 40_861,  # [qwest] 20,430.4M x 2 B
 }
 # [nf4] bitsandbytes NF4: 4 bits a weight plus one fp32 absmax per block of 64 weights
 #       (Dettmers et al. 2023, "QLoRA"): 4.5 / 16 of bf16's bytes.
@@ -194,6 +222,7 @@ LORA_PARAMS_PER_RANK: dict[Family, int] = {
     "sdxl": 1_451_520,  # [lora]
     "flux2-klein": 860_160,  # [f2est] 5 x 8 x 6144 + 20 x 30720
     "flux1": 3_385_344,  # [f1est] 19 x (8 x 6144 + 4 x 15360) + 38 x (3 x 6144 + 15360)
+    "qwenimage": 2_949_120,  # [qwest] 60 x 8 x 6144
 }
 TRAINABLE_BYTES_PER_PARAM = 16  # [adamw] 4 B weight + 4 B gradient + 8 B moments
 # Activations of one training image at the family's native side, with and without gradient
@@ -207,6 +236,8 @@ TRAIN_IMAGE_MB: dict[tuple[Family, bool], int] = {
     ("flux2-klein", False): 24_000,  # [f2est]
     ("flux1", True): 5_000,  # [f1est]
     ("flux1", False): 40_000,  # [f1est]
+    ("qwenimage", True): 2_500,  # [qwest]
+    ("qwenimage", False): 52_000,  # [qwest]
 }
 # One generated image at the native side: the UNet on the CFG pair, then the VAE decode.
 GENERATE_IMAGE_MB: dict[Family, int] = {
@@ -214,6 +245,7 @@ GENERATE_IMAGE_MB: dict[Family, int] = {
     "sdxl": 4_000,  # [est]
     "flux2-klein": 3_000,  # [f2est] the CFG pair's 4608 tokens, then the VAE at 1024 px
     "flux1": 3_000,  # [f1est]
+    "qwenimage": 6_000,  # [qwest] true CFG's two passes of 6889 tokens, the video VAE at 1328
 }
 WORKSPACE_MB = 600  # [est]
 # DoRA: peft rebuilds each adapted weight (W + BA) to take its norm on every forward, and
@@ -246,6 +278,10 @@ PRESET_BATCH_RANK: dict[tuple[Family, str, str], tuple[int, int | None]] = {
     ("flux1", "lora", "concept"): (1, 16),
     ("flux1", "dora", "style"): (1, 16),
     ("flux1", "dora", "concept"): (1, 8),
+    ("qwenimage", "lora", "style"): (1, 32),
+    ("qwenimage", "lora", "concept"): (1, 16),
+    ("qwenimage", "dora", "style"): (1, 16),
+    ("qwenimage", "dora", "concept"): (1, 8),
     **{
         (f, "textual_inversion", p): (4, None)
         for f in FAMILIES
@@ -386,6 +422,8 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
 # at 64 px, use the VAE's factor of 8 instead.
 SIZE_MULTIPLE = 64
 SMALL_SIZE_MULTIPLE = 8
+# Families whose native side is no multiple of 64: their pipelines' own multiple. [qwen]
+FAMILY_SIZE_MULTIPLE: dict[Family, int] = {"qwenimage": 16}
 MIN_SIDE = 64
 
 
@@ -395,7 +433,9 @@ def aspect_size(
     """The family's native size reshaped to `ratio` (same pixel count, rounded)."""
     native = generation_defaults(base_model, configured)
     area = native.width * native.height
-    step = SIZE_MULTIPLE if native.width >= 512 else SMALL_SIZE_MULTIPLE
+    step = SMALL_SIZE_MULTIPLE
+    if native.width >= 512:
+        step = FAMILY_SIZE_MULTIPLE.get(model_family(base_model, configured), SIZE_MULTIPLE)
     rw, rh = ratio
     width = (area * rw / rh) ** 0.5
     height = width * rh / rw

@@ -49,6 +49,7 @@ def tiny_builders() -> dict[str, Callable[..., Any]]:
     torch.set_num_threads(1)
     from gpu_runner.families.tiny_flux1 import build_tiny_flux1_pipeline
     from gpu_runner.families.tiny_flux2_klein import build_tiny_flux2_klein_pipeline
+    from gpu_runner.families.tiny_qwenimage import build_tiny_qwenimage_pipeline
     from gpu_runner.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
 
     return {
@@ -56,6 +57,7 @@ def tiny_builders() -> dict[str, Callable[..., Any]]:
         "sdxl": build_tiny_sdxl_pipeline,
         "flux2-klein": build_tiny_flux2_klein_pipeline,
         "flux1": build_tiny_flux1_pipeline,
+        "qwenimage": build_tiny_qwenimage_pipeline,
     }
 
 

@@ -155,9 +155,9 @@ def test_preset_shapes_in_the_estimates_match_the_presets() -> None:
         values = preset_defaults(method, family, preset)
         assert (values["batch_size"], values.get("rank")) == (batch, rank), (family, method)
         assert values["resolution"] == FAMILY_DEFAULTS[family].width
-    # 2 SD families x 3 methods x 2 presets, and FLUX.2 [klein] and FLUX.1 x (LoRA, DoRA) x
-    # 2 presets each.
-    assert len(PRESET_BATCH_RANK) == 20
+    # 2 SD families x 3 methods x 2 presets, and FLUX.2 [klein], FLUX.1 and Qwen-Image x
+    # (LoRA, DoRA) x 2 presets each.
+    assert len(PRESET_BATCH_RANK) == 24
 
 
 # --- textual inversion ---------------------------------------------------------------------
@@ -284,3 +284,25 @@ def test_flux1_estimates_use_its_own_figures_and_refuse_textual_inversion() -> N
     ):
         memory_needed_mb(JobKind.TRAIN, "dev", flux1, method="textual_inversion")
     assert memory_needed_mb(JobKind.TRAIN, "tiny-flux1", {}) is None  # built-in
+
+
+def test_qwen_image_estimates_use_its_own_figures_and_refuse_textual_inversion() -> None:
+    from storage.families import MethodNotSupportedError
+
+    qwen = {"qwen": {"source": "/m/qwen-image", "family": "qwenimage"}}
+    klein = {"klein": {"source": "/m/klein", "family": "flux2-klein"}}
+
+    def need(kind: str, name: str = "qwen", configured: Any = qwen, **kw: Any) -> int:
+        value = memory_needed_mb(kind, name, configured, **kw)
+        assert value is not None
+        return value
+
+    # 20 B transformer + 8 B text encoder: past what FLUX.2 [klein] needs, and more than a
+    # 48 GB card holds for a LoRA at its native 1328 px even before activations.
+    assert need(JobKind.GENERATE) > need(JobKind.GENERATE, "klein", klein)
+    assert need(JobKind.TRAIN) > 48 * 1024
+    assert need(JobKind.TRAIN, method="dora") > need(JobKind.TRAIN, preset="concept")
+    assert need(JobKind.GENERATE, width=1328, height=1328, count=2) > need(JobKind.GENERATE)
+    with pytest.raises(MethodNotSupportedError, match="use method=lora or method=dora"):
+        memory_needed_mb(JobKind.TRAIN, "qwen", qwen, method="textual_inversion")
+    assert memory_needed_mb(JobKind.TRAIN, "tiny-qwenimage", {}) is None  # built-in

@@ -82,3 +82,14 @@ def test_real_preset_trains_a_few_steps(
 
 
 pytest_plugins = ("runner_fixtures",)
+
+
+def test_qwen_image_refuses_textual_inversion_naming_lora_and_dora() -> None:
+    from gpu_runner.training.config import ConfigError
+
+    with pytest.raises(
+        ConfigError,
+        match="Qwen-Image base models cannot train textual inversion; use method=lora or "
+        "method=dora",
+    ):
+        make_config("textual_inversion", "qwenimage", "style", trigger="zxq")

@@ -8,11 +8,13 @@ from typing import Any
 from gpu_runner.families.base import ModelFamily, TinyBuilder
 from gpu_runner.families.flux1 import Flux1
 from gpu_runner.families.flux2_klein import Flux2Klein
+from gpu_runner.families.qwenimage import QwenImage
 from gpu_runner.families.sd15 import StableDiffusion15
 from gpu_runner.families.sdxl import StableDiffusionXL
 
 FAMILIES: dict[str, ModelFamily] = {
-    f.name: f for f in (StableDiffusion15(), StableDiffusionXL(), Flux2Klein(), Flux1())
+    f.name: f
+    for f in (StableDiffusion15(), StableDiffusionXL(), Flux2Klein(), Flux1(), QwenImage())
 }
 
 

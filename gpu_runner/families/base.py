@@ -99,6 +99,10 @@ class ModelFamily(ABC):
 
     # ----- generation ---------------------------------------------------------------------
 
+    def cfg_kwargs(self, cfg: float) -> dict[str, Any]:
+        """The pipeline-call argument that carries the CFG scale."""
+        return {"guidance_scale": cfg}
+
     def call_kwargs(self, negative_prompts: list[str]) -> dict[str, Any]:
         """The family's own pipeline-call arguments beside prompt, size, steps and CFG."""
         return {"negative_prompt": negative_prompts} if self.takes_negative_prompt else {}
@@ -115,6 +119,13 @@ class ModelFamily(ABC):
         check_prompt_length(tokenizers, self.expand_prompt(pipe, text), what)
 
     # ----- latents ------------------------------------------------------------------------
+
+    def latent_dist(self, vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior mean and std of (N, 3, H, W) pixels, in the VAE's own layout (what
+        `latent_scaler` reads)."""
+        from gpu_runner.training.dataset import encode_latent_dist
+
+        return encode_latent_dist(vae, pixels)
 
     def latent_scaler(self, vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         """VAE posterior samples -> the latents the denoiser sees, in the loop's (N, C, h, w)

@@ -87,6 +87,7 @@ BUILTIN_TRAINING: dict[str, dict[str, Any]] = {
     "tiny-sdxl": _TINY,
     "tiny-flux2-klein": _TINY,
     "tiny-flux1": _TINY,
+    "tiny-qwenimage": _TINY,
     "toy-sd15": _TOY,
 }
 

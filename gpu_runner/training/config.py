@@ -181,6 +181,12 @@ AnyTrainConfig = LoraConfig | DoraConfig | TextualInversionConfig
 #           FLUX.1's native 1024.
 #  [kflux1] kohya-ss/sd-scripts docs/flux_train_network.md (read): learning_rate 1e-4,
 #           constant schedule, network_dim 16, --guidance_scale=1.0 when training dev.
+#  [dqwen]  diffusers examples/dreambooth/train_dreambooth_lora_qwen_image.py (its argument
+#           defaults, read in its source): lr 1e-4, constant schedule, weighting_scheme
+#           "none" (flow matching: no min-SNR), max_sequence_length 512.
+#  [musqw]  kohya-ss/musubi-tuner docs/qwen_image.md LoRA example: network_dim 16,
+#           learning_rate 5e-5, weighting_scheme none, batch 1 (its VRAM table), bf16 with
+#           gradient checkpointing; 1328x1328 is the resolution it writes for Qwen-Image.
 _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # Styles want more capacity (rank 32/alpha 16 is the common kohya style setting) and a
     # little caption dropout so the look also leaks into untriggered text.
@@ -281,6 +287,31 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "min_snr_gamma": None,  # [dflux1]
         "lr_scheduler": "constant_with_warmup",  # [dflux1] [kflux1] constant
         "warmup_steps": 0,  # [dflux1]
+    },
+    # Qwen-Image: a 20B transformer at its native 1328 px, batch 1, musubi-tuner's lower lr.
+    ("qwenimage", "style"): {
+        "rank": 32,  # [kohya] community style setting, as for SD
+        "alpha": 16,  # [kohya]
+        "learning_rate": 5e-5,  # [musqw]
+        "steps": 2000,  # as the SDXL and FLUX.2 style presets at batch 1
+        "resolution": 1328,  # [musqw] Qwen-Image native
+        "batch_size": 1,  # [musqw]
+        "caption_dropout": 0.05,  # [kohya]
+        "min_snr_gamma": None,  # [dqwen] [musqw] no SNR weighting in flow matching
+        "lr_scheduler": "cosine",  # [kohya], as the SD style presets
+        "warmup_steps": 100,  # [kohya]
+    },
+    ("qwenimage", "concept"): {
+        "rank": 16,  # [musqw] network_dim
+        "alpha": 8,  # [kohya] alpha = rank / 2
+        "learning_rate": 5e-5,  # [musqw]
+        "steps": 1000,  # as the SDXL and FLUX.2 concept presets at batch 1
+        "resolution": 1328,  # [musqw]
+        "batch_size": 1,  # [musqw]
+        "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "min_snr_gamma": None,  # [dqwen]
+        "lr_scheduler": "constant_with_warmup",  # [dqwen] constant
+        "warmup_steps": 0,  # [dqwen] constant, no warmup
     },
 }
 _TI_PRESETS: dict[tuple[str, str], dict[str, Any]] = {

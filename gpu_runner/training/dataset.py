@@ -142,24 +142,45 @@ class BatchSampler:
 
 @dataclass
 class TextCond:
-    """What the denoiser is conditioned on: per-token hidden states, and for families that
-    read one (SDXL) a pooled vector."""
+    """What the denoiser is conditioned on: per-token hidden states, for families that read
+    one (SDXL) a pooled vector, and for families whose encoder pads prompts to the longest
+    in the batch (Qwen-Image) which tokens are real."""
 
     hidden: torch.Tensor  # (N, tokens, dim)
     pooled: torch.Tensor | None = None  # (N, dim)
+    token_mask: torch.Tensor | None = None  # (N, tokens), 1 = real token; None: all real
 
     def select(self, idx: torch.Tensor) -> TextCond:
         pooled = None if self.pooled is None else self.pooled[idx]
-        return TextCond(self.hidden[idx], pooled)
+        token_mask = None if self.token_mask is None else self.token_mask[idx]
+        return TextCond(self.hidden[idx], pooled, token_mask)
+
+    def padded(self, tokens: int) -> TextCond:
+        """The same text with zero tokens appended up to `tokens`, masked out."""
+        n, have, dim = self.hidden.shape
+        mask = self.token_mask
+        if mask is None:
+            mask = torch.ones((n, have), dtype=torch.long, device=self.hidden.device)
+        hidden = torch.cat([self.hidden, self.hidden.new_zeros((n, tokens - have, dim))], dim=1)
+        mask = torch.cat([mask, mask.new_zeros((n, tokens - have))], dim=1)
+        return TextCond(hidden, self.pooled, mask)
 
     def where(self, mask: torch.Tensor, other: TextCond) -> TextCond:
         """Per sample: `other` (e.g. the empty caption) where mask is True, else self."""
         m = mask.to(self.hidden.device)
-        hidden = torch.where(m[:, None, None], other.hidden.expand_as(self.hidden), self.hidden)
-        pooled = None
-        if self.pooled is not None and other.pooled is not None:
-            pooled = torch.where(m[:, None], other.pooled.expand_as(self.pooled), self.pooled)
-        return TextCond(hidden, pooled)
+        this = self
+        masked = self.token_mask is not None or other.token_mask is not None
+        if masked or self.hidden.shape[1] != other.hidden.shape[1]:
+            tokens = max(self.hidden.shape[1], other.hidden.shape[1])
+            this, other = self.padded(tokens), other.padded(tokens)
+        hidden = torch.where(m[:, None, None], other.hidden.expand_as(this.hidden), this.hidden)
+        pooled = token_mask = None
+        if this.pooled is not None and other.pooled is not None:
+            pooled = torch.where(m[:, None], other.pooled.expand_as(this.pooled), this.pooled)
+        if this.token_mask is not None and other.token_mask is not None:
+            other_mask = other.token_mask.expand_as(this.token_mask)
+            token_mask = torch.where(m[:, None], other_mask, this.token_mask)
+        return TextCond(hidden, pooled, token_mask)
 
 
 def encode_text(

@@ -27,7 +27,6 @@ from gpu_runner.training.dataset import (
     TextCond,
     TrainItem,
     caption_dropout_mask,
-    encode_latent_dist,
     encode_text,
     insert_trigger,
     prepare_data,
@@ -254,7 +253,7 @@ class _Trainer:
         if upcast:
             vae.to(torch.float32)
         try:
-            return encode_latent_dist(vae, self.data.pixels[idx].to(self.device))
+            return self.family.latent_dist(vae, self.data.pixels[idx].to(self.device))
         finally:
             if upcast:
                 vae.to(torch.float16)
