@@ -31,7 +31,6 @@ SourceKind = Literal["builtin", "folder", "single_file", "hub"]
 
 # The one list (storage.families); gpu_runner.pipelines would import diffusers (~7 s).
 BUILTIN_MODELS = tuple(BUILTIN)
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RUNNER_PACKAGES = ("diffusers", "transformers", "peft", "accelerate", "safetensors")
 TORCH_HELP = "https://pytorch.org/get-started/locally/"
@@ -163,10 +162,13 @@ def _pipeline_class(index: Path) -> str:
     except (OSError, ValueError) as exc:
         raise SourceError(f"'{index}' cannot be read as JSON ({exc})") from None
     class_name = str(data.get("_class_name", "")) if isinstance(data, dict) else ""
-    if class_name not in SUPPORTED_PIPELINES:
+    # The families' own list (torch, not diffusers, comes with it).
+    from gpu_runner.families import family_of_class_name, runs_labels
+
+    if family_of_class_name(class_name) is None:
         raise SourceError(
             f"'{index.parent}' holds a {class_name or 'pipeline of unknown type'}; Atelier runs "
-            "SD1.5/SD2 and SDXL text-to-image pipelines"
+            f"{runs_labels()} text-to-image pipelines"
         )
     return class_name
 

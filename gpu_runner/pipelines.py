@@ -39,6 +39,7 @@ from gpu_runner.families import (
     family_of_class_name,
     family_of_pipeline,
     get_family,
+    runs_labels,
     tiny_builder,
 )
 from gpu_runner.lora_import import (
@@ -234,10 +235,8 @@ def _family_from_index(folder: Path) -> ModelFamily | None:
 
 
 def _unsupported(spec: BaseModelSpec, what: str) -> BaseModelLoadError:
-    names = [f.runs_label for f in FAMILIES.values()]
-    labels = " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
     return BaseModelLoadError(
-        f"base model '{spec.name}' is {what}; Atelier runs {labels} text-to-image pipelines"
+        f"base model '{spec.name}' is {what}; Atelier runs {runs_labels()} text-to-image pipelines"
     )
 
 

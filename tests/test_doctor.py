@@ -301,6 +301,8 @@ def test_base_model_sources_are_checked_in_the_runner(
     (models / "no-index").mkdir(parents=True)
     config = {
         "good": str(_diffusers_folder(models / "sd15")),
+        "klein": str(_diffusers_folder(models / "klein", "Flux2KleinPipeline")),
+        "qwen": str(_diffusers_folder(models / "qwen", "QwenImagePipeline")),
         "gone": str(models / "deleted-folder"),
         "noindex": str(models / "no-index"),
         "video": str(_diffusers_folder(models / "video", "TextToVideoSDPipeline")),
@@ -322,7 +324,11 @@ def test_base_model_sources_are_checked_in_the_runner(
     gone = line(out, "base model gone")
     assert gone.startswith("✗") and "does not exist" in gone and "fix:" in gone
     assert "no model_index.json" in line(out, "base model noindex")
-    assert "TextToVideoSDPipeline" in line(out, "base model video")
+    video = line(out, "base model video")
+    assert "TextToVideoSDPipeline" in video and "FLUX.2 [klein]" in video and "Qwen-Image" in video
+    # Every family's pipeline passes: the families' own list, not an SD-only one.
+    assert line(out, "base model klein").startswith("✓")
+    assert line(out, "base model qwen").startswith("✓")
     assert "`config`" in line(out, "base model single-no-config")
     uncached = line(out, "base model uncached")
     assert uncached.startswith("✗") and "hf download studio/never-fetched" in uncached

@@ -54,6 +54,12 @@ def family_of_class_name(class_name: str) -> ModelFamily | None:
     return None
 
 
+def runs_labels() -> str:
+    """What Atelier runs, for messages: "SD1.5/SD2, SDXL, ... and Qwen-Image"."""
+    names = [f.runs_label for f in FAMILIES.values()]
+    return " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
+
+
 def tiny_builder(name: str) -> TinyBuilder | None:
     """The builder of a built-in model made in code (None: not one)."""
     for family in FAMILIES.values():
@@ -70,5 +76,6 @@ __all__ = [
     "family_of_pipeline",
     "family_of_pipeline_class",
     "get_family",
+    "runs_labels",
     "tiny_builder",
 ]
