@@ -22,7 +22,7 @@ from typing import Literal
 
 from storage.families import FAMILY_LABELS as FAMILY_LABELS  # re-exported: callers' labels
 
-Family = Literal["sd15", "sd2", "sdxl", "flux2-klein"]
+Family = Literal["sd15", "sd2", "sdxl", "flux2-klein", "zimage"]
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 32 * 1024 * 1024  # kohya headers with tag frequencies reach a few MB
@@ -179,11 +179,24 @@ _FLUX2_KEYS = (
     r"^(transformer\.)?single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj\.",
     r"^(transformer\.)?transformer_blocks\.\d+\.ff(_context)?\.linear_(in|out)\.",
 )
+# Z-Image LoRAs: its blocks (`layers`, `noise_refiner`, `context_refiner`) with their
+# `attention` (diffusers' to_q/to_k/to_v/to_out.0, or the original qkv/out),
+# `feed_forward.w1-3` and `adaLN_modulation`, under ComfyUI's `diffusion_model.`, diffusers'
+# `transformer.` or no prefix, or kohya-style with `lora_unet_` (some trainers write `__`).
+# Lumina 2 in diffusers names them `attn` and `feed_forward.linear_N`; its original NextDiT
+# names are Z-Image's own (Z-Image grew from it), so such a file reads as Z-Image.
+_ZIMAGE_KEYS = (
+    r"^(diffusion_model\.|transformer\.|base_model\.model\.)?"
+    r"(layers|noise_refiner|context_refiner)\.\d+\.(attention|feed_forward|adaLN_modulation)\.",
+    r"^lora_unet__?(layers|noise_refiner|context_refiner)_\d+_(attention|feed_forward|adaLN)_",
+)
 
 
 def _family_from_structure(keys: list[str]) -> Family | None:
     if any(re.search(pattern, k) for pattern in _FLUX2_KEYS for k in keys):
         return "flux2-klein"
+    if any(re.search(pattern, k) for pattern in _ZIMAGE_KEYS for k in keys):
+        return "zimage"
     # SDXL: no attention in the first down block, attention in up block 0, and
     # transformer depth above 1. SD1.x/2.x: attention in down block 0 and up block 3.
     sep = r"[._]"
@@ -217,6 +230,8 @@ def _family_from_metadata(meta: Mapping[str, str]) -> Family | None:
     version = meta.get("ss_base_model_version", "").lower()
     if arch.startswith("flux.2-klein") or version.startswith("flux2_klein"):
         return "flux2-klein"
+    if arch.startswith("z-image") or version.startswith("zimage"):
+        return "zimage"
     if arch.startswith("stable-diffusion-xl") or version.startswith("sdxl"):
         return "sdxl"
     if arch.startswith("stable-diffusion-v2") or version.startswith("sd_v2"):

@@ -9,6 +9,10 @@ Sources of the defaults:
   [flux2] diffusers 0.42 Flux2KleinPipeline defaults for the (undistilled) klein base:
           num_inference_steps 50, guidance_scale 4.0, 128 latent px x VAE factor 8 = 1024;
           flow-matching Euler (FlowMatchEulerDiscreteScheduler).
+  [zimage] diffusers 0.42 ZImagePipeline defaults: 1024x1024, num_inference_steps 50,
+          guidance_scale 5.0 (the inference example of diffusers' README_z_image.md uses the
+          same); flow-matching Euler. (The pipeline's docstring runs Z-Image-Turbo, the
+          distilled model, at 8 steps and CFG 0; these defaults are the base model's.)
 """
 
 from __future__ import annotations
@@ -19,24 +23,27 @@ from typing import Any, Literal
 
 from storage.training_bounds import Method
 
-Family = Literal["sd15", "sdxl", "flux2-klein"]
+Family = Literal["sd15", "sdxl", "flux2-klein", "zimage"]
 # Families with training presets and memory estimates (chat offers these).
-FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein")
+FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein", "zimage")
 # How people read each family (and SD2, which runs as SD1.5 but takes only SD2 adapters).
 FAMILY_LABELS: dict[str, str] = {
     "sd15": "SD1.5",
     "sd2": "SD2",
     "sdxl": "SDXL",
     "flux2-klein": "FLUX.2 [klein]",
+    "zimage": "Z-Image",
 }
 # The training methods each family supports. Textual inversion needs a CLIP-style token
 # table whose rows are the prompt's meaning; FLUX.2's Qwen3 language model reads prompts
 # through a chat template and 36 layers of context, where one new row is not a style (no
-# FLUX.2 trainer offers it: ai-toolkit, musubi-tuner, the diffusers examples).
+# FLUX.2 trainer offers it: ai-toolkit, musubi-tuner, the diffusers examples). Z-Image reads
+# prompts through a Qwen3 language model too, and no Z-Image trainer offers it either.
 TRAINING_METHODS: dict[Family, tuple[Method, ...]] = {
     "sd15": ("lora", "dora", "textual_inversion"),
     "sdxl": ("lora", "dora", "textual_inversion"),
     "flux2-klein": ("lora", "dora"),
+    "zimage": ("lora", "dora"),
 }
 # Chat spells methods as `/style train method=...` takes them.
 _CHAT_METHOD = {"textual_inversion": "ti"}
@@ -71,6 +78,7 @@ FAMILY_DEFAULTS: dict[Family, GenerationDefaults] = {
     "sd15": GenerationDefaults(512, 512, 25, "DPM++ 2M Karras", 7.0),  # [sd15]
     "sdxl": GenerationDefaults(1024, 1024, 30, "DPM++ 2M Karras", 5.0),  # [sdxl]
     "flux2-klein": GenerationDefaults(1024, 1024, 50, "Euler", 4.0),  # [flux2]
+    "zimage": GenerationDefaults(1024, 1024, 50, "Euler", 5.0),  # [zimage]
 }
 
 
@@ -103,6 +111,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             64,
             True,
             "FLUX.2 [klein] layout in miniature, random weights (tests)",
+        ),
+        BuiltinModel(
+            "tiny-zimage", "zimage", 64, True, "Z-Image layout in miniature, random weights (tests)"
         ),
         BuiltinModel(
             "toy-sd15",
@@ -145,15 +156,29 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 #          projections and 20 single blocks' 3072 -> 27648 fused projection; activations
 #          at 1024 px (4096 image + 512 text tokens) taken as 1.6x SDXL's checkpointed
 #          figure, as community klein-4B trainers report 13+ GB cards with 8-bit AdamW.
+# [zparams] Z-Image, counted from diffusers 0.42's ZImageTransformer2DModel defaults (the
+#          released 6B config: dim 3840, 30 layers + 2 noise + 2 context refiner blocks, 30
+#          heads, caption width 2560) built on the meta device: 6154.9M; the Qwen3-4B text
+#          encoder as Qwen3Model (36 layers, hidden 2560, config recalled offline): 4022.5M;
+#          the FLUX.1 VAE layout (16 channels, blocks 128-512): 83.8M. 2 bytes each. LoRA
+#          targets (ZImage.lora_targets) in all 34 blocks: 136 3840x3840 projections.
+# [zest]   Z-Image ESTIMATES, not measured (no GPU when written; bench/gpu.py should replace
+#          them): at 1024 px a block sees 4096 image + up to 512 caption tokens of width 3840.
+#          Checkpointed training keeps each of the 34 blocks' inputs (~35 MB each) and
+#          recomputes one block (~0.7 GB); without checkpointing every block keeps its
+#          activations (~730 MB: attention 10x the width, the 10240-wide SwiGLU 4x). A
+#          generation's peak is the FLUX.1 VAE decoding 1024 px beside the CFG pair's tokens.
 WEIGHTS_MB: dict[Family, int] = {
     "sd15": 2_035,  # [params]
     "sdxl": 6_616,  # [params]
     "flux2-klein": 15_200,  # [f2est]
+    "zimage": 19_572,  # [zparams]
 }
 LORA_PARAMS_PER_RANK: dict[Family, int] = {
     "sd15": 199_296,  # [lora]
     "sdxl": 1_451_520,  # [lora]
     "flux2-klein": 860_160,  # [f2est] 5 x 8 x 6144 + 20 x 30720
+    "zimage": 1_044_480,  # [zparams] 136 x 7680
 }
 TRAINABLE_BYTES_PER_PARAM = 16  # [adamw] 4 B weight + 4 B gradient + 8 B moments
 # Activations of one training image at the family's native side, with and without gradient
@@ -165,12 +190,15 @@ TRAIN_IMAGE_MB: dict[tuple[Family, bool], int] = {
     ("sdxl", False): 14_000,  # [est]
     ("flux2-klein", True): 4_000,  # [f2est]
     ("flux2-klein", False): 24_000,  # [f2est]
+    ("zimage", True): 2_500,  # [zest]
+    ("zimage", False): 25_000,  # [zest]
 }
 # One generated image at the native side: the UNet on the CFG pair, then the VAE decode.
 GENERATE_IMAGE_MB: dict[Family, int] = {
     "sd15": 1_000,  # [est]
     "sdxl": 4_000,  # [est]
     "flux2-klein": 3_000,  # [f2est] the CFG pair's 4608 tokens, then the VAE at 1024 px
+    "zimage": 3_000,  # [zest]
 }
 WORKSPACE_MB = 600  # [est]
 # DoRA: peft rebuilds each adapted weight (W + BA) to take its norm on every forward, and
@@ -199,6 +227,10 @@ PRESET_BATCH_RANK: dict[tuple[Family, str, str], tuple[int, int | None]] = {
     ("flux2-klein", "lora", "concept"): (1, 16),
     ("flux2-klein", "dora", "style"): (1, 16),
     ("flux2-klein", "dora", "concept"): (1, 8),
+    ("zimage", "lora", "style"): (1, 32),
+    ("zimage", "lora", "concept"): (1, 16),
+    ("zimage", "dora", "style"): (1, 16),
+    ("zimage", "dora", "concept"): (1, 8),
     **{
         (f, "textual_inversion", p): (4, None)
         for f in FAMILIES

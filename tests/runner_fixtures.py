@@ -48,12 +48,14 @@ def tiny_builders() -> dict[str, Callable[..., Any]]:
     # (measured: 94 s with 1 thread vs 340 s with 2 under a load of ~4).
     torch.set_num_threads(1)
     from gpu_runner.families.tiny_flux2_klein import build_tiny_flux2_klein_pipeline
+    from gpu_runner.families.tiny_zimage import build_tiny_zimage_pipeline
     from gpu_runner.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
 
     return {
         "sd15": build_tiny_sd15_pipeline,
         "sdxl": build_tiny_sdxl_pipeline,
         "flux2-klein": build_tiny_flux2_klein_pipeline,
+        "zimage": build_tiny_zimage_pipeline,
     }
 
 

@@ -9,9 +9,10 @@ from gpu_runner.families.base import ModelFamily, TinyBuilder
 from gpu_runner.families.flux2_klein import Flux2Klein
 from gpu_runner.families.sd15 import StableDiffusion15
 from gpu_runner.families.sdxl import StableDiffusionXL
+from gpu_runner.families.zimage import ZImage
 
 FAMILIES: dict[str, ModelFamily] = {
-    f.name: f for f in (StableDiffusion15(), StableDiffusionXL(), Flux2Klein())
+    f.name: f for f in (StableDiffusion15(), StableDiffusionXL(), Flux2Klein(), ZImage())
 }
 
 

@@ -83,6 +83,7 @@ BUILTIN_TRAINING: dict[str, dict[str, Any]] = {
     "tiny-sd15": _TINY,
     "tiny-sdxl": _TINY,
     "tiny-flux2-klein": _TINY,
+    "tiny-zimage": _TINY,
     "toy-sd15": _TOY,
 }
 

@@ -147,19 +147,41 @@ class TextCond:
 
     hidden: torch.Tensor  # (N, tokens, dim)
     pooled: torch.Tensor | None = None  # (N, dim)
+    # (N, tokens) bool: each caption's own tokens where the encoder keeps captions at their
+    # own lengths (Z-Image), padded here to one tensor; None: every token is read.
+    mask: torch.Tensor | None = None
 
     def select(self, idx: torch.Tensor) -> TextCond:
         pooled = None if self.pooled is None else self.pooled[idx]
-        return TextCond(self.hidden[idx], pooled)
+        mask = None if self.mask is None else self.mask[idx]
+        return TextCond(self.hidden[idx], pooled, mask)
+
+    def _padded(self, tokens: int) -> TextCond:
+        """The same captions padded with unread rows to `tokens` rows."""
+        n, have, dim = self.hidden.shape
+        if have == tokens:
+            return self
+        device = self.hidden.device
+        mask = torch.ones((n, have), dtype=torch.bool, device=device)
+        mask = mask if self.mask is None else self.mask
+        pad = tokens - have
+        hidden = torch.cat([self.hidden, self.hidden.new_zeros((n, pad, dim))], dim=1)
+        mask = torch.cat([mask, mask.new_zeros((n, pad))], dim=1)
+        return TextCond(hidden, self.pooled, mask)
 
     def where(self, mask: torch.Tensor, other: TextCond) -> TextCond:
         """Per sample: `other` (e.g. the empty caption) where mask is True, else self."""
         m = mask.to(self.hidden.device)
-        hidden = torch.where(m[:, None, None], other.hidden.expand_as(self.hidden), self.hidden)
+        tokens = max(self.hidden.shape[1], other.hidden.shape[1])
+        a, b = self._padded(tokens), other._padded(tokens)
+        hidden = torch.where(m[:, None, None], b.hidden.expand_as(a.hidden), a.hidden)
         pooled = None
-        if self.pooled is not None and other.pooled is not None:
-            pooled = torch.where(m[:, None], other.pooled.expand_as(self.pooled), self.pooled)
-        return TextCond(hidden, pooled)
+        if a.pooled is not None and b.pooled is not None:
+            pooled = torch.where(m[:, None], b.pooled.expand_as(a.pooled), a.pooled)
+        rows = None
+        if a.mask is not None and b.mask is not None:
+            rows = torch.where(m[:, None], b.mask.expand_as(a.mask), a.mask)
+        return TextCond(hidden, pooled, rows)
 
 
 def encode_text(
