@@ -382,3 +382,24 @@ def test_textual_inversion_is_refused_naming_the_methods_that_work() -> None:
         r"method=dora",
     ):
         make_config("textual_inversion", "zimage", "style", trigger="zxq")
+
+
+def test_memory_estimates_use_zimages_own_figures() -> None:
+    from storage.families import memory_needed_mb
+    from storage.job_payloads import JobKind
+
+    def need(base: str, family: str, kind: str, **kw: Any) -> int:
+        value = memory_needed_mb(
+            kind, base, {base: {"source": f"/m/{base}", "family": family}}, **kw
+        )
+        assert value is not None
+        return value
+
+    # Its 10.3 B parameters (6.2 B transformer, 4 B Qwen3) outweigh FLUX.2 [klein] 4B's.
+    for kind in (JobKind.GENERATE, JobKind.TRAIN):
+        assert need("z", "zimage", kind) > need("k", "flux2-klein", kind)
+    assert need("z", "zimage", JobKind.TRAIN, rank=128) > need("z", "zimage", JobKind.TRAIN, rank=8)
+    assert need("z", "zimage", JobKind.GENERATE, width=1536, height=1536) > need(
+        "z", "zimage", JobKind.GENERATE
+    )
+    assert memory_needed_mb(JobKind.TRAIN, BASE, {}) is None  # built-in
