@@ -403,3 +403,17 @@ def test_memory_estimates_use_zimages_own_figures() -> None:
         "z", "zimage", JobKind.GENERATE
     )
     assert memory_needed_mb(JobKind.TRAIN, BASE, {}) is None  # built-in
+
+
+def test_a_zimage_checkpoint_is_told_by_the_key_diffusers_tells_it_by(family: Any) -> None:
+    """A single Z-Image checkpoint in the original names (as ComfyUI holds it) is Z-Image to
+    the loader, as it is to diffusers' own single-file detection."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from gpu_runner.pipelines import _family_from_checkpoint_keys
+
+    native = _comfy_native_state(family.tiny_builders[BASE](0).transformer)
+    assert infer_diffusers_model_type(native) == "z-image-turbo"
+    assert _family_from_checkpoint_keys(list(native)).name == "zimage"
+    sd_unet = ["model.diffusion_model.input_blocks.0.0.weight"]
+    assert _family_from_checkpoint_keys(sd_unet).name == "sd15"
