@@ -23,7 +23,7 @@ from typing import Literal
 
 from storage.families import FAMILY_LABELS as FAMILY_LABELS  # re-exported: callers' labels
 
-Family = Literal["sd15", "sd2", "sdxl", "flux2-klein", "flux1", "qwenimage"]
+Family = Literal["sd15", "sd2", "sdxl", "flux2-klein", "flux1", "qwenimage", "zimage"]
 _FLUX_FAMILIES: tuple[Family, ...] = ("flux2-klein", "flux1")
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -242,11 +242,26 @@ _QWENIMAGE_KEYS = (
 _SINGLE_STREAM = r"single_(transformer_)?blocks"
 
 
+# Z-Image LoRAs: its blocks (`layers`, `noise_refiner`, `context_refiner`) with their
+# `attention` (diffusers' to_q/to_k/to_v/to_out.0, or the original qkv/out),
+# `feed_forward.w1-3` and `adaLN_modulation`, under ComfyUI's `diffusion_model.`, diffusers'
+# `transformer.` or no prefix, or kohya-style with `lora_unet_` (some trainers write `__`).
+# Lumina 2 in diffusers names them `attn` and `feed_forward.linear_N`; its original NextDiT
+# names are Z-Image's own (Z-Image grew from it), so such a file reads as Z-Image.
+_ZIMAGE_KEYS = (
+    r"^(diffusion_model\.|transformer\.|base_model\.model\.)?"
+    r"(layers|noise_refiner|context_refiner)\.\d+\.(attention|feed_forward|adaLN_modulation)\.",
+    r"^lora_unet__?(layers|noise_refiner|context_refiner)_\d+_(attention|feed_forward|adaLN)_",
+)
+
+
 def _family_from_structure(keys: list[str]) -> Family | None:
     if any(re.search(p, k) for p in _QWENIMAGE_KEYS for k in keys) and not any(
         re.search(_SINGLE_STREAM, k) for k in keys
     ):
         return "qwenimage"
+    if any(re.search(pattern, k) for pattern in _ZIMAGE_KEYS for k in keys):
+        return "zimage"
     # SDXL: no attention in the first down block, attention in up block 0, and
     # transformer depth above 1. SD1.x/2.x: attention in down block 0 and up block 3.
     sep = r"[._]"
@@ -286,6 +301,8 @@ def _family_from_metadata(meta: Mapping[str, str]) -> Family | None:
     # musubi-tuner's "Qwen-Image/lora", ai-toolkit's "qwen_image" (not Qwen-Image-2.x).
     if arch.split("/")[0] == "qwen-image" or version == "qwen_image":
         return "qwenimage"
+    if arch.startswith("z-image") or version.startswith("zimage"):
+        return "zimage"
     if arch.startswith("stable-diffusion-xl") or version.startswith("sdxl"):
         return "sdxl"
     if arch.startswith("stable-diffusion-v2") or version.startswith("sd_v2"):
@@ -305,7 +322,7 @@ def detect_family(tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str]
     structural = _family_from_structure(list(tensors))
     by_dim: dict[int, Family] = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
     dim = _context_dim(tensors)
-    if structural in ("sdxl", "qwenimage"):
+    if structural in ("sdxl", "qwenimage", "zimage"):
         return structural
     if dim in by_dim:
         return by_dim[dim]

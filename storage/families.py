@@ -15,6 +15,10 @@ Sources of the defaults:
   [qwen]  Qwen/Qwen-Image model card: 1328x1328 for 1:1 (its aspect table), 50 steps,
           true_cfg_scale 4.0 with a negative prompt; QwenImagePipeline samples with
           flow-matching Euler. Sides are multiples of 16 (VAE factor 8 x 2x2 packing).
+  [zimage] diffusers 0.42 ZImagePipeline defaults: 1024x1024, num_inference_steps 50,
+          guidance_scale 5.0 (the inference example of diffusers' README_z_image.md uses the
+          same); flow-matching Euler. (The pipeline's docstring runs Z-Image-Turbo, the
+          distilled model, at 8 steps and CFG 0; these defaults are the base model's.)
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from typing import Any, Literal
 
 from storage.training_bounds import Method
 
-Family = Literal["sd15", "sdxl", "flux2-klein", "flux1", "qwenimage"]
+Family = Literal["sd15", "sdxl", "flux2-klein", "flux1", "qwenimage", "zimage"]
 # Families with training presets and memory estimates (chat offers these).
-FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein", "flux1", "qwenimage")
+FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux2-klein", "flux1", "qwenimage", "zimage")
 # How people read each family (and SD2, which runs as SD1.5 but takes only SD2 adapters).
 FAMILY_LABELS: dict[str, str] = {
     "sd15": "SD1.5",
@@ -36,6 +40,7 @@ FAMILY_LABELS: dict[str, str] = {
     "flux2-klein": "FLUX.2 [klein]",
     "flux1": "FLUX.1",
     "qwenimage": "Qwen-Image",
+    "zimage": "Z-Image",
 }
 # The training methods each family supports. Textual inversion needs a CLIP-style token
 # table whose rows are the prompt's meaning; FLUX.2's Qwen3 language model reads prompts
@@ -44,6 +49,8 @@ FAMILY_LABELS: dict[str, str] = {
 # CLIP-L gives only a pooled summary; its prompt's tokens are T5's, where a new row helps
 # only beside a LoRA (the diffusers advanced script's pivotal tuning), not alone (kohya
 # sd-scripts and ai-toolkit train FLUX.1 LoRAs only).
+# FLUX.2 trainer offers it: ai-toolkit, musubi-tuner, the diffusers examples). Z-Image reads
+# prompts through a Qwen3 language model too, and no Z-Image trainer offers it either.
 TRAINING_METHODS: dict[Family, tuple[Method, ...]] = {
     "sd15": ("lora", "dora", "textual_inversion"),
     "sdxl": ("lora", "dora", "textual_inversion"),
@@ -52,6 +59,7 @@ TRAINING_METHODS: dict[Family, tuple[Method, ...]] = {
     # Qwen-Image reads the last layer of a 28-layer Qwen2.5-VL behind a system prompt: as
     # for FLUX.2, one new token row is no style, and no Qwen-Image trainer offers it.
     "qwenimage": ("lora", "dora"),
+    "zimage": ("lora", "dora"),
 }
 # Chat spells methods as `/style train method=...` takes them.
 _CHAT_METHOD = {"textual_inversion": "ti"}
@@ -88,6 +96,7 @@ FAMILY_DEFAULTS: dict[Family, GenerationDefaults] = {
     "flux2-klein": GenerationDefaults(1024, 1024, 50, "Euler", 4.0),  # [flux2]
     "flux1": GenerationDefaults(1024, 1024, 28, "Euler", 3.5),  # [flux1]
     "qwenimage": GenerationDefaults(1328, 1328, 50, "Euler", 4.0),  # [qwen]
+    "zimage": GenerationDefaults(1024, 1024, 50, "Euler", 5.0),  # [zimage]
 }
 
 
@@ -134,6 +143,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             64,
             True,
             "Qwen-Image layout in miniature, random weights (tests)",
+        ),
+        BuiltinModel(
+            "tiny-zimage", "zimage", 64, True, "Z-Image layout in miniature, random weights (tests)"
         ),
         BuiltinModel(
             "toy-sd15",
@@ -199,12 +211,25 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 #          text encoder off the GPU: ~1.2 GB beside the 40.9 GB transformer, scaled to
 #          1328 px (x1.68) with headroom. Without checkpointing: ~20 saved tensors of
 #          6889 image tokens x 3072 in bf16 per block (MLP's 4x counted 4 times), 60 blocks.
+# [zparams] Z-Image, counted from diffusers 0.42's ZImageTransformer2DModel defaults (the
+#          released 6B config: dim 3840, 30 layers + 2 noise + 2 context refiner blocks, 30
+#          heads, caption width 2560) built on the meta device: 6154.9M; the Qwen3-4B text
+#          encoder as Qwen3Model (36 layers, hidden 2560, config recalled offline): 4022.5M;
+#          the FLUX.1 VAE layout (16 channels, blocks 128-512): 83.8M. 2 bytes each. LoRA
+#          targets (ZImage.lora_targets) in all 34 blocks: 136 3840x3840 projections.
+# [zest]   Z-Image ESTIMATES, not measured (no GPU when written; bench/gpu.py should replace
+#          them): at 1024 px a block sees 4096 image + up to 512 caption tokens of width 3840.
+#          Checkpointed training keeps each of the 34 blocks' inputs (~35 MB each) and
+#          recomputes one block (~0.7 GB); without checkpointing every block keeps its
+#          activations (~730 MB: attention 10x the width, the 10240-wide SwiGLU 4x). A
+#          generation's peak is the FLUX.1 VAE decoding 1024 px beside the CFG pair's tokens.
 WEIGHTS_MB: dict[Family, int] = {
     "sd15": 2_035,  # [params]
     "sdxl": 6_616,  # [params]
     "flux2-klein": 15_200,  # [f2est]
     "flux1": 32_178,  # [f1est]
     "qwenimage": 55_026,  # [qwest]
+    "zimage": 19_572,  # [zparams]
 }
 # The denoiser's share of WEIGHTS_MB: what a quantized base (NF4) shrinks.
 DENOISER_MB: dict[Family, int] = {
@@ -213,6 +238,7 @@ DENOISER_MB: dict[Family, int] = {
     "flux2-klein": 7_800,  # [f2est] ~3.9B x 2 B
     "flux1": 22_700,  # [f1est] 11,901.4M x 2 B
     "qwenimage": 40_861,  # [qwest] 20,430.4M x 2 B
+    "zimage": 12_310,  # [zparams] 6,154.9M x 2 B
 }
 # [nf4] bitsandbytes NF4: 4 bits a weight plus one fp32 absmax per block of 64 weights
 #       (Dettmers et al. 2023, "QLoRA"): 4.5 / 16 of bf16's bytes.
@@ -223,6 +249,7 @@ LORA_PARAMS_PER_RANK: dict[Family, int] = {
     "flux2-klein": 860_160,  # [f2est] 5 x 8 x 6144 + 20 x 30720
     "flux1": 3_385_344,  # [f1est] 19 x (8 x 6144 + 4 x 15360) + 38 x (3 x 6144 + 15360)
     "qwenimage": 2_949_120,  # [qwest] 60 x 8 x 6144
+    "zimage": 1_044_480,  # [zparams] 136 x 7680
 }
 TRAINABLE_BYTES_PER_PARAM = 16  # [adamw] 4 B weight + 4 B gradient + 8 B moments
 # Activations of one training image at the family's native side, with and without gradient
@@ -238,6 +265,8 @@ TRAIN_IMAGE_MB: dict[tuple[Family, bool], int] = {
     ("flux1", False): 40_000,  # [f1est]
     ("qwenimage", True): 2_500,  # [qwest]
     ("qwenimage", False): 52_000,  # [qwest]
+    ("zimage", True): 2_500,  # [zest]
+    ("zimage", False): 25_000,  # [zest]
 }
 # One generated image at the native side: the UNet on the CFG pair, then the VAE decode.
 GENERATE_IMAGE_MB: dict[Family, int] = {
@@ -246,6 +275,7 @@ GENERATE_IMAGE_MB: dict[Family, int] = {
     "flux2-klein": 3_000,  # [f2est] the CFG pair's 4608 tokens, then the VAE at 1024 px
     "flux1": 3_000,  # [f1est]
     "qwenimage": 6_000,  # [qwest] true CFG's two passes of 6889 tokens, the video VAE at 1328
+    "zimage": 3_000,  # [zest]
 }
 WORKSPACE_MB = 600  # [est]
 # DoRA: peft rebuilds each adapted weight (W + BA) to take its norm on every forward, and
@@ -282,6 +312,10 @@ PRESET_BATCH_RANK: dict[tuple[Family, str, str], tuple[int, int | None]] = {
     ("qwenimage", "lora", "concept"): (1, 16),
     ("qwenimage", "dora", "style"): (1, 16),
     ("qwenimage", "dora", "concept"): (1, 8),
+    ("zimage", "lora", "style"): (1, 32),
+    ("zimage", "lora", "concept"): (1, 16),
+    ("zimage", "dora", "style"): (1, 16),
+    ("zimage", "dora", "concept"): (1, 8),
     **{
         (f, "textual_inversion", p): (4, None)
         for f in FAMILIES

@@ -50,6 +50,7 @@ def tiny_builders() -> dict[str, Callable[..., Any]]:
     from gpu_runner.families.tiny_flux1 import build_tiny_flux1_pipeline
     from gpu_runner.families.tiny_flux2_klein import build_tiny_flux2_klein_pipeline
     from gpu_runner.families.tiny_qwenimage import build_tiny_qwenimage_pipeline
+    from gpu_runner.families.tiny_zimage import build_tiny_zimage_pipeline
     from gpu_runner.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
 
     return {
@@ -58,6 +59,7 @@ def tiny_builders() -> dict[str, Callable[..., Any]]:
         "flux2-klein": build_tiny_flux2_klein_pipeline,
         "flux1": build_tiny_flux1_pipeline,
         "qwenimage": build_tiny_qwenimage_pipeline,
+        "zimage": build_tiny_zimage_pipeline,
     }
 
 

@@ -149,15 +149,17 @@ def test_estimates_follow_family_size_count_rank_and_method() -> None:
 
 def test_preset_shapes_in_the_estimates_match_the_presets() -> None:
     from gpu_runner.training.config import preset_defaults
-    from storage.families import FAMILY_DEFAULTS, PRESET_BATCH_RANK
+    from storage.families import FAMILIES, FAMILY_DEFAULTS, PRESET_BATCH_RANK, TRAINING_METHODS
+    from storage.training_bounds import PRESETS
 
     for (family, method, preset), (batch, rank) in PRESET_BATCH_RANK.items():
         values = preset_defaults(method, family, preset)
         assert (values["batch_size"], values.get("rank")) == (batch, rank), (family, method)
         assert values["resolution"] == FAMILY_DEFAULTS[family].width
-    # 2 SD families x 3 methods x 2 presets, and FLUX.2 [klein], FLUX.1 and Qwen-Image x
-    # (LoRA, DoRA) x 2 presets each.
-    assert len(PRESET_BATCH_RANK) == 24
+    # One entry for every method each family trains, in every preset, and no other.
+    assert set(PRESET_BATCH_RANK) == {
+        (f, m, p) for f in FAMILIES for m in TRAINING_METHODS[f] for p in PRESETS
+    }
 
 
 # --- textual inversion ---------------------------------------------------------------------

@@ -119,12 +119,16 @@ def test_bad_request_ends_with_a_clear_message(services: Any, trained: dict[str,
     assert "prompt" in (job.error or "") and "token" in (job.error or "")
 
 
-def _run_until_killed(data_dir: Path, failpoint: str) -> subprocess.CompletedProcess[bytes]:
+def _run_until_killed(
+    data_dir: Path, failpoint: str, database_url: str | None = None
+) -> subprocess.CompletedProcess[bytes]:
     env = {
         **os.environ,
         "ATELIER_DATA_DIR": str(data_dir),
         "ATELIER_DEVICE": "cpu",
         "ATELIER_FAILPOINTS": failpoint,
+        # None: the data folder's SQLite database.
+        **({"ATELIER_DATABASE_URL": database_url} if database_url else {}),
     }
     return subprocess.run(
         [sys.executable, "-m", "gpu_runner", "--until-idle", "--id", "doomed"],

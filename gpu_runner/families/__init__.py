@@ -11,10 +11,18 @@ from gpu_runner.families.flux2_klein import Flux2Klein
 from gpu_runner.families.qwenimage import QwenImage
 from gpu_runner.families.sd15 import StableDiffusion15
 from gpu_runner.families.sdxl import StableDiffusionXL
+from gpu_runner.families.zimage import ZImage
 
 FAMILIES: dict[str, ModelFamily] = {
     f.name: f
-    for f in (StableDiffusion15(), StableDiffusionXL(), Flux2Klein(), Flux1(), QwenImage())
+    for f in (
+        StableDiffusion15(),
+        StableDiffusionXL(),
+        Flux2Klein(),
+        Flux1(),
+        QwenImage(),
+        ZImage(),
+    )
 }
 
 

@@ -88,6 +88,7 @@ BUILTIN_TRAINING: dict[str, dict[str, Any]] = {
     "tiny-flux2-klein": _TINY,
     "tiny-flux1": _TINY,
     "tiny-qwenimage": _TINY,
+    "tiny-zimage": _TINY,
     "toy-sd15": _TOY,
 }
 

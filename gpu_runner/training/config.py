@@ -187,6 +187,10 @@ AnyTrainConfig = LoraConfig | DoraConfig | TextualInversionConfig
 #  [musqw]  kohya-ss/musubi-tuner docs/qwen_image.md LoRA example: network_dim 16,
 #           learning_rate 5e-5, weighting_scheme none, batch 1 (its VRAM table), bf16 with
 #           gradient checkpointing; 1328x1328 is the resolution it writes for Qwen-Image.
+#  [dzimage] diffusers examples/dreambooth README_z_image.md (train_dreambooth_lora_z_image.py)
+#           on Tongyi-MAI/Z-Image: lr 1e-4, resolution 1024, batch 1 x 4 accumulation, 500
+#           steps for a subject, "constant" schedule (its 100 warmup steps apply only to
+#           constant_with_warmup), flow matching without SNR weights.
 _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # Styles want more capacity (rank 32/alpha 16 is the common kohya style setting) and a
     # little caption dropout so the look also leaks into untriggered text.
@@ -312,6 +316,31 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "min_snr_gamma": None,  # [dqwen]
         "lr_scheduler": "constant_with_warmup",  # [dqwen] constant
         "warmup_steps": 0,  # [dqwen] constant, no warmup
+    },
+    # Z-Image: the same shapes as FLUX.2 [klein] (1024 px, batch 1, flow matching).
+    ("zimage", "style"): {
+        "rank": 32,  # [kohya] community style setting, as for SD
+        "alpha": 16,  # [kohya]
+        "learning_rate": 1e-4,  # [dzimage]
+        "steps": 2000,  # as SDXL style: 4x [dzimage]'s subject run at batch 1
+        "resolution": 1024,  # [dzimage] Z-Image native
+        "batch_size": 1,  # [dzimage]
+        "caption_dropout": 0.05,  # [kohya]
+        "min_snr_gamma": None,  # [dzimage] flow matching weights no timestep by SNR
+        "lr_scheduler": "cosine",  # [kohya], as the SD style presets
+        "warmup_steps": 100,  # [kohya]
+    },
+    ("zimage", "concept"): {
+        "rank": 16,
+        "alpha": 8,
+        "learning_rate": 1e-4,  # [dzimage]
+        "steps": 1000,  # [dzimage] 500 at 1 x 4, doubled for several views (as SDXL)
+        "resolution": 1024,  # [dzimage]
+        "batch_size": 1,  # [dzimage]
+        "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "min_snr_gamma": None,  # [dzimage]
+        "lr_scheduler": "constant_with_warmup",  # [dzimage] constant
+        "warmup_steps": 0,  # [dzimage]
     },
 }
 _TI_PRESETS: dict[tuple[str, str], dict[str, Any]] = {

@@ -144,7 +144,8 @@ class BatchSampler:
 class TextCond:
     """What the denoiser is conditioned on: per-token hidden states, for families that read
     one (SDXL) a pooled vector, and for families whose encoder pads prompts to the longest
-    in the batch (Qwen-Image) which tokens are real."""
+    in the batch (Qwen-Image) or keeps each at its own length (Z-Image) which tokens are
+    real."""
 
     hidden: torch.Tensor  # (N, tokens, dim)
     pooled: torch.Tensor | None = None  # (N, dim)

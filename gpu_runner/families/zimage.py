@@ -1,0 +1,183 @@
+"""Z-Image (Tongyi-MAI): one single-stream transformer (`layers`, after a `noise_refiner` for
+the image tokens and a `context_refiner` for the caption's) on 2x2-patched 16-channel latents
+(the FLUX.1 VAE's shift and scale), one Qwen3 text encoder whose captions stay variable in
+length, flow matching with the model predicting the negated velocity, and LoRA files keyed
+`diffusion_model.<diffusers module>` with kohya's `lora_down`/`lora_up`/`alpha`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from gpu_runner.families.base import ModelFamily, TinyBuilder
+from gpu_runner.prompts import InvalidRequestError
+from gpu_runner.training.dataset import TextCond
+from gpu_runner.training.objective import FlowMatchObjective, Objective
+
+# ZImagePipeline's max_sequence_length default: the tokenizer cuts tokens past it silently.
+MAX_SEQUENCE_LENGTH = 512
+# The prefix ComfyUI's Z-Image (Lumina2) key map reads diffusers module names under
+# (comfy/lora.py `model_lora_keys_unet`, z_image_to_diffusers), which InvokeAI's Z-Image
+# LoRA probe requires and diffusers' Z-Image converter strips.
+KEY_PREFIX = "diffusion_model."
+# The modules ComfyUI's z_image_to_diffusers table maps onto its native weights: inside each
+# block, then the model's own embedders and final layer.
+BLOCKS = ("layers", "noise_refiner", "context_refiner")
+BLOCK_MODULES = (
+    "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0",
+)  # fmt: skip
+MODEL_MODULES = (
+    "all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1",
+    "all_x_embedder.2-1", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2",
+)  # fmt: skip
+_PEFT_SUFFIXES = {
+    ".lora_A.weight": "lora_down.weight",
+    ".lora_B.weight": "lora_up.weight",
+    ".lora_magnitude_vector": "dora_scale",  # DoRA; LyCORIS/kohya keep it (out_features, 1)
+}
+
+
+def _tiny(seed: int) -> Any:
+    from gpu_runner.families.tiny_zimage import build_tiny_zimage_pipeline
+
+    return build_tiny_zimage_pipeline(seed)
+
+
+def mapped_module(module: str) -> bool:
+    """Whether ComfyUI's Z-Image key map has this diffusers module (`layers.3.attention.to_q`)."""
+    block, _, rest = module.partition(".")
+    index, _, inner = rest.partition(".")
+    if block in BLOCKS and index.isdigit():
+        return inner in BLOCK_MODULES
+    return module in MODEL_MODULES
+
+
+class ZImage(ModelFamily):
+    name = "zimage"
+    label = "Z-Image"
+    runs_label = "Z-Image"
+    pipeline_class_names = ("ZImagePipeline",)
+    denoiser_attr = "transformer"
+    tiny_builders: ClassVar[Mapping[str, TinyBuilder]] = {"tiny-zimage": _tiny}
+    # Attention in every block: the default of diffusers' Z-Image LoRA example
+    # (examples/dreambooth/train_dreambooth_lora_z_image.py, --lora_layers unset).
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # kohya-ss/musubi-tuner src/musubi_tuner/utils/sai_model_spec.py: ARCH_Z_IMAGE and
+    # IMPL_Z_IMAGE.
+    modelspec_architecture = "Z-Image"
+    modelspec_implementation = "https://github.com/Tongyi-MAI/Z-Image"
+    # Atelier's own value: no kohya ss_base_model_version for Z-Image was found to follow.
+    ss_base_model_version = "zimage"
+    # The key diffusers' single-file loader tells a Z-Image checkpoint by (CHECKPOINT_KEY_NAMES).
+    single_file_marker = "layers.0.adaLN_modulation.0."
+
+    def pipeline_class(self) -> type[Any]:
+        from diffusers import ZImagePipeline
+
+        return ZImagePipeline
+
+    def pipeline_classes(self) -> tuple[type[Any], ...]:
+        # The image-to-image pipeline diffusers' AutoPipelineForImage2Image makes from it.
+        from diffusers import ZImageImg2ImgPipeline, ZImagePipeline
+
+        return (ZImagePipeline, ZImageImg2ImgPipeline)
+
+    def encode_text(
+        self, pipe: Any, prompts: list[str], device: torch.device, *, grad: bool = False
+    ) -> TextCond:
+        # The pipeline keeps only each caption's own tokens (the transformer reads captions
+        # of any length): pad them to one tensor and say which rows are real.
+        with torch.set_grad_enabled(grad):
+            embeds, _ = pipe.encode_prompt(
+                list(prompts),  # the pipeline rewrites the list it is given in place
+                device=device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
+        hidden = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+        lengths = torch.tensor([len(e) for e in embeds], device=hidden.device)
+        mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
+        return TextCond(hidden, token_mask=mask)
+
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: TextCond,
+        extra: torch.Tensor | None,
+    ) -> torch.Tensor:
+        dtype = denoiser.dtype  # type: ignore[attr-defined]
+        mask = cond.token_mask
+        assert mask is not None, "Z-Image captions carry their token mask"
+        # As ZImagePipeline calls it: one (C, frames=1, h, w) latent and one caption of its
+        # own length per image, and the time as 1 - t/1000.
+        out = denoiser(
+            list(noisy.to(dtype).unsqueeze(2).unbind(0)),
+            (1000 - timesteps.float()) / 1000,
+            [h[m.bool()].to(dtype) for h, m in zip(cond.hidden, mask, strict=True)],
+            return_dict=False,
+        )[0]
+        # The model predicts the negated velocity (the pipeline and diffusers' Z-Image LoRA
+        # example both negate it).
+        return -torch.stack(out).squeeze(2)
+
+    def objective(self, pipe: Any, config: Any, device: torch.device) -> Objective:
+        return FlowMatchObjective(pipe.scheduler.config)
+
+    def make_scheduler(self, base_config: Mapping[str, Any], sampler: str) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from gpu_runner.samplers import resolve_sampler
+
+        if resolve_sampler(sampler).name != "Euler":
+            raise InvalidRequestError(f"{self.label} samples with Euler (flow matching) only")
+        return FlowMatchEulerDiscreteScheduler.from_config(dict(base_config))
+
+    def call_kwargs(self, negative_prompts: list[str]) -> dict[str, Any]:
+        return {"negative_prompt": negative_prompts, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    def expand_prompt(self, pipe: Any, text: str) -> str:
+        return text  # no textual-inversion embeddings to expand
+
+    def check_prompt_length(self, pipe: Any, text: str, what: str) -> None:
+        # Counted as the pipeline tokenizes: inside Qwen3's chat template, thinking on.
+        tok = pipe.tokenizer
+        templated = tok.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        used = len(tok(templated)["input_ids"])
+        if used > MAX_SEQUENCE_LENGTH:
+            raise InvalidRequestError(
+                f"the {what} is {used} tokens long (with the chat template) but {self.label}'s "
+                f"text encoder reads at most {MAX_SEQUENCE_LENGTH}; shorten it by "
+                f"{used - MAX_SEQUENCE_LENGTH} tokens"
+            )
+
+    def kohya_state(
+        self, peft_state: Mapping[str, torch.Tensor], alpha: float
+    ) -> dict[str, torch.Tensor]:
+        """Each peft layer under `diffusion_model.<module>` with kohya's suffixes; q, k and v
+        stay separate (ComfyUI slices them into its fused qkv itself)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in peft_state.items():
+            suffix = next((s for s in _PEFT_SUFFIXES if key.endswith(s)), None)
+            if suffix is None:
+                raise ValueError(f"unexpected LoRA weight {key!r}: only LoRA/DoRA is exported")
+            module = key.removesuffix(suffix)
+            if not mapped_module(module):
+                raise ValueError(f"{module} has no ComfyUI Z-Image key; train only mapped layers")
+            value = tensor.detach().float().cpu()
+            if suffix == ".lora_magnitude_vector":
+                value = value.reshape(-1, 1)
+            out[f"{KEY_PREFIX}{module}.{_PEFT_SUFFIXES[suffix]}"] = value.contiguous()
+            if suffix == ".lora_A.weight":
+                out[f"{KEY_PREFIX}{module}.alpha"] = torch.tensor(float(alpha))
+        return out
