@@ -308,3 +308,21 @@ def test_qwen_image_estimates_use_its_own_figures_and_refuse_textual_inversion()
     with pytest.raises(MethodNotSupportedError, match="use method=lora or method=dora"):
         memory_needed_mb(JobKind.TRAIN, "qwen", qwen, method="textual_inversion")
     assert memory_needed_mb(JobKind.TRAIN, "tiny-qwenimage", {}) is None  # built-in
+
+
+def test_the_readme_memory_table_is_the_estimates() -> None:
+    from pathlib import Path
+
+    from storage.families import FAMILIES, FAMILY_LABELS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for family in FAMILIES:
+        configured = {"m": {"source": "/m", "family": family}}
+        figures = [
+            memory_needed_mb(JobKind.GENERATE, "m", configured),
+            memory_needed_mb(JobKind.TRAIN, "m", configured, method="lora"),
+            memory_needed_mb(JobKind.TRAIN, "m", configured, method="dora"),
+            memory_needed_mb(JobKind.TRAIN, "m", configured, method="lora", quantize="nf4"),
+        ]
+        cells = " | ".join(f"about {mb / 1024:.1f} GB" for mb in figures if mb is not None)
+        assert f"| {FAMILY_LABELS[family]} | {cells} |" in readme, family
