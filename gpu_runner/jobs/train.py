@@ -281,7 +281,8 @@ def _progress_reporter(services: RunnerServices, ctx: JobContext, inputs: RunInp
             f" · {rate:.1f} steps/s{eta}"
         )
         if "val_loss" in extras:
-            text += f"\nHeld-out loss {extras['val_loss']:.4f} (base {extras['base_val_loss']:.4f})"
+            which = "Held-out loss" if extras.get("held_out", True) else "Loss on the training set"
+            text += f"\n{which} {extras['val_loss']:.4f} (base {extras['base_val_loss']:.4f})"
         samples = tuple(
             Attachment(services.blobs.put_bytes(Path(p).read_bytes()).sha256, Path(p).name)
             for p in extras.get("samples", [])
@@ -358,10 +359,12 @@ def _publish(
         "val_loss": result.val_loss,
         "val_improvement": result.val_improvement,
         "val_history": result.val_history,
+        "held_out": result.held_out,
     }
     improvement = result.val_improvement
+    which = "held-out loss" if result.held_out else "loss on the training images"
     summary = (
-        f"held-out loss {result.val_loss:.4f} vs base {result.base_val_loss:.4f}"
+        f"{which} {result.val_loss:.4f} vs base {result.base_val_loss:.4f}"
         + (f" ({improvement:+.0%} better)" if improvement is not None else "")
         if result.val_loss is not None
         else "no held-out loss"

@@ -21,6 +21,7 @@ from gpu_runner.families import family_of_pipeline, get_family
 from gpu_runner.training import checkpoint as ckpt
 from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
 from gpu_runner.training.dataset import (
+    HOLD_OUT_FROM,
     BatchSampler,
     ImageLike,
     PreparedData,
@@ -75,7 +76,7 @@ class TrainResult:
     stopped: bool  # should_stop() ended the run early; a checkpoint holds its state
     resumed_from: int | None  # checkpoint step this call started from (None: from scratch)
     base_val_loss: float
-    val_loss: float | None  # last held-out loss of the trained weights
+    val_loss: float | None  # last validation loss of the trained weights
     val_history: list[tuple[int, float]]
     loss_history: list[float]
     checkpoint: Path | None  # latest checkpoint folder
@@ -84,10 +85,12 @@ class TrainResult:
     embedding_path: Path | None = None
     report: ReportFiles | None = None
     sample_images: list[Path] = field(default_factory=list)
+    # Validation on held-out images, or (a small set) on the training images themselves.
+    held_out: bool = True
 
     @property
     def val_improvement(self) -> float | None:
-        """Relative drop of held-out loss against the base (0.4 = 40% lower)."""
+        """Relative drop of validation loss against the base (0.4 = 40% lower)."""
         if self.val_loss is None or self.base_val_loss <= 0:
             return None
         return 1.0 - self.val_loss / self.base_val_loss
@@ -578,6 +581,7 @@ class _Trainer:
                 val = self.validation_loss()
                 self.val_history.append((self.step, val))
                 extras.update(val_loss=val, base_val_loss=self.base_val_loss)
+                extras["held_out"] = self.data.held_out
             if self.step % cfg.checkpoint_every == 0 or done:
                 if not done:  # the final images go to the report instead
                     extras["samples"] = self.save_samples(self.step)
@@ -610,6 +614,7 @@ class _Trainer:
             val_history=list(self.val_history),
             loss_history=list(self.loss_history),
             checkpoint=self.last_checkpoint,
+            held_out=self.data is None or self.data.held_out,
             sample_images=list(self.sample_paths),
         )
 
@@ -668,6 +673,13 @@ class _Trainer:
             "num_images": len(data.captions),
             "train_images": len(data.train_idx),
             "val_images": len(data.val_idx),
+            # What the validation loss was measured on, for the report to say.
+            "validation": "held-out images"
+            if data.held_out
+            else (
+                "the training images at fixed noise and timesteps (fewer than "
+                f"{HOLD_OUT_FROM} images: none held out)"
+            ),
             "captions": data.captions,
             "val_indices": data.val_idx,
             "final_step": self.step,
@@ -690,6 +702,9 @@ class _Trainer:
             loss_history=result.loss_history,
             val_history=result.val_history,
             base_val_loss=self.base_val_loss,
+            validation_label=(
+                "validation (held out)" if data.held_out else "validation (training images)"
+            ),
             base_images=base,
             trained_images=trained,
             labels=labels,

@@ -22,6 +22,7 @@ def plot_loss_curve(
     loss_history: list[float],
     val_history: list[tuple[int, float]],
     base_val_loss: float | None,
+    validation_label: str = "validation (held out)",
 ) -> Path:
     import matplotlib
 
@@ -41,7 +42,7 @@ def plot_loss_curve(
             ax.plot(steps, smooth, color="#1f4e96", linewidth=1.6, label=f"training ({window}-avg)")
         if val_history:
             vs, vl = zip(*val_history, strict=True)
-            ax.plot(vs, vl, "o-", color="#d1495b", label="validation (held out)")
+            ax.plot(vs, vl, "o-", color="#d1495b", label=validation_label)
         if base_val_loss is not None:
             ax.axhline(base_val_loss, color="#666666", linestyle="--", label="validation, base")
         ax.set_xlabel("step")
@@ -92,6 +93,7 @@ def write_report(
     loss_history: list[float],
     val_history: list[tuple[int, float]],
     base_val_loss: float | None,
+    validation_label: str,
     base_images: list[Image.Image],
     trained_images: list[Image.Image],
     labels: list[str],
@@ -99,7 +101,11 @@ def write_report(
     directory.mkdir(parents=True, exist_ok=True)
     return ReportFiles(
         loss_curve=plot_loss_curve(
-            directory / "loss_curve.png", loss_history, val_history, base_val_loss
+            directory / "loss_curve.png",
+            loss_history,
+            val_history,
+            base_val_loss,
+            validation_label,
         ),
         grid=comparison_grid(directory / "comparison.png", base_images, trained_images, labels),
         json=write_json(directory / "report.json", payload),
