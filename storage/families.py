@@ -181,13 +181,16 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 #          keeps every block's activations, several times the checkpointed figure; SDXL
 #          decodes with its VAE upcast to fp32 at 1024 px (force_upcast), which dominates a
 #          generation's peak; cuBLAS/cuDNN workspaces and allocator fragmentation.
-# [f2est]  FLUX.2 [klein] 4B, ESTIMATES not yet counted from configs nor measured (no
-#          network or GPU when they were written; bench/gpu.py should replace them):
-#          transformer ~3.9B + Qwen3-4B text encoder ~4.0B + FLUX.2 VAE ~0.08B at 2 bytes;
-#          LoRA targets (Flux2Klein.lora_targets) on 5 double blocks of 8 3072x3072
-#          projections and 20 single blocks' 3072 -> 27648 fused projection; activations
-#          at 1024 px (4096 image + 512 text tokens) taken as 1.6x SDXL's checkpointed
-#          figure, as community klein-4B trainers report 13+ GB cards with 8-bit AdamW.
+# [f2params] FLUX.2 [klein] 4B weights, counted by `bench/gpu.py --count-params` (the
+#          published configs built on the meta device): Flux2Transformer2DModel 3,875.5M +
+#          Qwen3-4B text encoder 4,022.5M + FLUX.2 VAE 84.0M, 2 bytes each, in MiB. (The
+#          denoiser's share was 7,800, 3.9B x 2 B in decimal MB: 5.5% over.)
+# [f2est]  FLUX.2 [klein] 4B, ESTIMATES not yet measured (no network or GPU when they were
+#          written; bench/gpu.py should replace them): LoRA targets (Flux2Klein.lora_targets)
+#          on 5 double blocks of 8 3072x3072 projections and 20 single blocks' 3072 -> 27648
+#          fused projection; activations at 1024 px (4096 image + 512 text tokens) taken
+#          as 1.6x SDXL's checkpointed figure, as community klein-4B trainers report 13+ GB
+#          cards with 8-bit AdamW.
 # [f1est]  FLUX.1 [dev]. Weights and LoRA counted from the published configs built on the
 #          meta device (configs recalled, not downloaded): FluxTransformer2DModel 11,901.4M
 #          (19 double + 38 single blocks, width 3072) + T5-v1.1-XXL encoder 4,762.3M + CLIP-L
@@ -226,7 +229,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 WEIGHTS_MB: dict[Family, int] = {
     "sd15": 2_035,  # [params]
     "sdxl": 6_616,  # [params]
-    "flux2-klein": 15_200,  # [f2est]
+    "flux2-klein": 15_225,  # [f2params]
     "flux1": 32_178,  # [f1est]
     "qwenimage": 55_026,  # [qwest]
     "zimage": 19_572,  # [zparams]
@@ -235,7 +238,7 @@ WEIGHTS_MB: dict[Family, int] = {
 DENOISER_MB: dict[Family, int] = {
     "sd15": 1_719,  # [params] 859.5M x 2 B
     "sdxl": 5_135,  # [params] 2567.5M x 2 B
-    "flux2-klein": 7_800,  # [f2est] ~3.9B x 2 B
+    "flux2-klein": 7_392,  # [f2params] 3,875.5M x 2 B
     "flux1": 22_700,  # [f1est] 11,901.4M x 2 B
     "qwenimage": 40_861,  # [qwest] 20,430.4M x 2 B
     "zimage": 12_310,  # [zparams] 6,154.9M x 2 B
