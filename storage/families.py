@@ -236,12 +236,12 @@ WEIGHTS_MB: dict[Family, int] = {
 }
 # The denoiser's share of WEIGHTS_MB: what a quantized base (NF4) shrinks.
 DENOISER_MB: dict[Family, int] = {
-    "sd15": 1_719,  # [params] 859.5M x 2 B
-    "sdxl": 5_135,  # [params] 2567.5M x 2 B
+    "sd15": 1_639,  # [params] 859.5M x 2 B, in MiB
+    "sdxl": 4_897,  # [params] 2567.5M x 2 B, in MiB
     "flux2-klein": 7_392,  # [f2params] 3,875.5M x 2 B
     "flux1": 22_700,  # [f1est] 11,901.4M x 2 B
-    "qwenimage": 40_861,  # [qwest] 20,430.4M x 2 B
-    "zimage": 12_310,  # [zparams] 6,154.9M x 2 B
+    "qwenimage": 38_968,  # [qwest] 20,430.4M x 2 B, in MiB
+    "zimage": 11_740,  # [zparams] 6,154.9M x 2 B, in MiB
 }
 # [nf4] bitsandbytes NF4: 4 bits a weight plus one fp32 absmax per block of 64 weights
 #       (Dettmers et al. 2023, "QLoRA"): 4.5 / 16 of bf16's bytes.
