@@ -92,7 +92,8 @@ def test_training_sees_what_the_pipeline_feeds_its_transformer(family: Any) -> N
 
     pipe = family.tiny_builders[BASE](0)
     cond = family.encode_text(pipe, ["a", "a much longer caption"], torch.device("cpu"))
-    assert cond.mask is not None and cond.mask.sum(1).tolist()[0] < cond.mask.sum(1).tolist()[1]
+    mask = cond.token_mask
+    assert mask is not None and mask.sum(1).tolist()[0] < mask.sum(1).tolist()[1]
     embeds, _ = pipe.encode_prompt(
         ["a", "a much longer caption"], do_classifier_free_guidance=False
     )
