@@ -140,7 +140,7 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """What the pipeline returns with output_type="latent" for `height` x `width` images
         -> the loop's (N, C, h, w) latents, scaled as `latent_scaler` scales a VAE encoding
-        (default: returned so already, as SD's pipelines return them)."""
+        (default: returned so already, as the SD and Z-Image pipelines return them)."""
         return latents
 
     def make_scheduler(self, base_config: Mapping[str, Any], sampler: str) -> Any:
