@@ -153,7 +153,8 @@ class GenerationRequest:
         }
         return replace(self, **unset) if unset else self
 
-    def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
+    def validate(self, family: str, limits: Limits = DEFAULT_LIMITS) -> None:
+        """Refuse settings out of range for the base model's `family` (storage.families)."""
         assert self.steps is not None and self.cfg is not None and self.sampler is not None
         assert self.width is not None and self.height is not None
         validate_settings(
@@ -163,6 +164,7 @@ class GenerationRequest:
             height=self.height,
             count=self.count,
             seed=self.seed,
+            family=family,
             limits=limits,
         )
         resolve_sampler(self.sampler)
@@ -318,7 +320,7 @@ class Generator:
             try:
                 loaded = self.cache.get(raw.base_model)
                 request = raw.with_seed().with_defaults(loaded.family)
-                request.validate(self.limits)
+                request.validate(loaded.family, self.limits)
                 self._check_adapters(loaded, request.adapters)
                 text = strip_lora_tags(request.prompt)
                 self._sync_embeddings(loaded, request.adapters, [text])

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from storage.families import SizeOffGridError, check_size
+
 # MIN_WEIGHT, MAX_WEIGHT and strip_lora_tags are re-exported: the runner's modules name
 # them from here, while the rules themselves live in storage.
 from storage.prompt_rules import MAX_WEIGHT as MAX_WEIGHT
@@ -151,23 +153,24 @@ def validate_settings(
     height: int,
     count: int,
     seed: int | None,
+    family: str,
     limits: Limits = DEFAULT_LIMITS,
 ) -> None:
-    """Raise InvalidRequestError naming the first setting out of range."""
+    """Raise InvalidRequestError naming the first setting out of range (sides: on the grid
+    the family's pipeline draws)."""
     if not limits.min_steps <= steps <= limits.max_steps:
         raise InvalidRequestError(f"steps is {steps}; use {limits.min_steps} to {limits.max_steps}")
     if not limits.min_cfg <= cfg <= limits.max_cfg:
         raise InvalidRequestError(f"CFG is {cfg}; use {limits.min_cfg} to {limits.max_cfg}")
     for side, value in (("width", width), ("height", height)):
-        if value % 8:
-            lower, upper = value - value % 8, value - value % 8 + 8
-            raise InvalidRequestError(
-                f"{side} {value} is not divisible by 8; use {lower} or {upper}"
-            )
         if not limits.min_side <= value <= limits.max_side:
             raise InvalidRequestError(
                 f"{side} is {value}; use {limits.min_side} to {limits.max_side} pixels"
             )
+    try:
+        check_size(family, width, height)
+    except SizeOffGridError as exc:
+        raise InvalidRequestError(str(exc)) from None
     if width * height > limits.max_pixels:
         raise InvalidRequestError(
             f"{width}x{height} is more than {limits.max_pixels} pixels; pick a smaller size"

@@ -23,6 +23,7 @@ Sources of the defaults:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -447,6 +448,44 @@ def memory_needed_mb(
     return None
 
 
+# --- Sizes --------------------------------------------------------------------------------
+# The step each family's pipeline draws sides in: the VAE's factor of 8, times 2 where the
+# transformer reads latents in 2x2 patches ([qwen]; the FLUX and Z-Image pipelines' latents
+# are 2 * (side // 16) high and wide). The pipelines floor any other side silently, so a size
+# off this grid would be recorded as one the image does not have.
+FAMILY_SIZE_MULTIPLE: dict[Family, int] = {
+    "sd15": 8,
+    "sdxl": 8,
+    "flux2-klein": 16,
+    "flux1": 16,
+    "qwenimage": 16,
+    "zimage": 16,
+}
+
+
+def size_multiple(family: str) -> int:
+    """The step the family's sides go in (SD2 draws as SD1.5)."""
+    return FAMILY_SIZE_MULTIPLE["sd15" if family == "sd2" else family]  # type: ignore[index]
+
+
+class SizeOffGridError(ValueError):
+    """A size the family's pipeline cannot draw; str() names the nearest sizes it can."""
+
+
+def check_size(family: str, width: int, height: int) -> None:
+    """Refuse a width or height off the family's grid, naming the sizes just below and above."""
+    step = size_multiple(family)
+    if not width % step and not height % step:
+        return
+    sides = (width, height)
+    below = [side // step * step for side in sides]
+    above = [math.ceil(side / step) * step for side in sides]
+    raise SizeOffGridError(
+        f"{FAMILY_LABELS.get(family, family)} draws sides in steps of {step}: use "
+        f"size={below[0]}x{below[1]} or size={above[0]}x{above[1]}"
+    )
+
+
 # --- Aspect ratios --------------------------------------------------------------------------
 # `/imagine ar=16:9` keeps the family's native pixel count at that shape. Ratios past 21:9
 # leave the range the families were trained on (SDXL's buckets stop near 4:1 at 1024 px but
@@ -455,24 +494,22 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
     (1, 1), (4, 5), (5, 4), (3, 4), (4, 3), (2, 3), (3, 2),
     (9, 16), (16, 9), (1, 2), (2, 1), (9, 21), (21, 9),
 )  # fmt: skip
-# Sides are multiples of this (SDXL's and SD1.5's usual buckets); built-in models, trained
-# at 64 px, use the VAE's factor of 8 instead.
+# Full-size sides are multiples of this (SDXL's and SD1.5's usual buckets, on every family's
+# grid) where the native side is one; built-in models (64 px) and Qwen-Image (1328 px) keep
+# to their family's own step.
 SIZE_MULTIPLE = 64
-SMALL_SIZE_MULTIPLE = 8
-# Families whose native side is no multiple of 64: their pipelines' own multiple. [qwen]
-FAMILY_SIZE_MULTIPLE: dict[Family, int] = {"qwenimage": 16}
 MIN_SIDE = 64
 
 
 def aspect_size(
     base_model: str, configured: Mapping[str, Any], ratio: tuple[int, int]
 ) -> tuple[int, int]:
-    """The family's native size reshaped to `ratio` (same pixel count, rounded)."""
+    """The family's native size reshaped to `ratio` (same pixel count, rounded to its grid)."""
     native = generation_defaults(base_model, configured)
     area = native.width * native.height
-    step = SMALL_SIZE_MULTIPLE
-    if native.width >= 512:
-        step = FAMILY_SIZE_MULTIPLE.get(model_family(base_model, configured), SIZE_MULTIPLE)
+    step = size_multiple(model_family(base_model, configured))
+    if native.width >= 512 and not native.width % SIZE_MULTIPLE:
+        step = SIZE_MULTIPLE
     rw, rh = ratio
     width = (area * rw / rh) ** 0.5
     height = width * rh / rw

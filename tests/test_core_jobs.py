@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy import select
 
+from storage.db import Database
+from storage.families import ASPECT_RATIOS, BUILTIN_MODELS, FAMILIES, aspect_size, check_size
 from storage.job_payloads import GeneratePayload, Priority, TrainPayload, batch_key, result_key
 from storage.models import Generation, JobStatus, RunStatus, TrainingRun
 
@@ -16,6 +20,7 @@ from bot_fixtures import (  # noqa: E402
     Rig,
     add_model_version,
     approved_style,
+    build_rig,
     command,
     images,
 )
@@ -221,6 +226,44 @@ def test_styles_on_different_base_models_cannot_combine(rig: Rig) -> None:
 def test_compare_needs_a_style(rig: Rig) -> None:
     text = rig.text("imagine", {"prompt": "a cat", "compare": "yes"})
     assert "put a style's trigger word in the prompt" in text
+
+
+@pytest.mark.parametrize(
+    ("family", "size", "refusal"),
+    [
+        ("flux1", "1000x1000", "FLUX.1 draws sides in steps of 16: use size=992x992 or "
+         "size=1008x1008."),
+        ("zimage", "1024x600", "Z-Image draws sides in steps of 16: use size=1024x592 or "
+         "size=1024x608."),
+        ("qwenimage", "1000x1328", "Qwen-Image draws sides in steps of 16: use size=992x1328 or"),
+        ("flux2-klein", "72", "FLUX.2 [klein] draws sides in steps of 16: use size=64x64 or"),
+        ("sdxl", "1000x1000", None),  # SD's VAE factor of 8 is its whole grid
+    ],
+    ids=["flux1", "zimage", "qwenimage", "flux2-klein", "sdxl"],
+)  # fmt: skip
+def test_a_size_off_the_familys_grid_is_refused_naming_the_nearest(
+    db: Database, tmp_path: Path, family: str, size: str, refusal: str | None
+) -> None:
+    configured = {"base": {"source": "/models/base", "family": family}}
+    rig = build_rig(db, tmp_path, base_models=configured, default_base_model="base")
+    text = rig.text("imagine", {"prompt": "a harbour", "size": size})
+    if refusal is None:
+        (job,) = rig.jobs("generate")
+        assert (job.payload["width"], job.payload["height"]) == (1000, 1000)
+    else:
+        assert refusal in text and rig.jobs("generate") == []
+
+
+@pytest.mark.parametrize(
+    ("family", "base"),
+    [(f, "base") for f in FAMILIES] + [(m.family, m.name) for m in BUILTIN_MODELS.values()],
+)
+def test_every_aspect_ratio_gives_a_size_on_the_familys_grid(family: str, base: str) -> None:
+    configured = {"base": {"source": "/models/base", "family": family}}
+    for ratio in ASPECT_RATIOS:
+        width, height = aspect_size(base, configured, ratio)
+        check_size(family, width, height)  # raises off the grid
+        assert min(width, height) >= 64
 
 
 # -- reroll ---------------------------------------------------------------------------------------

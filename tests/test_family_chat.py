@@ -4,16 +4,19 @@ trigger draws with the LoRA and says which model and family made the picture."""
 
 from __future__ import annotations
 
+import io
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bot_fixtures import png_bytes
+from PIL import Image
 from runner_fixtures import make_runner
 from sqlalchemy import select
 
-from storage.families import BUILTIN_MODELS, FAMILY_LABELS
+from storage.families import BUILTIN_MODELS, FAMILY_LABELS, FAMILY_SIZE_MULTIPLE, aspect_size
 from storage.models import Generation, JobStatus, ModelVersion
 from storage.settings import load_settings
 
@@ -86,3 +89,33 @@ def test_a_style_trains_and_draws_on_every_family_from_chat(
     assert services.blobs.read_bytes(styled.image_blobs[0]) != services.blobs.read_bytes(
         plain.image_blobs[0]
     )
+
+
+@pytest.mark.parametrize(("family", "base"), TINY, ids=[f for f, _ in TINY])
+def test_an_aspect_ratio_draws_at_the_size_the_result_records_on_every_family(
+    family: str, base: str, db_url: str, tmp_path: Path, tiny_builders: Any
+) -> None:
+    """`ar=3:4` at 64 px lands on the family's grid (88 px is none of 16), so the picture
+    has the size its record, its infotext and the result's row say."""
+    from test_runner_chat import Chat
+
+    from gpu_runner.png_metadata import parse_parameters
+
+    data = tmp_path / "data"
+    data.mkdir()
+    chat = Chat(data, database_url=db_url, default_base_model=base)
+    assert "Queued" in chat.say("/imagine", "a harbour ar=3:4 seed=3 steps=2")
+    chat.work()
+    (job,) = chat.services.queue.list_jobs()
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    with chat.services.db.session() as s:
+        (generation,) = s.scalars(select(Generation))
+    png = Image.open(io.BytesIO(chat.services.blobs.read_bytes(generation.image_blobs[0])))
+    png.load()
+    record = json.loads(png.text["atelier"])
+    assert png.size[0] < png.size[1]  # 3:4 stays portrait
+    assert png.size == (record["width"], record["height"]) == (generation.width, generation.height)
+    assert parse_parameters(png.text["parameters"])["size"] == png.size
+    assert png.size == aspect_size(base, {}, (3, 4))
+    assert not png.size[0] % FAMILY_SIZE_MULTIPLE[family]
+    assert not png.size[1] % FAMILY_SIZE_MULTIPLE[family]

@@ -95,7 +95,12 @@ def test_strip_lora_tags_tidies_spacing() -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"width": 500}, "width 500 is not divisible by 8; use 496 or 504"),
+        ({"width": 500}, "SD1.5 draws sides in steps of 8: use size=496x512 or size=504x512"),
+        (
+            {"width": 1000, "height": 1000, "family": "flux1"},
+            "FLUX.1 draws sides in steps of 16: use size=992x992 or size=1008x1008",
+        ),
+        ({"height": 520, "family": "zimage"}, "steps of 16: use size=512x512 or size=512x528"),
         ({"height": 32}, "height is 32; use 64 to 2048"),
         ({"steps": 0}, "steps is 0"),
         ({"steps": 500}, "steps is 500"),
@@ -107,7 +112,7 @@ def test_strip_lora_tags_tidies_spacing() -> None:
 )
 def test_out_of_range_settings_are_explained(settings: dict[str, Any], message: str) -> None:
     base: dict[str, Any] = {"steps": 20, "cfg": 7.0, "width": 512, "height": 512, "count": 1}
-    base["seed"] = None
+    base.update(seed=None, family="sd15")
     with pytest.raises(InvalidRequestError, match=message):
         validate_settings(**{**base, **settings})
 
@@ -339,6 +344,27 @@ def test_failures_are_per_request_with_clear_messages(generator: Any, sdxl_lora:
     assert isinstance(unknown, UnknownBaseModelError) and "tiny-sd15, tiny-sdxl" in str(unknown)
     assert isinstance(wrong_family, GenerationError) and "made for SDXL" in str(wrong_family)
     assert isinstance(fine, GenerationResult)
+
+
+def test_a_size_off_the_familys_grid_is_refused_by_the_runner(cpu_choice: Any) -> None:
+    """The runner knows the family of every model it loads (the bot guesses it for a
+    configured model without one): a side its pipeline would floor is refused, not drawn."""
+    from gpu_runner.generation import GenerationRequest, GenerationResult, Generator
+    from gpu_runner.pipelines import BaseModelSpec, PipelineCache
+
+    specs = [BaseModelSpec(name, name) for name in ("tiny-zimage", "tiny-sd15")]
+    generator = Generator(PipelineCache(specs, cpu_choice, budget_bytes=1 << 30))
+    settings = {**FAST, "steps": 2, "width": 72}
+    off_grid, sd = generator.generate_many(
+        [
+            GenerationRequest("a cat", base_model="tiny-zimage", seed=1, **settings),
+            GenerationRequest("a cat", base_model="tiny-sd15", seed=1, **settings),
+        ]
+    )
+    assert isinstance(off_grid, InvalidRequestError)
+    assert str(off_grid) == "Z-Image draws sides in steps of 16: use size=64x64 or size=80x64"
+    assert isinstance(sd, GenerationResult)  # SD's grid is its VAE's factor of 8
+    assert (sd.images[0].width, sd.images[0].record["width"]) == (72, 72)
 
 
 def test_out_of_memory_retries_singly_then_reports(generator: Any, monkeypatch: Any) -> None:

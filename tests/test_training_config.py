@@ -72,6 +72,23 @@ def test_bad_overrides_are_refused_with_one_clear_line(
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("family", "step"),
+    [
+        ("sd15", 8), ("sdxl", 8), ("flux2-klein", 16), ("flux1", 16), ("qwenimage", 16),
+        ("zimage", 16),
+    ],
+)  # fmt: skip
+def test_the_resolution_is_on_the_grid_the_familys_pipeline_draws(family: str, step: int) -> None:
+    assert make_config("lora", family, trigger="zxq", resolution=1008).resolution == 1008
+    if step > 8:
+        with pytest.raises(ConfigError) as err:
+            make_config("lora", family, trigger="zxq", resolution=1000)
+        assert str(err.value) == f"resolution must be a multiple of {step} (got 1000)"
+    else:
+        assert make_config("lora", family, trigger="zxq", resolution=1000).resolution == 1000
+
+
 def test_bad_names_are_refused() -> None:
     with pytest.raises(ConfigError, match="unknown method 'lokr': use one of lora, dora"):
         make_config("lokr", trigger="zxq")

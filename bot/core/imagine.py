@@ -27,7 +27,14 @@ from bot.core.queue_room import check_queue_room
 from bot.core.teams import team_styles
 from bot.core.training import ordinal
 from bot.core.uploads import check_file
-from storage.families import aspect_size, generation_defaults, memory_needed_mb
+from storage.families import (
+    SizeOffGridError,
+    aspect_size,
+    check_size,
+    generation_defaults,
+    memory_needed_mb,
+    model_family,
+)
 from storage.ingest import PreparedImage
 from storage.job_payloads import (
     AdapterChoice,
@@ -70,6 +77,11 @@ def imagine(ctx: Context, args: ImagineArgs, files: Sequence[IncomingFile] = ())
             "count": args.count,
         }
         if args.size is not None:
+            family = model_family(chosen.base_model, services.settings.base_models)
+            try:
+                check_size(family, *args.size)
+            except SizeOffGridError as exc:
+                raise UserError(f"{exc}.") from None
             options["width"], options["height"] = args.size
         elif args.ar is not None or init is not None:
             # The family's native size at the requested shape, or at the picture's own.

@@ -135,6 +135,14 @@ class ModelFamily(ABC):
         config = vae.config
         return lambda z: shift_and_scale(z, config)
 
+    def generated_latents_to_loop(
+        self, pipe: Any, latents: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        """What the pipeline returns with output_type="latent" for `height` x `width` images
+        -> the loop's (N, C, h, w) latents, scaled as `latent_scaler` scales a VAE encoding
+        (default: returned so already, as the SD and Z-Image pipelines return them)."""
+        return latents
+
     def make_scheduler(self, base_config: Mapping[str, Any], sampler: str) -> Any:
         """A fresh scheduler for an Atelier sampler name on the model's scheduler config."""
         from gpu_runner.samplers import make_scheduler

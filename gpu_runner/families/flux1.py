@@ -196,6 +196,12 @@ class Flux1(ModelFamily):
         out = out.reshape(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(n, c, h, w)  # type: ignore[no-any-return]
 
+    def generated_latents_to_loop(
+        self, pipe: Any, latents: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        # FluxPipeline returns its packed (N, h/2 * w/2, C * 4) tokens, already scaled.
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # type: ignore[no-any-return]
+
     def objective(self, pipe: Any, config: Any, device: torch.device) -> Objective:
         return FlowMatchObjective(pipe.scheduler.config)
 

@@ -145,6 +145,13 @@ class Flux2Klein(ModelFamily):
 
         return scale
 
+    def generated_latents_to_loop(
+        self, pipe: Any, latents: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        # Flux2KleinPipeline undoes its normalisation and patches before it returns: what
+        # it gives is the VAE's own layout, which the loop scales as it scales an encoding.
+        return self.latent_scaler(pipe.vae)(latents)
+
     def predict(
         self,
         denoiser: torch.nn.Module,

@@ -125,6 +125,14 @@ class QwenImage(ModelFamily):
         # Sizes in latent pixels: a VAE factor of 1 makes the pipeline's unpacking exact.
         return P._unpack_latents(out, h, w, 1)[:, :, 0]  # type: ignore[no-any-return]
 
+    def generated_latents_to_loop(
+        self, pipe: Any, latents: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        # QwenImagePipeline returns its packed tokens, normalised as `latent_scaler` does;
+        # unpacked they are (N, C, frames=1, h, w).
+        unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        return unpacked[:, :, 0]  # type: ignore[no-any-return]
+
     def objective(self, pipe: Any, config: Any, device: torch.device) -> Objective:
         # diffusers' train_dreambooth_lora_qwen_image.py: uniform draws on the scheduler's
         # table (its dynamic shifting leaves the training table unshifted), velocity target.

@@ -20,6 +20,7 @@ from storage.families import (
     Family,
     MethodNotSupportedError,
     check_training_method,
+    size_multiple,
 )
 from storage.training_bounds import (
     BOUNDS,
@@ -88,8 +89,9 @@ class TrainConfigBase(BaseModel):
                 continue
             if not low <= value <= high:
                 raise ValueError(f"{name} must be between {low:g} and {high:g} (got {value:g})")
-        if self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8 (got {self.resolution})")
+        step = size_multiple(self.family)  # the side step the family's pipeline draws in
+        if self.resolution % step:
+            raise ValueError(f"resolution must be a multiple of {step} (got {self.resolution})")
         if self.warmup_steps > self.steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})"

@@ -24,7 +24,7 @@ from storage.prompt_rules import without_trigger
 
 @dataclass
 class Priors:
-    latents: torch.Tensor  # (N, C, h, w) scaled, as the UNet sees them
+    latents: torch.Tensor  # (N, C, h, w) scaled, as the denoiser sees training latents
     text: TextCond
     time_ids: torch.Tensor  # (N, 6) SDXL size/crop ids of a full, uncropped square
     captions: list[str]
@@ -48,21 +48,26 @@ def draw_priors(
 ) -> Priors:
     """One base-model image per caption (trigger removed), kept as latents (no VAE trip)."""
     plain = [without_trigger(c, trigger) for c in captions]
+    family = family_of_pipeline(pipeline)
     previous = pipeline.scheduler
-    pipeline.scheduler = family_of_pipeline(pipeline).make_scheduler(previous.config, sampler)
+    pipeline.scheduler = family.make_scheduler(previous.config, sampler)
     try:
         gens = [torch.Generator("cpu").manual_seed(seed * 7919 + i) for i in range(len(plain))]
+        # Called as generation calls it (the family's CFG argument and its own, an empty
+        # negative prompt): the base model's images of the plain captions, as /imagine draws.
         latents = pipeline(
-            prompt=plain,
+            prompt=list(plain),  # a copy: ZImagePipeline rewrites the list it is given
             num_inference_steps=steps,
-            guidance_scale=cfg,
             height=resolution,
             width=resolution,
             generator=gens,
             output_type="latent",
+            **family.cfg_kwargs(cfg),
+            **family.call_kwargs([""] * len(plain)),
         ).images
     finally:
         pipeline.scheduler = previous
+    latents = family.generated_latents_to_loop(pipeline, latents, resolution, resolution)
     ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(plain))
     text = encode_text(pipeline, plain, device)
     return Priors(latents.detach().float().to(device), text, ids.float(), plain)
