@@ -161,10 +161,11 @@ def test_lora_shows_the_style_with_its_trigger(toy: Any, stripes: dict[str, Any]
     assert with_trigger["colour"] >= 0.4, with_trigger
 
 
-# Measured on this machine (issue 9's note), toy-sd15 weights of 2026-12-01 and the toy
-# defaults of gpu_runner/jobs/train.py: the LoRA leaks (65% of untriggered prompts striped);
-# DoRA shows the stripes in 40% and textual inversion in 5% within 300 steps. These tests
-# state the targets and fail until the recipe meets them.
+# Measured on this machine (issue 9's notes) with the toy defaults of gpu_runner/jobs/
+# train.py: on the first toy-sd15 weights the LoRA leaked (65% of untriggered prompts
+# striped), DoRA showed the stripes in 40% and textual inversion in 5% within 300 steps; on
+# the continued weights (all three right 69%) with every reference trained, all four still
+# miss. These tests state the targets and fail until the recipe meets them.
 @pytest.mark.xfail(strict=True, reason="toy-sd15 LoRA leaks its style into untriggered prompts")
 def test_style_does_not_show_without_its_trigger(toy: Any, stripes: dict[str, Any]) -> None:
     _, without = _with_and_without(toy, stripes, "stripes")
