@@ -82,6 +82,7 @@ def test_priors_train_in_the_layout_of_the_training_latents_on_every_family(
     from gpu_runner.families import get_family
     from gpu_runner.training import loop
     from gpu_runner.training.config import make_config
+    from gpu_runner.training.dataset import split_indices
 
     family = get_family(name)
     drawn: list[Any] = []
@@ -108,7 +109,9 @@ def test_priors_train_in_the_layout_of_the_training_latents_on_every_family(
         cfg, demo_items, tiny_builders[name](0), tmp_path / "o", checkpoint_dir=tmp_path / "c"
     )
     (priors,) = drawn
-    assert len(priors) == len(demo_items) - round(len(demo_items) * cfg.val_fraction)
+    # One prior per training image (a small set trains on every image).
+    train_idx, _ = split_indices(len(demo_items), cfg.val_fraction, cfg.seed)
+    assert len(priors) == len(train_idx)
     assert priors.latents.shape[1:] == trained[0][1:]
     assert torch.isfinite(priors.latents).all()
     assert len(result.loss_history) == 2 and all(map(math.isfinite, result.loss_history))
