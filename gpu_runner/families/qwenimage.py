@@ -12,14 +12,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from gpu_runner.families.base import ModelFamily, TinyBuilder
-from gpu_runner.prompts import InvalidRequestError
+from gpu_runner.families.base import TinyBuilder
+from gpu_runner.families.flow_matching import MAX_SEQUENCE_LENGTH, FlowMatchingFamily
 from gpu_runner.training.dataset import TextCond, encode_latent_dist
-from gpu_runner.training.objective import FlowMatchObjective, Objective
 
 KOHYA_PREFIX = "lora_unet_"
-# QwenImagePipeline's max_sequence_length default: prompt tokens past it are cut off silently.
-MAX_SEQUENCE_LENGTH = 512
 
 
 def _tiny(seed: int) -> Any:
@@ -28,12 +25,11 @@ def _tiny(seed: int) -> Any:
     return build_tiny_qwenimage_pipeline(seed)
 
 
-class QwenImage(ModelFamily):
+class QwenImage(FlowMatchingFamily):
     name = "qwenimage"
     label = "Qwen-Image"
     runs_label = "Qwen-Image"
     pipeline_class_names = ("QwenImagePipeline",)
-    denoiser_attr = "transformer"
     tiny_builders: ClassVar[Mapping[str, TinyBuilder]] = {"tiny-qwenimage": _tiny}
     # Both streams' attention projections: diffusers' Qwen-Image LoRA example trains the
     # image stream's four by default; the text stream's four let the trigger's own tokens
@@ -69,22 +65,11 @@ class QwenImage(ModelFamily):
         # warning); classifier-free guidance is true_cfg_scale, on with any negative prompt.
         return {"true_cfg_scale": cfg}
 
-    def call_kwargs(self, negative_prompts: list[str]) -> dict[str, Any]:
-        return {"negative_prompt": negative_prompts, "max_sequence_length": MAX_SEQUENCE_LENGTH}
-
-    def expand_prompt(self, pipe: Any, text: str) -> str:
-        return text  # no textual-inversion embeddings to expand
-
-    def check_prompt_length(self, pipe: Any, text: str, what: str) -> None:
+    def prompt_tokens(self, pipe: Any, text: str) -> int:
         # Counted as the pipeline encodes: inside its system-prompt template, whose first
         # tokens it drops from the embeddings.
         templated = pipe.prompt_template_encode.format(text)
-        used = len(pipe.tokenizer(templated)["input_ids"]) - pipe.prompt_template_encode_start_idx
-        if used > MAX_SEQUENCE_LENGTH:
-            raise InvalidRequestError(
-                f"the {what} is {used} tokens long but {self.label}'s text encoder reads at "
-                f"most {MAX_SEQUENCE_LENGTH}; shorten it by {used - MAX_SEQUENCE_LENGTH} tokens"
-            )
+        return len(pipe.tokenizer(templated)["input_ids"]) - pipe.prompt_template_encode_start_idx
 
     def latent_dist(self, vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # AutoencoderKLQwenImage encodes video (N, C, frames, H, W): an image is one frame.
@@ -132,20 +117,6 @@ class QwenImage(ModelFamily):
         # unpacked they are (N, C, frames=1, h, w).
         unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         return unpacked[:, :, 0]  # type: ignore[no-any-return]
-
-    def objective(self, pipe: Any, config: Any, device: torch.device) -> Objective:
-        # diffusers' train_dreambooth_lora_qwen_image.py: uniform draws on the scheduler's
-        # table (its dynamic shifting leaves the training table unshifted), velocity target.
-        return FlowMatchObjective(pipe.scheduler.config)
-
-    def make_scheduler(self, base_config: Mapping[str, Any], sampler: str) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from gpu_runner.samplers import resolve_sampler
-
-        if resolve_sampler(sampler).name != "Euler":
-            raise InvalidRequestError(f"{self.label} samples with Euler (flow matching) only")
-        return FlowMatchEulerDiscreteScheduler.from_config(dict(base_config))
 
     def kohya_state(
         self, peft_state: Mapping[str, torch.Tensor], alpha: float

@@ -12,13 +12,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from gpu_runner.families.base import ModelFamily, TinyBuilder
-from gpu_runner.prompts import InvalidRequestError
+from gpu_runner.families.base import TinyBuilder
+from gpu_runner.families.flow_matching import (
+    MAX_SEQUENCE_LENGTH,
+    FlowMatchingFamily,
+    qwen3_chat_tokens,
+)
 from gpu_runner.training.dataset import TextCond
-from gpu_runner.training.objective import FlowMatchObjective, Objective
 
-# ZImagePipeline's max_sequence_length default: the tokenizer cuts tokens past it silently.
-MAX_SEQUENCE_LENGTH = 512
 # The prefix ComfyUI's Z-Image (Lumina2) key map reads diffusers module names under
 # (comfy/lora.py `model_lora_keys_unet`, z_image_to_diffusers), which InvokeAI's Z-Image
 # LoRA probe requires and diffusers' Z-Image converter strips.
@@ -56,12 +57,12 @@ def mapped_module(module: str) -> bool:
     return module in MODEL_MODULES
 
 
-class ZImage(ModelFamily):
+class ZImage(FlowMatchingFamily):
     name = "zimage"
     label = "Z-Image"
     runs_label = "Z-Image"
     pipeline_class_names = ("ZImagePipeline",)
-    denoiser_attr = "transformer"
+    prompt_count_note = " (with the chat template)"
     tiny_builders: ClassVar[Mapping[str, TinyBuilder]] = {"tiny-zimage": _tiny}
     # Attention in every block: the default of diffusers' Z-Image LoRA example
     # (examples/dreambooth/train_dreambooth_lora_z_image.py, --lora_layers unset).
@@ -126,40 +127,8 @@ class ZImage(ModelFamily):
         # example both negate it).
         return -torch.stack(out).squeeze(2)
 
-    def objective(self, pipe: Any, config: Any, device: torch.device) -> Objective:
-        return FlowMatchObjective(pipe.scheduler.config)
-
-    def make_scheduler(self, base_config: Mapping[str, Any], sampler: str) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from gpu_runner.samplers import resolve_sampler
-
-        if resolve_sampler(sampler).name != "Euler":
-            raise InvalidRequestError(f"{self.label} samples with Euler (flow matching) only")
-        return FlowMatchEulerDiscreteScheduler.from_config(dict(base_config))
-
-    def call_kwargs(self, negative_prompts: list[str]) -> dict[str, Any]:
-        return {"negative_prompt": negative_prompts, "max_sequence_length": MAX_SEQUENCE_LENGTH}
-
-    def expand_prompt(self, pipe: Any, text: str) -> str:
-        return text  # no textual-inversion embeddings to expand
-
-    def check_prompt_length(self, pipe: Any, text: str, what: str) -> None:
-        # Counted as the pipeline tokenizes: inside Qwen3's chat template, thinking on.
-        tok = pipe.tokenizer
-        templated = tok.apply_chat_template(
-            [{"role": "user", "content": text}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
-        used = len(tok(templated)["input_ids"])
-        if used > MAX_SEQUENCE_LENGTH:
-            raise InvalidRequestError(
-                f"the {what} is {used} tokens long (with the chat template) but {self.label}'s "
-                f"text encoder reads at most {MAX_SEQUENCE_LENGTH}; shorten it by "
-                f"{used - MAX_SEQUENCE_LENGTH} tokens"
-            )
+    def prompt_tokens(self, pipe: Any, text: str) -> int:
+        return qwen3_chat_tokens(pipe, text, thinking=True)  # as the pipeline templates it
 
     def kohya_state(
         self, peft_state: Mapping[str, torch.Tensor], alpha: float
