@@ -36,15 +36,15 @@ from gpu_runner.devices import (
 from gpu_runner.families import (
     FAMILIES,
     ModelFamily,
+    builtin_builder,
     family_of_class_name,
     family_of_pipeline,
     get_family,
     runs_labels,
-    tiny_builder,
 )
+from gpu_runner.families.base import BuiltinBuildError
 from gpu_runner.lora_import import (
     FAMILY_LABELS,
-    Family,
     LoraImportError,
     file_sha256,
     read_safetensors_header,
@@ -88,7 +88,7 @@ class BaseModelSpec:
     name: str
     source: str
     config: str | None = None
-    family: Family | None = None
+    family: str | None = None  # a FAMILY_LABELS name ("sd2" too)
 
     @classmethod
     def from_config(cls, name: str, value: str | Mapping[str, Any]) -> BaseModelSpec:
@@ -130,7 +130,7 @@ class LoadedPipeline:
 
     spec: BaseModelSpec
     pipe: Any  # a pipeline of one of gpu_runner.families
-    family: Family
+    family: str  # the variant adapter files are checked against ("sd2" too)
     model_hash: str  # sha256 hex of the weights
     nbytes: int
     scheduler_config: dict[str, Any]
@@ -283,12 +283,12 @@ def _load_single_file(spec: BaseModelSpec, dtype: torch.dtype) -> DiffusionPipel
 
 
 def _family_from_checkpoint_keys(keys: list[str]) -> ModelFamily:
-    """A checkpoint's family from its keys: the first whose marker they carry, else SD1.5
-    (whose layout has no distinctive key)."""
+    """A checkpoint's family from its keys: the first whose marker they carry, else the
+    family whose layout has no distinctive key."""
     for family in FAMILIES.values():
         if family.single_file_marker and any(k.startswith(family.single_file_marker) for k in keys):
             return family
-    return get_family("sd15")
+    return next(f for f in FAMILIES.values() if f.single_file_fallback)
 
 
 def _hub_snapshot(spec: BaseModelSpec) -> Path:
@@ -316,16 +316,12 @@ def _quiet_progress_bars() -> None:
 
 
 def _build_builtin(name: str) -> DiffusionPipeline:
-    if name == "toy-sd15":
-        from gpu_runner.toyworld.model import ToyWeightsError, build_toy_sd15_pipeline
-
-        try:
-            return build_toy_sd15_pipeline()
-        except ToyWeightsError as exc:
-            raise BaseModelLoadError(str(exc)) from None
-    build = tiny_builder(name)
+    build = builtin_builder(name)
     assert build is not None, f"built-in {name} has no builder"
-    return build(0)
+    try:
+        return build(0)
+    except BuiltinBuildError as exc:
+        raise BaseModelLoadError(str(exc)) from None
 
 
 def load_pipeline(spec: BaseModelSpec, choice: DeviceChoice) -> LoadedPipeline:

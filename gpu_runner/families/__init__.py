@@ -26,6 +26,14 @@ FAMILIES: dict[str, ModelFamily] = {
 }
 
 
+# The order adapter files are matched in (lora_signs.py): the transformer families first,
+# FLUX before Qwen-Image (FLUX's diffusers files have Qwen-Image's joint attention too),
+# SD last (SDXL's `transformer_blocks.1` is in every transformer's diffusers names).
+DETECTION_ORDER: tuple[ModelFamily, ...] = tuple(
+    FAMILIES[n] for n in ("flux2-klein", "flux1", "qwenimage", "zimage", "sdxl", "sd15")
+)
+
+
 class UnknownFamilyError(ValueError):
     pass
 
@@ -68,22 +76,24 @@ def runs_labels() -> str:
     return " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
 
 
-def tiny_builder(name: str) -> TinyBuilder | None:
-    """The builder of a built-in model made in code (None: not one)."""
+def builtin_builder(name: str) -> TinyBuilder | None:
+    """The builder of a built-in model, made in code or shipped (None: not one)."""
     for family in FAMILIES.values():
-        if name in family.tiny_builders:
-            return family.tiny_builders[name]
+        builders = {**family.tiny_builders, **family.shipped_builders}
+        if name in builders:
+            return builders[name]
     return None
 
 
 __all__ = [
+    "DETECTION_ORDER",
     "FAMILIES",
     "ModelFamily",
     "UnknownFamilyError",
+    "builtin_builder",
     "family_of_class_name",
     "family_of_pipeline",
     "family_of_pipeline_class",
     "get_family",
     "runs_labels",
-    "tiny_builder",
 ]

@@ -15,11 +15,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from gpu_runner.families.lora_signs import LoraSigns
+
 if TYPE_CHECKING:
     from gpu_runner.training.dataset import TextCond
     from gpu_runner.training.objective import Objective
 
-TinyBuilder = Callable[[int], Any]  # seed -> a pipeline built in code
+TinyBuilder = Callable[[int], Any]  # seed -> a pipeline built in code (or shipped)
+
+
+class BuiltinBuildError(RuntimeError):
+    """A built-in model cannot be built (its shipped weights are missing or damaged);
+    str() says what to do."""
 
 
 class ModelFamily(ABC):
@@ -37,6 +44,8 @@ class ModelFamily(ABC):
     denoiser_attr: ClassVar[str]
     # Built-in models of the family (storage.families.BUILTIN_MODELS) made in code.
     tiny_builders: ClassVar[Mapping[str, TinyBuilder]]
+    # Built-in models of the family whose weights ship with Atelier (the toy world's).
+    shipped_builders: ClassVar[Mapping[str, TinyBuilder]] = {}
     # The layers a LoRA trains when the preset does not say (peft target_modules).
     lora_targets: ClassVar[tuple[str, ...]]
     # Header values kohya's library/sai_model_spec.py and train_util.py write for the family.
@@ -46,11 +55,17 @@ class ModelFamily(ABC):
     # Textual inversion trains new token rows in these (tokenizer, text encoder) pairs;
     # empty where the family's text encoder makes it meaningless.
     text_encoder_pairs: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # The modelspec.implementation kohya writes for the family's embedding files.
+    embedding_modelspec_implementation: ClassVar[str] = ""
     # A key prefix only this family's single checkpoint files carry ("": none).
     single_file_marker: ClassVar[str] = ""
+    # Whether a checkpoint file with no family's marker is read as this family.
+    single_file_fallback: ClassVar[bool] = False
     # Whether the pipeline's call takes a negative prompt (generation tells the person when
     # one is ignored rather than dropping it silently).
     takes_negative_prompt: ClassVar[bool] = True
+    # How an adapter file made for the family is told before it loads (lora_signs.py).
+    lora_signs: ClassVar[LoraSigns] = LoraSigns()
 
     # ----- loading ------------------------------------------------------------------------
 

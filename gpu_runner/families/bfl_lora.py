@@ -12,6 +12,11 @@ from dataclasses import dataclass
 import torch
 
 KOHYA_PREFIX = "lora_unet_"
+# Any key in BFL's kohya names: a FLUX LoRA, FLUX.1 or FLUX.2 (their diffusers names are
+# told by the layers only one of them has; joint attention alone is also Qwen-Image's).
+BFL_NAMING = r"^lora_unet_(double|single)_blocks_\d+_"
+# diffusers' names, with or without the pipeline's `transformer.` prefix.
+DIFFUSERS_PREFIX = r"^(transformer\.)?"
 _A, _B, _MAGNITUDE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
 # peft suffix -> kohya; DoRA magnitudes as LyCORIS/kohya keep them, (out_features, 1).
 _PEFT_SUFFIXES = {_A: "lora_down.weight", _B: "lora_up.weight", _MAGNITUDE: "dora_scale"}

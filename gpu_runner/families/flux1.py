@@ -9,13 +9,20 @@ stream; a single block's q/k/v and MLP input) fused as it holds them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Any, ClassVar
 
 import torch
 
 from gpu_runner.families.base import TinyBuilder
-from gpu_runner.families.bfl_lora import BflStream, bfl_kohya_state
+from gpu_runner.families.bfl_lora import (
+    BFL_NAMING,
+    DIFFUSERS_PREFIX,
+    BflStream,
+    bfl_kohya_state,
+)
 from gpu_runner.families.flow_matching import MAX_SEQUENCE_LENGTH, FlowMatchingFamily
+from gpu_runner.families.lora_signs import HeaderSign, LoraSigns
 from gpu_runner.training.dataset import TextCond
 
 # The guidance the dev transformer's embedding is given while training: 1.0, as kohya
@@ -79,6 +86,30 @@ class Flux1(FlowMatchingFamily):
     single_file_marker = "double_blocks.0.img_mod.lin."
     # With the guidance embedding (true_cfg_scale 1) FluxPipeline reads no negative prompt.
     takes_negative_prompt = False
+    lora_signs = LoraSigns(
+        # Layers FLUX.2 lacks: each block's own modulation, and a single block's q/k/v and
+        # MLP kept apart in diffusers' names.
+        own_keys=(
+            r"^lora_unet_double_blocks_\d+_(img|txt)_mod_lin\.",
+            r"^lora_unet_single_blocks_\d+_modulation_lin\.",
+            DIFFUSERS_PREFIX
+            + r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)\.",
+            DIFFUSERS_PREFIX + r"single_transformer_blocks\.\d+\.norm\.linear\.",
+        ),
+        shared_naming=BFL_NAMING,
+        # Widths over the model width D: a single block's linear1 is 7D (q, k, v and a 4D
+        # MLP), linear2 reads 5D; a double block's MLP is 4D.
+        width_ratios={
+            "linear1": Fraction(7),
+            "linear2": Fraction(1, 5),
+            "mlp_0": Fraction(4),
+            "mlp_2": Fraction(1, 4),
+        },
+        # 19 double blocks; every FLUX.2 has at most 8.
+        deep_blocks=(r"^lora_unet_double_blocks_(\d+)_", 8),
+        # kohya's sai_model_spec: flux-1-dev, flux-1-schnell, flux-1; flux_utils: "flux1".
+        metadata=(HeaderSign("flux1", architecture=r"flux-1", base_version=r"flux1$"),),
+    )
 
     def pipeline_class(self) -> type[Any]:
         from diffusers import FluxPipeline

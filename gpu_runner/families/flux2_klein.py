@@ -7,13 +7,20 @@ img_attn_qkv`, ...), with q/k/v fused as BFL's model holds them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Any, ClassVar
 
 import torch
 
 from gpu_runner.families.base import TinyBuilder
-from gpu_runner.families.bfl_lora import BflStream, bfl_kohya_state
+from gpu_runner.families.bfl_lora import (
+    BFL_NAMING,
+    DIFFUSERS_PREFIX,
+    BflStream,
+    bfl_kohya_state,
+)
 from gpu_runner.families.flow_matching import FlowMatchingFamily, qwen3_chat_tokens
+from gpu_runner.families.lora_signs import HeaderSign, LoraSigns
 from gpu_runner.training.dataset import TextCond
 
 # diffusers block lists -> BFL's names: the tables diffusers' own Flux2 kohya converter
@@ -73,6 +80,27 @@ class Flux2Klein(FlowMatchingFamily):
     # Flux2KleinPipeline encodes an empty prompt for CFG's other half: no negative prompt.
     takes_negative_prompt = False
     prompt_count_note = " (with the chat template)"
+    lora_signs = LoraSigns(
+        # Layers FLUX.1 lacks: a single block's fused projection, gated feed-forwards, and
+        # the modulation all blocks share.
+        own_keys=(
+            DIFFUSERS_PREFIX + r"single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj\.",
+            DIFFUSERS_PREFIX + r"transformer_blocks\.\d+\.ff(_context)?\.linear_(in|out)\.",
+            r"^(lora_unet_|transformer\.)?(double|single)_stream_modulation",
+        ),
+        shared_naming=BFL_NAMING,
+        # Widths over the model width D: a single block's linear1 is 9D (q, k, v and a
+        # gated 3D MLP, doubled), linear2 reads 4D; a double block's MLP is gated 3D (6D).
+        width_ratios={
+            "linear1": Fraction(9),
+            "linear2": Fraction(1, 4),
+            "mlp_0": Fraction(6),
+            "mlp_2": Fraction(1, 3),
+        },
+        metadata=(
+            HeaderSign("flux2-klein", architecture=r"flux\.2-klein", base_version=r"flux2_klein"),
+        ),
+    )
 
     def pipeline_class(self) -> type[Any]:
         from diffusers import Flux2KleinPipeline

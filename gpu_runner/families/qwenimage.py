@@ -14,6 +14,7 @@ import torch
 
 from gpu_runner.families.base import TinyBuilder
 from gpu_runner.families.flow_matching import MAX_SEQUENCE_LENGTH, FlowMatchingFamily
+from gpu_runner.families.lora_signs import HeaderSign, LoraSigns
 from gpu_runner.training.dataset import TextCond, encode_latent_dist
 
 KOHYA_PREFIX = "lora_unet_"
@@ -44,6 +45,22 @@ class QwenImage(FlowMatchingFamily):
     modelspec_implementation = "https://github.com/QwenLM/Qwen-Image"
     # ostris/ai-toolkit's QwenImageModel.get_base_model_version (what LoRA managers read).
     ss_base_model_version = "qwen_image"
+    # kohya keys on its double-stream blocks (musubi-tuner's names), or diffusers/ComfyUI
+    # keys on `transformer_blocks.N`'s attention, MLPs and modulations, with no single-stream
+    # block anywhere: the rule InvokeAI's Qwen-Image LoRA probe applies (FLUX's diffusers
+    # files name their double-stream blocks alike; single-stream ones tell them apart).
+    lora_signs = LoraSigns(
+        own_keys=(
+            r"^lora_unet_transformer_blocks_\d+_",
+            r"^(transformer\.|diffusion_model\.)?transformer_blocks\.\d+\."
+            r"(attn|img_mlp|txt_mlp|img_mod|txt_mod)\.",
+        ),
+        foreign_keys=(r"single_(transformer_)?blocks",),
+        # musubi-tuner's "Qwen-Image/lora", ai-toolkit's "qwen_image" (not Qwen-Image-2.x).
+        metadata=(
+            HeaderSign("qwenimage", architecture=r"qwen-image(/|$)", base_version=r"qwen_image$"),
+        ),
+    )
 
     def pipeline_class(self) -> type[Any]:
         from diffusers import QwenImagePipeline

@@ -9,18 +9,29 @@ from typing import Any, ClassVar
 import torch
 
 from gpu_runner.families.base import ModelFamily, TinyBuilder
+from gpu_runner.families.lora_signs import HeaderSign, LoraSigns
 from gpu_runner.training.dataset import TextCond
 from gpu_runner.training.objective import DiffusionObjective, Objective
 
 # kohya-ss/sd-scripts library/sai_model_spec.py: the architecture and implementation ids.
 IMPL_DIFFUSERS = "diffusers"
 IMPL_SAI = "https://github.com/Stability-AI/generative-models"
+_SEP = r"[._]"  # diffusers names use dots, kohya's underscores
+# A LoRA's cross-attention key/value projection reads the text encoder's width.
+CONTEXT_KEY = r"attn2[._]to_[kv].*(lora_down|lora_A|lora\.down)"
 
 
 def _tiny_sd15(seed: int) -> Any:
     from gpu_runner.tiny_models import build_tiny_sd15_pipeline
 
     return build_tiny_sd15_pipeline(seed=seed)
+
+
+def _toy_sd15(seed: int) -> Any:
+    # Pretrained on the toy world and shipped: the seed has nothing to draw.
+    from gpu_runner.toyworld.model import build_toy_sd15_pipeline
+
+    return build_toy_sd15_pipeline()
 
 
 class StableDiffusion15(ModelFamily):
@@ -30,12 +41,27 @@ class StableDiffusion15(ModelFamily):
     pipeline_class_names = ("StableDiffusionPipeline",)
     denoiser_attr = "unet"
     tiny_builders: ClassVar[Mapping[str, TinyBuilder]] = {"tiny-sd15": _tiny_sd15}
+    shipped_builders: ClassVar[Mapping[str, TinyBuilder]] = {"toy-sd15": _toy_sd15}
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     modelspec_architecture = "stable-diffusion-v1"
     modelspec_implementation = IMPL_DIFFUSERS
     ss_base_model_version = "sd_v1"
     text_encoder_pairs = (("tokenizer", "text_encoder"),)
+    embedding_modelspec_implementation = IMPL_SAI
     kohya_prefix: ClassVar[str] = "lora_unet_"
+    # SD1.x's checkpoint layout has no key the others lack: a file with no marker is SD.
+    single_file_fallback = True
+    lora_signs = LoraSigns(
+        # SD2 runs as SD1.5 but reads OpenCLIP ViT-H (1024 wide), SD1.x CLIP ViT-L (768).
+        context_key=CONTEXT_KEY,
+        context_dims={768: "sd15", 1024: "sd2"},
+        # Attention in the first down block and the last up block: SD1.x and SD2.x alike.
+        layout_keys=(rf"down_blocks{_SEP}0{_SEP}attentions", rf"up_blocks{_SEP}3{_SEP}attentions"),
+        metadata=(
+            HeaderSign("sd2", architecture=r"stable-diffusion-v2", base_version=r"sd_v2"),
+            HeaderSign("sd15", architecture=r"stable-diffusion-v1", base_version=r"sd_v1"),
+        ),
+    )
 
     def pipeline_class(self) -> type[Any]:
         from diffusers import StableDiffusionPipeline

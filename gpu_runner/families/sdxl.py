@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 import torch
 
 from gpu_runner.families.base import TinyBuilder
-from gpu_runner.families.sd15 import IMPL_SAI, StableDiffusion15
+from gpu_runner.families.lora_signs import HeaderSign, LoraSigns
+from gpu_runner.families.sd15 import _SEP, CONTEXT_KEY, IMPL_SAI, StableDiffusion15
 from gpu_runner.training.dataset import TextCond
 
 
@@ -32,6 +33,23 @@ class StableDiffusionXL(StableDiffusion15):
     text_encoder_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     # Single checkpoint files in SAI's layout name the second text encoder so.
     single_file_marker: ClassVar[str] = "conditioner.embedders.1."
+    single_file_fallback = False
+    lora_signs = LoraSigns(
+        # No attention in the first down block, attention in up block 0, transformer depth
+        # above 1, a second text encoder. Read after the transformer families: their
+        # diffusers names have `transformer_blocks.1` too.
+        own_keys=(
+            rf"up_blocks{_SEP}0{_SEP}attentions",
+            rf"transformer_blocks{_SEP}[1-9]",
+            r"lora_te2_",
+            r"^text_encoder_2\.",
+        ),
+        context_key=CONTEXT_KEY,
+        context_dims={2048: "sdxl"},  # CLIP ViT-L and OpenCLIP ViT-bigG side by side
+        metadata=(HeaderSign("sdxl", architecture=r"stable-diffusion-xl", base_version=r"sdxl"),),
+        # SDXL embeddings carry one set of vectors per text encoder.
+        embedding_keys=("clip_g",),
+    )
 
     def pipeline_class(self) -> type[Any]:
         from diffusers import StableDiffusionXLPipeline

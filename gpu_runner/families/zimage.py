@@ -18,6 +18,7 @@ from gpu_runner.families.flow_matching import (
     FlowMatchingFamily,
     qwen3_chat_tokens,
 )
+from gpu_runner.families.lora_signs import HeaderSign, LoraSigns
 from gpu_runner.training.dataset import TextCond
 
 # The prefix ComfyUI's Z-Image (Lumina2) key map reads diffusers module names under
@@ -75,6 +76,19 @@ class ZImage(FlowMatchingFamily):
     ss_base_model_version = "zimage"
     # The key diffusers' single-file loader tells a Z-Image checkpoint by (CHECKPOINT_KEY_NAMES).
     single_file_marker = "layers.0.adaLN_modulation.0."
+    # Its blocks (`layers`, `noise_refiner`, `context_refiner`) with their `attention`
+    # (diffusers' to_q/.../to_out.0, or the original qkv/out), `feed_forward.w1-3` and
+    # `adaLN_modulation`, under ComfyUI's `diffusion_model.`, diffusers' `transformer.` or no
+    # prefix, or kohya-style with `lora_unet_` (some trainers write `__`). Lumina 2's
+    # original NextDiT names are Z-Image's own (Z-Image grew from it): such a file reads so.
+    lora_signs = LoraSigns(
+        own_keys=(
+            r"^(diffusion_model\.|transformer\.|base_model\.model\.)?"
+            r"(layers|noise_refiner|context_refiner)\.\d+\.(attention|feed_forward|adaLN_modulation)\.",
+            r"^lora_unet__?(layers|noise_refiner|context_refiner)_\d+_(attention|feed_forward|adaLN)_",
+        ),
+        metadata=(HeaderSign("zimage", architecture=r"z-image", base_version=r"zimage"),),
+    )
 
     def pipeline_class(self) -> type[Any]:
         from diffusers import ZImagePipeline

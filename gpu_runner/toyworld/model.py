@@ -20,6 +20,7 @@ from diffusers import (
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from gpu_runner.families.base import BuiltinBuildError
 from gpu_runner.lora_import import file_sha256
 from gpu_runner.tiny_models import MAX_TOKENS, TEXT_HIDDEN, build_tiny_tokenizer, text_config
 from toyworld.scenes import BACKGROUNDS, COLOURS, SHAPES, SIDE
@@ -40,7 +41,7 @@ SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_l
 NOISE_SCHEDULE = {**SD_BETAS, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
 
 
-class ToyWeightsError(RuntimeError):
+class ToyWeightsError(BuiltinBuildError):
     """The shipped weights are missing or do not match their manifest."""
 
 

@@ -349,7 +349,7 @@ _TI_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     (family, preset): {
         "learning_rate": 5e-4,  # [ti]
         "steps": 3000 if preset == "style" else 2000,  # [ti]; objects converge sooner
-        "resolution": 512 if family == "sd15" else 1024,  # [ti]
+        "resolution": _LORA_PRESETS[(family, "style")]["resolution"],  # [ti] native
         "batch_size": 4,  # [ti] 1 x 4 accumulation
         "caption_dropout": 0.0,  # the caption must hold the token being learnt
         "min_snr_gamma": None,  # [ti] the example uses plain MSE

@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import save, save_file
 
 from gpu_runner.families import family_of_pipeline_class, get_family
-from gpu_runner.families.sd15 import IMPL_SAI
 from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -189,7 +188,9 @@ def build_metadata(
         "ss_tag_frequency": json.dumps({stem: tag_frequency(captions)}),
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
         "modelspec.architecture": f"{family.modelspec_architecture}/{kind}",
-        "modelspec.implementation": IMPL_SAI if is_ti else family.modelspec_implementation,
+        "modelspec.implementation": (
+            family.embedding_modelspec_implementation if is_ti else family.modelspec_implementation
+        ),
         "modelspec.title": stem,
         "modelspec.trigger_phrase": config.trigger,
         # kohya writes the ISO-8601 date and time to the second.
