@@ -1,6 +1,7 @@
 """Every family through the same chat commands, on SQLite and PostgreSQL: a style created
-on the family's built-in tiny model trains from `/style train`, and `/imagine` with its
-trigger draws with the LoRA and says which model and family made the picture."""
+on the family's built-in tiny model trains from `/style train` (wide references at a wide
+bucket, which the result and `/style info` say), and `/imagine` with its trigger draws with
+the LoRA and says which model and family made the picture."""
 
 from __future__ import annotations
 
@@ -57,8 +58,10 @@ def test_a_style_trains_and_draws_on_every_family_from_chat(
             pass
         return session.run_line("wait 0")
 
-    for seed in (1, 2, 3, 4):
-        (tmp_path / f"p{seed}.png").write_bytes(png_bytes(seed))
+    for seed in (1, 2, 3, 4):  # two square references and two wide ones
+        (tmp_path / f"p{seed}.png").write_bytes(
+            png_bytes(seed, (96, 96) if seed < 3 else (192, 96))
+        )
     out = session.run_line(f"/style create ink inkstyle style {base}")
     assert "Created style **ink**" in out[0], out
     session.run_line("/style add ink p1.png p2.png p3.png p4.png")
@@ -72,6 +75,10 @@ def test_a_style_trains_and_draws_on_every_family_from_chat(
         version = s.scalar(select(ModelVersion))
     assert version is not None, trained
     assert version.kohya_blob, trained
+    # 2:1 at 64 px goes to the 80x48 bucket; the squares stay square.
+    told = "trained at 64x64 (2 images) and 80x48 (2)"
+    assert told in trained, trained
+    assert told in "\n".join(session.run_line("/style info ink"))
 
     session.run_line("/imagine inkstyle, a harbour seed=3 steps=2")
     session.run_line("/imagine a harbour seed=3 steps=2")

@@ -60,6 +60,33 @@ def test_nf4_stores_the_linear_layers_in_4_bits_and_keeps_what_they_compute(
     assert 0 < drift < 0.2, drift
 
 
+def test_an_eval_pass_leaves_the_quantized_layers_trainable(
+    tiny_builders: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation runs the quantized base with no grad in eval mode; on a CPU with
+    AVX512-BF16 bitsandbytes would repack its weights in place there, and the training step
+    after it failed. As if every CPU had it: eval, then a step with gradients."""
+    import bitsandbytes.nn.modules as bnb_modules
+    import torch
+
+    from gpu_runner.training.quantize import quantize_frozen_linears
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    unet = tiny_builders["sd15"](0).unet
+    quantize_frozen_linears(unet, torch.float32)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, unet.config.cross_attention_dim)
+    unet.eval()
+    with torch.no_grad():
+        evaluated = unet(x, 10, hidden).sample
+    unet.train()
+    x.requires_grad_(True)
+    trained = unet(x, 10, hidden).sample
+    trained.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(trained.detach(), evaluated)
+
+
 def _generate(services: Any, team_id: int, version_id: int | None, base: str) -> tuple[Any, Any]:
     payload = generate_payload(team_id, version_id, base_model=base, seed=5, prompt="a harbour")
     job_id = enqueue_generate(services, payload)

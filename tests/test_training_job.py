@@ -107,5 +107,7 @@ def test_loaded_references_are_not_held_at_full_size(services: Any) -> None:
     assert held < 30_000_000, f"loading the inputs kept {held / 1e6:.0f} MB"
     # Prepared one at a time, they give the pixels the decoded images give.
     data = prepare_data(inputs.items, "inkstyle", 64, 0.15, 0)
-    assert data.pixels.shape == (6, 3, 64, 64)
-    assert data.pixels.equal(prepare_data(photos, "inkstyle", 64, 0.15, 0).pixels)
+    everything = range(6)
+    assert data.stack(everything).shape == (6, 3, 48, 80)  # 3:2 photos: the 80x48 bucket
+    decoded = prepare_data(photos, "inkstyle", 64, 0.15, 0)
+    assert data.stack(everything).equal(decoded.stack(everything))

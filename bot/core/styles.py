@@ -27,6 +27,7 @@ from storage.models import (
     Style,
     TrainingRun,
 )
+from storage.training_summary import buckets_text
 
 
 def thread_key(style_id: int) -> str:
@@ -298,7 +299,11 @@ def info(ctx: Context, args: StyleNameArgs) -> list[Reply]:
         )
         for model in models[-5:]:
             approved = f", approved by {model.approved_by}" if model.approved_by else ""
-            lines.append(f"Model v{model.version} ({model.method}, {model.base_model}{approved})")
+            buckets = buckets_text(model.validation.get("buckets", {}))
+            lines.append(
+                f"Model v{model.version} ({model.method}, {model.base_model}{approved})"
+                + (f": {buckets}" if buckets else "")
+            )
         run = s.scalar(
             select(TrainingRun)
             .where(TrainingRun.style_id == style.id)

@@ -40,6 +40,7 @@ from storage.models import (
     utcnow,
 )
 from storage.outbox import Attachment
+from storage.training_summary import buckets_text
 
 # The built-in models are 64 px and tiny: their own defaults replace the presets' real-model
 # sizes and rates (per-run settings from chat still win).
@@ -360,6 +361,7 @@ def _publish(
         "val_improvement": result.val_improvement,
         "val_history": result.val_history,
         "held_out": result.held_out,
+        "buckets": result.buckets,
     }
     improvement = result.val_improvement
     which = "held-out loss" if result.held_out else "loss on the training images"
@@ -419,7 +421,9 @@ def _publish(
                 )
                 ctx.post(
                     result_key(ctx.job.id),
-                    f"Style **{inputs.style_name}** v{number} is trained: {summary}.\n"
+                    f"Style **{inputs.style_name}** v{number} is trained: {summary}"
+                    + (f"; {buckets_text(result.buckets)}" if result.buckets else "")
+                    + ".\n"
                     f"Use it with `/imagine {inputs.trigger} ...`; download it with "
                     f"`/style export {inputs.style_name}`. An art lead approves it with ✅ "
                     "on this message.",

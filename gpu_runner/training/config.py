@@ -67,6 +67,9 @@ class TrainConfigBase(BaseModel):
     # None: take the base model scheduler's prediction type (epsilon for SD1.5/SDXL base).
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     val_fraction: float = 0.15
+    # Each image at its aspect-ratio bucket (training/buckets.py), every trainer's default
+    # (kohya's enable_bucket, ai-toolkit, OneTrainer); False centre-crops to the square.
+    aspect_buckets: bool = True
     validate_every: int = 100
     checkpoint_every: int = 250
     keep_checkpoints: int = 2

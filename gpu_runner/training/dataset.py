@@ -1,5 +1,6 @@
-"""Training data: captions with the trigger, image preprocessing, the validation split,
-and the per-run cache of VAE latent distributions and text embeddings."""
+"""Training data: captions with the trigger, image preprocessing into aspect-ratio
+buckets, the validation split, batches drawn one bucket at a time, and the per-run cache
+of VAE latent distributions and text embeddings."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gpu_runner.training.buckets import Bucket, crop_box, make_buckets, nearest_bucket
 from storage.ingest import MAX_ASPECT
 
 # Captions get the trigger by the rule chat selects styles with (re-exported for the loop).
@@ -81,22 +83,21 @@ def check_shape(size: tuple[int, int], name: str) -> None:
 
 
 def preprocess(
-    img: Image.Image, resolution: int, name: str = "an image"
+    img: Image.Image, size: int | Bucket, name: str = "an image"
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Shortest side to `resolution` (bicubic), center crop, to a CHW tensor in [-1, 1].
+    """Scaled (bicubic) to cover `size` (a square side or a bucket), the overhang cropped
+    evenly, to a CHW tensor in [-1, 1].
 
-    Also returns SDXL's size/crop conditioning: (orig_h, orig_w, crop_top, crop_left, R, R).
-    Shapes `check_shape` refuses raise DatasetError naming `name`."""
+    Also returns SDXL's size/crop conditioning: (orig_h, orig_w, crop_top, crop_left,
+    target_h, target_w). Shapes `check_shape` refuses raise DatasetError naming `name`."""
+    bucket = Bucket(size, size) if isinstance(size, int) else size
     w, h = img.size
     check_shape(img.size, name)
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    img = img.resize(size, Image.Resampling.BICUBIC)
-    left = (size[0] - resolution) // 2
-    top = (size[1] - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    resized, top, left = crop_box(w, h, bucket)
+    img = img.resize(resized, Image.Resampling.BICUBIC)
+    img = img.crop((left, top, left + bucket.width, top + bucket.height))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    time_ids = (h, w, top, left, resolution, resolution)
+    time_ids = (h, w, top, left, bucket.height, bucket.width)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), time_ids
 
 
@@ -121,32 +122,50 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 
 class BatchSampler:
-    """Shuffled epochs from its own generator; its state goes into checkpoints."""
+    """Batches of one bucket each: the bucket drawn in proportion to its images, then the
+    next images of that bucket's own shuffled epochs (a bucket smaller than a batch repeats
+    its images, each with its own noise). One generator; its state goes into checkpoints.
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n = n
+    `groups`: the positions in each bucket (an int n: one bucket of positions 0..n-1)."""
+
+    def __init__(self, groups: int | Sequence[Sequence[int]], batch_size: int, seed: int) -> None:
+        as_groups = [range(groups)] if isinstance(groups, int) else groups
+        self.groups = [list(g) for g in as_groups]
+        if not all(self.groups):
+            raise ValueError("every bucket needs an image")
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed + 104729)
-        self.order: list[int] = []
-        self.pos = 0
+        self.orders: list[list[int]] = [[] for _ in self.groups]
+        self.positions = [0] * len(self.groups)
+        self._sizes = torch.tensor([len(g) for g in self.groups], dtype=torch.float64)
 
     def next_batch(self) -> list[int]:
-        out: list[int] = []
+        g = 0
+        if len(self.groups) > 1:
+            g = int(torch.multinomial(self._sizes, 1, generator=self.generator))
+        group, out = self.groups[g], []
         while len(out) < self.batch_size:
-            if self.pos >= len(self.order):
-                self.order = torch.randperm(self.n, generator=self.generator).tolist()
-                self.pos = 0
-            out.append(self.order[self.pos])
-            self.pos += 1
+            if self.positions[g] >= len(self.orders[g]):
+                perm = torch.randperm(len(group), generator=self.generator).tolist()
+                self.orders[g] = [group[i] for i in perm]
+                self.positions[g] = 0
+            out.append(self.orders[g][self.positions[g]])
+            self.positions[g] += 1
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "order": self.order, "pos": self.pos}
+        return {
+            "generator": self.generator.get_state(),
+            "orders": self.orders,
+            "positions": self.positions,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
-        self.order = list(state["order"])
-        self.pos = int(state["pos"])
+        if "order" in state:  # a checkpoint from before buckets: one bucket
+            state = {"orders": [state["order"]], "positions": [state["pos"]]}
+        self.orders = [list(o) for o in state["orders"]]
+        self.positions = [int(p) for p in state["positions"]]
 
 
 @dataclass
@@ -250,13 +269,14 @@ def sample_latents(
 class PreparedData:
     """Everything the loop needs about the images, built once per run."""
 
-    pixels: torch.Tensor  # (N, 3, R, R) in [-1, 1], CPU
+    pixels: list[torch.Tensor]  # per image (3, H, W) at its bucket, in [-1, 1], CPU
+    buckets: list[Bucket]  # per image
     time_ids: torch.Tensor  # (N, 6) SDXL size/crop ids (unused for SD1.5)
     captions: list[str]  # with the trigger inserted
     train_idx: list[int]
     val_idx: list[int]
-    latent_mean: torch.Tensor | None = None  # (N, 4, R/8, R/8), on the training device
-    latent_std: torch.Tensor | None = None
+    latent_mean: list[torch.Tensor] | None = None  # per image (C, h, w), on the device
+    latent_std: list[torch.Tensor] | None = None
     text: TextCond | None = None  # per image caption
     empty_text: TextCond | None = None  # caption dropout target
 
@@ -265,6 +285,25 @@ class PreparedData:
         """Whether validation images are kept out of training (see HOLD_OUT_FROM)."""
         return set(self.val_idx).isdisjoint(self.train_idx)
 
+    def by_bucket(self, idx: Sequence[int]) -> list[list[int]]:
+        """`idx` split by bucket (buckets in order, each keeping idx's order)."""
+        groups: dict[Bucket, list[int]] = {}
+        for i in idx:
+            groups.setdefault(self.buckets[i], []).append(i)
+        return [groups[b] for b in sorted(groups)]
+
+    def stack(self, idx: Sequence[int]) -> torch.Tensor:
+        """(len(idx), 3, H, W) pixels of images that share a bucket."""
+        if len({self.buckets[i] for i in idx}) > 1:
+            raise ValueError("a batch is drawn from one bucket")
+        return torch.stack([self.pixels[i] for i in idx])
+
+    def latents(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached posterior mean and std of images that share a bucket, stacked."""
+        assert self.latent_mean is not None and self.latent_std is not None
+        mean = torch.stack([self.latent_mean[i] for i in idx])
+        return mean, torch.stack([self.latent_std[i] for i in idx])
+
 
 def prepare_data(
     items: Sequence[TrainItem | tuple[ImageLike, str]],
@@ -272,17 +311,30 @@ def prepare_data(
     resolution: int,
     val_fraction: float,
     seed: int,
+    *,
+    grid: int = 8,
+    buckets: bool = True,
 ) -> PreparedData:
+    """Every image at its aspect-ratio bucket of about `resolution`² pixels (sides on the
+    family's `grid`), or centre-cropped to the square with `buckets=False`."""
     items = as_items(items)
-    # Filled one image at a time: each full-size decode is released before the next.
-    pixels = torch.empty((len(items), 3, resolution, resolution))
+    choices = make_buckets(resolution, grid)
+    square = Bucket(resolution, resolution)
+    # One image at a time: each full-size decode is released before the next.
+    pixels: list[torch.Tensor] = []
+    chosen: list[Bucket] = []
     time_ids = torch.empty((len(items), 6))
     for i, it in enumerate(items):
-        pixels[i], ids = preprocess(load_image(it.image, i), resolution, _label(it.image, i))
+        img = load_image(it.image, i)
+        check_shape(img.size, _label(it.image, i))
+        bucket = nearest_bucket(*img.size, choices, grid) if buckets else square
+        tensor, ids = preprocess(img, bucket, _label(it.image, i))
+        pixels.append(tensor)
+        chosen.append(bucket)
         time_ids[i] = torch.tensor(ids, dtype=torch.float32)
     captions = [insert_trigger(it.caption, trigger) for it in items]
     train_idx, val_idx = split_indices(len(items), val_fraction, seed)
-    return PreparedData(pixels, time_ids, captions, train_idx, val_idx)
+    return PreparedData(pixels, chosen, time_ids, captions, train_idx, val_idx)
 
 
 def dataset_hash(items: Sequence[TrainItem | tuple[ImageLike, str]]) -> str:

@@ -19,6 +19,7 @@ from gpu_runner import failpoints
 from gpu_runner.adapter_state import AdapterState
 from gpu_runner.families import family_of_pipeline, get_family
 from gpu_runner.training import checkpoint as ckpt
+from gpu_runner.training.buckets import bucket_counts
 from gpu_runner.training.config import AnyTrainConfig, TextualInversionConfig
 from gpu_runner.training.dataset import (
     HOLD_OUT_FROM,
@@ -43,13 +44,14 @@ from gpu_runner.training.export import (
 from gpu_runner.training.objective import (
     ValidationBatch,
     make_validation_batch,
+    validation_generator,
     weighted_mse,
 )
 from gpu_runner.training.precision import Precision, choose_precision
 from gpu_runner.training.priors import Priors, draw_priors
 from gpu_runner.training.report import ReportFiles, write_report
 from gpu_runner.training.textual_inversion import TokenEmbedding, attach_token
-from storage.families import defaults_for
+from storage.families import defaults_for, size_multiple
 from storage.prompt_rules import without_trigger
 
 # Distinctive: a name that is a substring of module names ("b" in "blocks") makes peft
@@ -87,6 +89,8 @@ class TrainResult:
     sample_images: list[Path] = field(default_factory=list)
     # Validation on held-out images, or (a small set) on the training images themselves.
     held_out: bool = True
+    # How many images trained at each aspect-ratio bucket ("640x384": 3), largest first.
+    buckets: dict[str, int] = field(default_factory=dict)
 
     @property
     def val_improvement(self) -> float | None:
@@ -181,7 +185,13 @@ class _Trainer:
         self.pipeline.vae.requires_grad_(False)
         self.adapters.show(())  # style adapters a warm pipeline carries stay out of training
         self.data = prepare_data(
-            self.items, cfg.trigger, cfg.resolution, cfg.val_fraction, cfg.seed
+            self.items,
+            cfg.trigger,
+            cfg.resolution,
+            cfg.val_fraction,
+            cfg.seed,
+            grid=size_multiple(cfg.family),
+            buckets=cfg.aspect_buckets,
         )
         if self.is_ti:
             assert isinstance(cfg, TextualInversionConfig)
@@ -197,7 +207,7 @@ class _Trainer:
             if not self.is_ti:  # TI's text changes every step: never cached
                 self.data.text = encode_text(self.pipeline, self.data.captions, self.device)
                 self.data.empty_text = encode_text(self.pipeline, [""], self.device)
-        self.val_batch = self._make_val_batch()
+        self.val_batches = self._make_val_batches()
         self.base_val_loss = self.validation_loss()  # before any adapter: the base model
         self.priors: Priors | None = None
         self.plain_text: TextCond | None = None  # captions without the trigger, then ""
@@ -229,7 +239,7 @@ class _Trainer:
             num_training_steps=cfg.steps,
         )
         self.scaler = self.precision.grad_scaler()
-        self.sampler = BatchSampler(len(self.data.train_idx), cfg.batch_size, cfg.seed)
+        self.sampler = BatchSampler(self._train_groups(), cfg.batch_size, cfg.seed)
         self.noise_gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.loss_history: list[float] = []
@@ -242,13 +252,28 @@ class _Trainer:
             self.denoiser.enable_gradient_checkpointing()
             self.checkpointing_on = True
 
+    def _train_groups(self) -> list[list[int]]:
+        """Positions in train_idx, by bucket (what the batch sampler draws from)."""
+        data = self.data
+        assert data is not None
+        where = {i: pos for pos, i in enumerate(data.train_idx)}
+        return [[where[i] for i in g] for g in data.by_bucket(data.train_idx)]
+
     def _encode_vae_all(self) -> None:
-        assert self.data is not None
-        self.data.latent_mean, self.data.latent_std = self._encode_pixels(
-            list(range(len(self.data.captions)))
-        )
+        data = self.data
+        assert data is not None
+        count = len(data.captions)
+        means: list[torch.Tensor | None] = [None] * count
+        stds: list[torch.Tensor | None] = [None] * count
+        for group in data.by_bucket(range(count)):
+            mean, std = self._encode_pixels(group)
+            for row, i in enumerate(group):
+                means[i], stds[i] = mean[row], std[row]
+        data.latent_mean = [m for m in means if m is not None]
+        data.latent_std = [s for s in stds if s is not None]
 
     def _encode_pixels(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior of images that share a bucket, stacked."""
         assert self.data is not None
         vae = self.pipeline.vae
         # fp16 VAEs that ask for it (SDXL's) overflow: encode in fp32, then put it back.
@@ -256,31 +281,25 @@ class _Trainer:
         if upcast:
             vae.to(torch.float32)
         try:
-            return self.family.latent_dist(vae, self.data.pixels[idx].to(self.device))
+            return self.family.latent_dist(vae, self.data.stack(idx).to(self.device))
         finally:
             if upcast:
                 vae.to(torch.float16)
 
-    def _make_val_batch(self) -> ValidationBatch:
-        assert self.data is not None
-        val_idx = self.data.val_idx
-        if self.data.latent_mean is not None:
-            mean, std = self.data.latent_mean, self.data.latent_std
-            assert std is not None
-        else:  # uncached run: encode only the held-out images, once, into a full-size table
-            m, s = self._encode_pixels(val_idx)
-            shape = (len(self.data.captions), *m.shape[1:])
-            mean = torch.zeros(shape, device=m.device)
-            std = torch.zeros(shape, device=m.device)
-            mean[val_idx], std[val_idx] = m, s
-        return make_validation_batch(
-            val_idx,
-            mean,
-            std,
-            self.scale_latents,
-            self.objective,
-            self.config.seed,
-        )
+    def _make_val_batches(self) -> list[ValidationBatch]:
+        """One fixed batch per bucket of the validation images (an uncached run encodes only
+        those, once)."""
+        data = self.data
+        assert data is not None
+        gen = validation_generator(self.config.seed)
+        batches = []
+        for group in data.by_bucket(data.val_idx):
+            cached = data.latent_mean is not None
+            mean, std = data.latents(group) if cached else self._encode_pixels(group)
+            batches.append(
+                make_validation_batch(group, mean, std, self.scale_latents, self.objective, gen)
+            )
+        return batches
 
     def _make_trainable(self) -> dict[str, torch.nn.Parameter]:
         cfg = self.config
@@ -329,8 +348,8 @@ class _Trainer:
         cfg, data, gen = self.config, self.data, self.noise_gen
         assert data is not None
         batch = [data.train_idx[i] for i in self.sampler.next_batch()]
-        if data.latent_mean is not None and data.latent_std is not None:
-            mean, std = data.latent_mean[batch], data.latent_std[batch]
+        if data.latent_mean is not None:
+            mean, std = data.latents(batch)
         else:
             mean, std = self._encode_pixels(batch)
         # Fixed draw order on a CPU generator: latents, noise, timesteps, dropout. The same
@@ -406,13 +425,17 @@ class _Trainer:
     def validation_loss(self) -> float:
         """Plain MSE against the target on the fixed validation batch (no SNR weighting,
         so numbers compare across settings)."""
-        vb, data = self.val_batch, self.data
-        assert data is not None
+        assert self.data is not None
         was_training = self.denoiser.training
         self.denoiser.eval()
         total, count, chunk = 0.0, 0, max(1, self.config.batch_size * 2)
         with torch.no_grad(), self.precision.autocast():
-            for start in range(0, len(vb.timesteps), chunk):
+            chunks = [
+                (batch, start)
+                for batch in self.val_batches
+                for start in range(0, len(batch.timesteps), chunk)
+            ]
+            for vb, start in chunks:
                 sl = slice(start, start + chunk)
                 idx = vb.image_idx[sl].tolist()
                 t = vb.timesteps[sl]
@@ -615,6 +638,7 @@ class _Trainer:
             loss_history=list(self.loss_history),
             checkpoint=self.last_checkpoint,
             held_out=self.data is None or self.data.held_out,
+            buckets=bucket_counts(self.data.buckets) if self.data is not None else {},
             sample_images=list(self.sample_paths),
         )
 
@@ -681,6 +705,7 @@ class _Trainer:
                 f"{HOLD_OUT_FROM} images: none held out)"
             ),
             "captions": data.captions,
+            "buckets": bucket_counts(data.buckets),
             "val_indices": data.val_idx,
             "final_step": self.step,
             "resumed_from": self.resumed_from,

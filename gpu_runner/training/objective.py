@@ -179,24 +179,29 @@ class ValidationBatch:
     timesteps: torch.Tensor  # (M,)
 
 
+def validation_generator(seed: int) -> torch.Generator:
+    """The one generator every validation batch of a run draws its fixed noise from."""
+    return torch.Generator().manual_seed(seed + 15485863)
+
+
 def make_validation_batch(
     val_idx: list[int],
     latent_mean: torch.Tensor,
     latent_std: torch.Tensor,
     scale: Callable[[torch.Tensor], torch.Tensor],
     objective: Objective,
-    seed: int,
+    gen: torch.Generator,
     timesteps_per_image: int = 8,
 ) -> ValidationBatch:
-    """Each held-out image at evenly spaced timesteps across the schedule, fixed noise;
-    `scale` turns VAE samples into the denoiser's latents (the family's shift and scale)."""
-    gen = torch.Generator().manual_seed(seed + 15485863)
+    """Each validation image (one bucket: `latent_mean` row i is image val_idx[i]) at evenly
+    spaced timesteps across the schedule, fixed noise from `gen`; `scale` turns VAE samples
+    into the denoiser's latents (the family's shift and scale)."""
     k = timesteps_per_image
     ts = objective.validation_timesteps(k)
     image_idx = torch.tensor(val_idx).repeat_interleave(k)
     timesteps = ts.repeat(len(val_idx))
-    mean = latent_mean[image_idx].cpu()
-    std = latent_std[image_idx].cpu()
+    mean = latent_mean.repeat_interleave(k, dim=0).cpu()
+    std = latent_std.repeat_interleave(k, dim=0).cpu()
     z = mean + std * torch.randn(mean.shape, generator=gen)
     latents = scale(z)
     noise = torch.randn(latents.shape, generator=gen)

@@ -46,6 +46,10 @@ def _replace_linears(module: torch.nn.Module, compute_dtype: torch.dtype, bnb: A
                 child.in_features, child.out_features, bias=child.bias is not None,
                 compute_dtype=compute_dtype, quant_type="nf4", device="meta",
             )  # fmt: skip
+            # bitsandbytes repacks NF4 weights in place for its AVX512-BF16 CPU kernel on the
+            # first no-grad eval forward (a validation pass); the repacked weights break
+            # the training steps after it and the absmax of layers narrower than 64.
+            layer.support_avx512bf16_for_cpu = False
             weight = child.weight.data.to(compute_dtype)
             layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
             layer.weight = layer.weight.to(device)  # bitsandbytes quantizes on the move
