@@ -186,9 +186,11 @@ def test_textual_inversion_trains_saves_and_loads(
     assert len(pipe.tokenizer) == vocab  # the borrowed pipeline never saw the token
     saved = load_file(res.embedding_path)
     assert set(saved) == {"emb_params"} and saved["emb_params"].shape == (1, 32)
-    start = pipe.text_encoder.get_input_embeddings().weight[
-        pipe.tokenizer.convert_tokens_to_ids("style")
-    ].detach()
+    start = (
+        pipe.text_encoder.get_input_embeddings()
+        .weight[pipe.tokenizer.convert_tokens_to_ids("style")]
+        .detach()
+    )
     moved = float((saved["emb_params"][0] - start).norm() / start.norm())
     assert moved > 0.5, moved
 
