@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from storage.training_bounds import Method
+from storage.training_bounds import LayerSet, Method
 
 Family = Literal["sd15", "sdxl", "flux2-klein", "flux1", "qwenimage", "zimage"]
 # Families with training presets and memory estimates (chat offers these).
@@ -62,6 +62,31 @@ TRAINING_METHODS: dict[Family, tuple[Method, ...]] = {
     "qwenimage": ("lora", "dora"),
     "zimage": ("lora", "dora"),
 }
+# The LoRA layer sets (storage.training_bounds.LayerSet) each family offers; its module
+# names for each are the family module's `lora_layer_sets`. LoCon adds convolutions, which
+# only the SD UNets have.
+LAYER_SETS_OF: dict[Family, tuple[LayerSet, ...]] = {
+    "sd15": ("attention", "full", "locon"),
+    "sdxl": ("attention", "full", "locon"),
+    "flux2-klein": ("attention", "full"),
+    "flux1": ("attention", "full"),
+    "qwenimage": ("attention", "full"),
+    "zimage": ("attention", "full"),
+}
+
+
+def check_layer_set(family: str, layers: str) -> None:
+    """Refuse a layer set the family has no layers for, naming those it has."""
+    fam = "sd15" if family == "sd2" else family
+    offered = LAYER_SETS_OF.get(fam, ())  # type: ignore[call-overload]
+    if layers not in offered:
+        label = FAMILY_LABELS.get(family, family)
+        allowed = " or ".join(f"layers={s}" for s in offered)
+        raise MethodNotSupportedError(
+            f"{label} has no convolutions for layers={layers} to train; use {allowed}"
+        )
+
+
 # Chat spells methods as `/style train method=...` takes them.
 _CHAT_METHOD = {"textual_inversion": "ti"}
 

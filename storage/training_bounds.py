@@ -19,6 +19,16 @@ PRESETS: tuple[Preset, ...] = get_args(Preset)
 # NormalFloat (QLoRA; gpu_runner/training/quantize.py), for big models on small cards.
 Quantization = Literal["none", "nf4"]
 QUANTIZATIONS: tuple[Quantization, ...] = get_args(Quantization)
+# The optimizer: AdamW (every trainer's default); bitsandbytes' 8-bit AdamW (CUDA only), a
+# quarter of AdamW's state memory; Prodigy (Mishchenko & Defazio 2023), which estimates its
+# own step size, so a run needs no learning rate.
+Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
+OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
+# The layers a LoRA trains: attention only; attention, feed-forwards and projections
+# (kohya's "full" LoRA); those and the convolutions too (LoCon, SD families only). Each
+# family names its modules for each (gpu_runner/families, `lora_layer_sets`).
+LayerSet = Literal["attention", "full", "locon"]
+LAYER_SETS: tuple[LayerSet, ...] = get_args(LayerSet)
 
 # Safe bounds for anything a person may override: (low, high), both inclusive.
 # Wide enough for real use, narrow enough that a typo cannot OOM a GPU or run for days.
@@ -34,6 +44,7 @@ WHOLE_BOUNDS: dict[str, tuple[int, int]] = {
     "sample_steps": (1, 100),
     "num_vectors": (1, 16),
     "keep_checkpoints": (1, 100),
+    "gradient_accumulation": (1, 16),
 }
 REAL_BOUNDS: dict[str, tuple[float, float]] = {
     "alpha": (0.5, 256),
@@ -43,5 +54,7 @@ REAL_BOUNDS: dict[str, tuple[float, float]] = {
     "val_fraction": (0.05, 0.5),
     "max_grad_norm": (0.01, 100.0),
     "weight_decay": (0.0, 0.5),
+    # Crosslabs' offset noise (kohya's --noise_offset): 0.05-0.1 is the range trainers use.
+    "noise_offset": (0.0, 0.2),
 }
 BOUNDS: dict[str, tuple[float, float]] = {**WHOLE_BOUNDS, **REAL_BOUNDS}

@@ -28,6 +28,7 @@ FAST: dict[str, Any] = {
     "warmup_steps": 0,
     "sample_steps": 2,
     "sample_seeds": [1, 2],
+    "flip": False,  # as the tiny model's own defaults: its stripes are diagonal
 }
 
 

@@ -17,7 +17,15 @@ from bot.core.errors import UserError
 from bot.core.parsing import PARSE_ERROR, usage
 from storage.families import ASPECT_RATIOS
 from storage.models import StyleKind
-from storage.training_bounds import METHODS, PRESETS, QUANTIZATIONS, REAL_BOUNDS, WHOLE_BOUNDS
+from storage.training_bounds import (
+    LAYER_SETS,
+    METHODS,
+    OPTIMIZERS,
+    PRESETS,
+    QUANTIZATIONS,
+    REAL_BOUNDS,
+    WHOLE_BOUNDS,
+)
 
 MAX_SEED = 2**32 - 1
 _NAME = re.compile(r"\w[\w-]{0,39}")
@@ -284,6 +292,7 @@ class StyleNameArgs(Args):
     name: StyleName
 
 
+_ON_OFF = {"on": "on", "yes": "on", "true": "on", "off": "off", "no": "off", "false": "off"}
 # "ti" is chat shorthand; the runner knows the method by its full name only.
 _METHOD_NAMES = {**{m: m for m in METHODS}, "ti": "textual_inversion"}
 
@@ -299,6 +308,20 @@ class StyleTrainArgs(Args):
     lr: Annotated[float | None, _real("lr", *REAL_BOUNDS["learning_rate"])] = None
     method: Annotated[str | None, _choice("method", _METHOD_NAMES)] = None
     quantize: Annotated[str | None, _choice("quantize", {q: q for q in QUANTIZATIONS})] = None
+    layers: Annotated[str | None, _choice("layers", {s: s for s in LAYER_SETS})] = None
+    optimizer: Annotated[str | None, _choice("optimizer", {o: o for o in OPTIMIZERS})] = None
+    flip: Annotated[str | None, _choice("flip", _ON_OFF)] = None
+    noise_offset: Annotated[float | None, _real("noise_offset", *REAL_BOUNDS["noise_offset"])] = (
+        None
+    )
+    accumulate: Annotated[
+        int | None, _whole("accumulate", *WHOLE_BOUNDS["gradient_accumulation"])
+    ] = None
+
+
+class StyleUseArgs(Args):
+    name: StyleName
+    step: Annotated[int, _whole("step", 1, WHOLE_BOUNDS["steps"][1])]
 
 
 class NoArgs(Args):
@@ -351,6 +374,8 @@ ARG_MODELS: dict[str, type[Args]] = {
     "style list": NoArgs,
     "style info": StyleNameArgs,
     "style export": StyleNameArgs,
+    "style versions": StyleNameArgs,
+    "style use": StyleUseArgs,
     "imagine": ImagineArgs,
     "style import": StyleImportArgs,
     "jobs": NoArgs,

@@ -11,7 +11,10 @@ from bot.core.parsing import COMMANDS, FORM_COMMANDS
 from bot.core.suggestions import suggest
 
 # Options with a fixed or team-wide list of values.
-_PICKED = ("name", "style", "kind", "preset", "method", "quantize", "base", "ar")
+_PICKED = (
+    "name", "style", "kind", "preset", "method", "quantize", "layers", "optimizer", "flip",
+    "base", "ar",
+)  # fmt: skip
 # Options too open for a form (image-to-image needs an attached image).
 _LEFT_OUT = ("strength",)
 

@@ -67,6 +67,8 @@ HANDLERS: dict[str, Handler] = {
     "style list": lambda ctx, a, _c: styles.list_styles(ctx, a),
     "style info": lambda ctx, a, _c: styles.info(ctx, a),
     "style export": lambda ctx, a, _c: styles.export(ctx, a),
+    "style versions": lambda ctx, a, _c: models.versions(ctx, a),
+    "style use": lambda ctx, a, _c: models.use(ctx, a),
     "style import": lambda ctx, a, c: imports.import_lora(ctx, a, c.attachments),
     "imagine": lambda ctx, a, c: imagine.imagine(ctx, a, c.attachments),
     "jobs": lambda ctx, a, _c: jobs.jobs(ctx, a),

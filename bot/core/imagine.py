@@ -251,12 +251,13 @@ def select_adapters(s: Session, team_id: int, prompt: str, policy: CorePolicy) -
 
 
 def model_for(s: Session, style: Style) -> ModelVersion | None:
-    """The style's latest approved model version, else its latest one."""
+    """The model version a lead approved (or picked with `/style use`) last, else the
+    style's latest one."""
     newest_first = (ModelVersion.version.desc(),)
     approved = s.scalar(
         select(ModelVersion)
         .where(ModelVersion.style_id == style.id, ModelVersion.approved_at.is_not(None))
-        .order_by(*newest_first)
+        .order_by(ModelVersion.approved_at.desc(), *newest_first)
         .limit(1)
     )
     if approved is not None:

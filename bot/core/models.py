@@ -1,13 +1,22 @@
-"""A lead's ✅ on a model version's message (a trained or an imported LoRA) approves it:
-`/imagine` then uses it for the style's trigger word."""
+"""The style's model versions: a lead's ✅ on a version's message (a trained or an
+imported LoRA) approves it, `/style use NAME STEP` makes one of a run's checkpoints the
+team's version, and `/imagine` then uses the version a lead picked last for the style's
+trigger word. `/style versions NAME` lists them all."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
 from bot.commands import Reply
 from bot.core import audit
+from bot.core.arguments import StyleNameArgs, StyleUseArgs
 from bot.core.context import Context
-from bot.core.errors import AuditNote, Refused
-from storage.models import ModelVersion, Style, utcnow
+from bot.core.errors import AuditNote, Refused, UserError
+from bot.core.teams import get_style
+from storage.models import DatasetVersion, ModelVersion, Style, TrainingRun, utcnow
 
 
 def approve(ctx: Context, model_version_id: int) -> list[Reply]:
@@ -41,3 +50,158 @@ def approve(ctx: Context, model_version_id: int) -> list[Reply]:
             "in a prompt now uses it."
         )
     return [Reply(text)]
+
+
+def _refuse_non_lead(ctx: Context, what: str, style: Style) -> None:
+    if not ctx.is_lead:
+        raise Refused(
+            f"Only art leads pick the version a style uses; leads are "
+            f"{ctx.services.leads.describe(ctx.platform)}.",
+            AuditNote(f"model.{what}.refused", "style", str(style.id)),
+        )
+
+
+def use(ctx: Context, args: StyleUseArgs) -> list[Reply]:
+    """Make the checkpoint at `step` of the style's latest trained version the one it uses:
+    the final step approves that version; an earlier one becomes a new version, approved."""
+    with ctx.write() as tx:
+        s = tx.session
+        style = get_style(s, tx.team.id, args.name, lock=True)
+        _refuse_non_lead(ctx, "use", style)
+        # The newest version a run published (its checkpoints with it), not one picked.
+        trained = next(
+            (
+                m
+                for m in s.scalars(
+                    select(ModelVersion)
+                    .where(ModelVersion.style_id == style.id)
+                    .order_by(ModelVersion.version.desc())
+                )
+                if "checkpoints" in m.file_metadata
+            ),
+            None,
+        )
+        if trained is None:
+            raise UserError(
+                f"{style.name} has no trained version with checkpoints yet; "
+                f"`/style train {style.name}` makes one."
+            )
+        final = trained.validation.get("step")
+        kept = {c["step"]: c for c in trained.file_metadata.get("checkpoints", [])}
+        if args.step == final:
+            model = trained
+        elif args.step in kept:
+            model = _from_checkpoint(s, style, trained, kept[args.step])
+        else:
+            steps = ", ".join(str(x) for x in [*sorted(kept), final] if x is not None)
+            raise UserError(
+                f"{style.name} v{trained.version} has no checkpoint at step {args.step}; "
+                f"its steps are {steps}."
+            )
+        model.approved_at = utcnow()
+        model.approved_by = ctx.actor.user_id
+        audit.record(
+            s,
+            team_id=tx.team.id,
+            actor=ctx.actor.user_id,
+            action="model.use",
+            object_type="model_version",
+            object_id=model.id,
+            detail={"style": style.name, "version": model.version, "step": args.step},
+        )
+        text = (
+            f"✅ {ctx.who} picked **{style.name}** v{model.version} (step {args.step} of "
+            f"v{trained.version}'s run); `{style.trigger}` in a prompt now uses it."
+        )
+    return [Reply(text)]
+
+
+def _from_checkpoint(
+    s: Session, style: Style, trained: ModelVersion, checkpoint: dict[str, Any]
+) -> ModelVersion:
+    """A new version holding a checkpoint's files (once: picking it again finds it)."""
+    for existing in s.scalars(
+        select(ModelVersion).where(ModelVersion.training_run_id == trained.training_run_id)
+    ):
+        if existing.validation.get("step") == checkpoint["step"]:
+            return existing
+    latest = s.scalar(
+        select(func.max(ModelVersion.version)).where(ModelVersion.style_id == style.id)
+    )
+    model = ModelVersion(
+        style_id=style.id,
+        version=(latest or 0) + 1,
+        training_run_id=trained.training_run_id,
+        method=trained.method,
+        base_model=trained.base_model,
+        kohya_blob=checkpoint.get("kohya_blob"),
+        diffusers_blob=checkpoint.get("diffusers_blob"),
+        embedding_blob=checkpoint.get("embedding_blob"),
+        file_metadata={
+            "base_model_hash": trained.file_metadata.get("base_model_hash"),
+            "checkpoint_of": trained.version,
+        },
+        validation={
+            "step": checkpoint["step"],
+            "val_loss": checkpoint.get("val_loss"),
+            "held_out": trained.validation.get("held_out"),
+            "buckets": trained.validation.get("buckets", {}),
+        },
+    )
+    s.add(model)
+    s.flush()
+    return model
+
+
+def versions(ctx: Context, args: StyleNameArgs) -> list[Reply]:
+    """Every version: where it came from, its recipe and loss, who approved it, which is used."""
+    from bot.core.imagine import model_for
+
+    with ctx.write() as tx:
+        s = tx.session
+        style = get_style(s, tx.team.id, args.name)
+        models = list(
+            s.scalars(
+                select(ModelVersion)
+                .where(ModelVersion.style_id == style.id)
+                .order_by(ModelVersion.version)
+            )
+        )
+        if not models:
+            return [Reply(f"{style.name} has no versions yet; `/style train {style.name}`.")]
+        used = model_for(s, style)
+        lines = [f"**{style.name}** versions:"]
+        for model in models:
+            lines.append(_version_line(s, model, in_use=used is not None and used.id == model.id))
+    return [Reply("\n".join(lines))]
+
+
+def _version_line(s: Session, model: ModelVersion, *, in_use: bool) -> str:
+    parts = [f"v{model.version}", model.method, model.base_model]
+    run = s.get(TrainingRun, model.training_run_id) if model.training_run_id else None
+    if run is None:
+        parts.append("imported")
+    else:
+        dataset = s.get(DatasetVersion, run.dataset_version_id)
+        if dataset is not None:
+            parts.append(f"dataset v{dataset.version}")
+        step = model.validation.get("step")
+        origin = model.file_metadata.get("checkpoint_of")
+        if step is not None:
+            parts.append(f"step {step}" + (f" of v{origin}'s run" if origin else ""))
+        recipe = ", ".join(
+            f"{k}={v}" for k, v in sorted(run.params.items()) if k not in ("preset",)
+        )
+        parts.append(
+            f"{run.params.get('preset', 'style')} preset" + (f" ({recipe})" if recipe else "")
+        )
+        kept = [c["step"] for c in model.file_metadata.get("checkpoints", [])]
+        if kept:
+            parts.append("checkpoints at " + ", ".join(map(str, kept)))
+    loss = model.validation.get("val_loss")
+    if loss is not None:
+        which = "held-out" if model.validation.get("held_out", True) else "training-set"
+        parts.append(f"{which} loss {loss:.4f}")
+    if model.approved_by:
+        parts.append(f"approved by {model.approved_by}")
+    return "• " + " · ".join(parts) + (" · **in use**" if in_use else "")

@@ -106,6 +106,15 @@ COMMANDS: dict[str, CommandSpec] = {
                 _p("lr", "learning rate"),
                 _p("method", "lora, dora or ti", positional=False),
                 _p("quantize", "nf4: the base in 4 bits (QLoRA), for big models", positional=False),
+                _p("layers", "attention, full or locon (SD: with convolutions)", positional=False),
+                _p("optimizer", "adamw, adamw8bit (CUDA) or prodigy (no lr)", positional=False),
+                _p("flip", "on or off: mirrored copies (styles: on)", positional=False),
+                _p("noise_offset", "0-0.2: very dark or bright styles train", positional=False),
+                _p(
+                    "accumulate",
+                    "micro-batches per step: a bigger batch in the same memory",
+                    positional=False,
+                ),
             ),
         ),
         CommandSpec("style list", "the team's styles"),
@@ -113,6 +122,16 @@ COMMANDS: dict[str, CommandSpec] = {
             "style info",
             "datasets, images, models and the last training run",
             (_p("name", "the style", required=True),),
+        ),
+        CommandSpec(
+            "style versions",
+            "every model version: its dataset, recipe, loss, approver, and which is used",
+            (_p("name", "the style", required=True),),
+        ),
+        CommandSpec(
+            "style use",
+            "art leads: make a training checkpoint (its step) the version the style uses",
+            (_p("name", "the style", required=True), _p("step", "the step", required=True)),
         ),
         CommandSpec(
             "style export",

@@ -12,7 +12,7 @@ from bot.core.policy import known_base_models
 from bot.core.teams import find_team, team_styles
 from storage.families import ASPECT_RATIOS
 from storage.models import StyleKind
-from storage.training_bounds import PRESETS, QUANTIZATIONS
+from storage.training_bounds import LAYER_SETS, OPTIMIZERS, PRESETS, QUANTIZATIONS
 
 MAX_CHOICES = 25  # Discord shows at most 25
 
@@ -31,6 +31,12 @@ def suggest(services: Services, team: TeamRef, option: str, typed: str) -> list[
         options = list(METHOD_CHOICES)
     elif option == "quantize":
         options = list(QUANTIZATIONS)
+    elif option == "layers":
+        options = list(LAYER_SETS)
+    elif option == "optimizer":
+        options = list(OPTIMIZERS)
+    elif option == "flip":
+        options = ["on", "off"]
     elif option == "base":
         options = sorted(known_base_models(services.settings))
     elif option == "ar":

@@ -17,6 +17,7 @@ from bot.core.teams import get_style
 from storage.datasets import images_of, latest_approved, latest_version
 from storage.families import (
     MethodNotSupportedError,
+    check_layer_set,
     check_training_method,
     memory_needed_mb,
     model_family,
@@ -41,6 +42,12 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
         raise UserError("rank applies to LoRA and DoRA only; leave it out for method=ti.")
     if method == TrainingMethod.TEXTUAL_INVERSION and args.quantize not in (None, "none"):
         raise UserError("quantize applies to LoRA and DoRA only; leave it out for method=ti.")
+    if method == TrainingMethod.TEXTUAL_INVERSION and args.layers is not None:
+        raise UserError("layers applies to LoRA and DoRA only; leave it out for method=ti.")
+    if args.optimizer == "prodigy" and args.lr is not None:
+        raise UserError(
+            "Prodigy sets its own learning rate; leave lr out, or use optimizer=adamw with it."
+        )
     with ctx.write() as tx:
         s, team = tx.session, tx.team
         style = get_style(s, team.id, args.name, lock=True)
@@ -48,6 +55,10 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
             check_training_method(
                 model_family(style.base_model, services.settings.base_models), method
             )
+            if args.layers is not None:
+                check_layer_set(
+                    model_family(style.base_model, services.settings.base_models), args.layers
+                )
         except MethodNotSupportedError as exc:
             raise UserError(f"{style.name} is on {style.base_model}: {exc}.") from None
         check_queue_room(ctx, s, team.id)
@@ -80,6 +91,11 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
                 "rank": args.rank,
                 "learning_rate": args.lr,
                 "quantize": args.quantize,
+                "layers": args.layers,
+                "optimizer": args.optimizer,
+                "flip": None if args.flip is None else args.flip == "on",
+                "noise_offset": args.noise_offset,
+                "gradient_accumulation": args.accumulate,
             }.items()
             if v is not None
         }

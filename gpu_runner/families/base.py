@@ -48,6 +48,9 @@ class ModelFamily(ABC):
     shipped_builders: ClassVar[Mapping[str, TinyBuilder]] = {}
     # The layers a LoRA trains when the preset does not say (peft target_modules).
     lora_targets: ClassVar[tuple[str, ...]]
+    # peft target_modules for each layer set it offers (storage.families.LAYER_SETS_OF):
+    # "attention" is `lora_targets`.
+    lora_layer_sets: ClassVar[Mapping[str, tuple[str, ...]]]
     # Header values kohya's library/sai_model_spec.py and train_util.py write for the family.
     modelspec_architecture: ClassVar[str]
     modelspec_implementation: ClassVar[str]

@@ -77,6 +77,16 @@ class Flux1(FlowMatchingFamily):
         "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
         "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
     )  # fmt: skip
+    # "attention": both streams' attention, and the single blocks' `proj_mlp` that BFL's
+    # linear1 fuses with their q/k/v (it trains whole or not at all); "full" (the default)
+    # adds the double blocks' feed-forwards.
+    lora_layer_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "attention": (
+            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+            "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "proj_mlp",
+        ),
+        "full": lora_targets,
+    }  # fmt: skip
     # kohya-ss/sd-scripts library/sai_model_spec.py: ARCH_FLUX_1_DEV and IMPL_FLUX.
     modelspec_architecture = "flux-1-dev"
     modelspec_implementation = "https://github.com/black-forest-labs/flux"

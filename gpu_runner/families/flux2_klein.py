@@ -68,6 +68,14 @@ class Flux2Klein(FlowMatchingFamily):
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
         "to_add_out", "to_qkv_mlp_proj",
     )  # fmt: skip
+    # "full" adds both streams' gated feed-forwards (BFL's img_mlp / txt_mlp).
+    lora_layer_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "attention": lora_targets,
+        "full": (
+            *lora_targets, "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+            "ff_context.linear_out",
+        ),
+    }  # fmt: skip
     # kohya-ss/musubi-tuner src/musubi_tuner/utils/sai_model_spec.py: ARCH_FLUX_2_KLEIN_4B
     # and IMPL_FLUX_2 (the 9B is "Flux.2-klein-9b"; the tiny model has the 4B's layout).
     modelspec_architecture = "Flux.2-klein-4b"

@@ -39,6 +39,14 @@ class QwenImage(FlowMatchingFamily):
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
         "to_add_out",
     )  # fmt: skip
+    # "full" adds both streams' MLPs.
+    lora_layer_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "attention": lora_targets,
+        "full": (
+            *lora_targets, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+            "txt_mlp.net.2",
+        ),
+    }  # fmt: skip
     # kohya-ss/musubi-tuner src/musubi_tuner/utils/sai_model_spec.py: ARCH_QWEN_IMAGE and
     # IMPL_QWEN_IMAGE.
     modelspec_architecture = "Qwen-Image"

@@ -43,6 +43,15 @@ class StableDiffusion15(ModelFamily):
     tiny_builders: ClassVar[Mapping[str, TinyBuilder]] = {"tiny-sd15": _tiny_sd15}
     shipped_builders: ClassVar[Mapping[str, TinyBuilder]] = {"toy-sd15": _toy_sd15}
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # kohya's networks/lora.py: its "full" LoRA adds the transformer blocks' feed-forwards
+    # and projections; LoCon (LyCORIS, kohya's conv_dim) the ResNet blocks' convolutions.
+    lora_layer_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "attention": lora_targets,
+        "full": (*lora_targets, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+        "locon": (
+            *lora_targets, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"
+        ),
+    }  # fmt: skip
     modelspec_architecture = "stable-diffusion-v1"
     modelspec_implementation = IMPL_DIFFUSERS
     ss_base_model_version = "sd_v1"

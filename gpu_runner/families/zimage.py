@@ -68,6 +68,11 @@ class ZImage(FlowMatchingFamily):
     # Attention in every block: the default of diffusers' Z-Image LoRA example
     # (examples/dreambooth/train_dreambooth_lora_z_image.py, --lora_layers unset).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # "full" adds each block's SwiGLU feed-forward (in ComfyUI's Z-Image key map).
+    lora_layer_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "attention": lora_targets,
+        "full": (*lora_targets, "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+    }
     # kohya-ss/musubi-tuner src/musubi_tuner/utils/sai_model_spec.py: ARCH_Z_IMAGE and
     # IMPL_Z_IMAGE.
     modelspec_architecture = "Z-Image"

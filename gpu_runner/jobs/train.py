@@ -24,11 +24,12 @@ from gpu_runner.training.config import ConfigError, make_config
 from gpu_runner.training.dataset import DatasetError, TrainItem, check_shape
 from gpu_runner.training.export import lora_file_stem
 from gpu_runner.training.loop import PauseFn, TrainingError, TrainResult, train
+from gpu_runner.training.optimizers import OptimizerError
 from gpu_runner.training.quantize import QuantizationError
 from gpu_runner.training.textual_inversion import TextualInversionError
 from gpu_runner.worker import JobContext, JobFailed, JobStopped
 from storage.datasets import content_hash, effective_captions, images_of
-from storage.families import training_memory_mb
+from storage.families import MethodNotSupportedError, check_layer_set, training_memory_mb
 from storage.job_payloads import JobKind, TrainPayload, progress_key, result_key
 from storage.models import (
     DatasetStatus,
@@ -54,6 +55,8 @@ _TINY: dict[str, Any] = {
     "validate_every": 25,
     "checkpoint_every": 50,
     "sample_steps": 4,
+    # The demo's stripes are diagonal: a mirror turns them the other way.
+    "flip": False,
 }
 # toy-sd15: pretrained, 64 px. Measured in runs of 300 steps on the demo's 12
 # stripe references, scored on 10 held-out prompts (issue 9's note): attention-only LoRA
@@ -82,6 +85,8 @@ _TOY: dict[str, Any] = {
     "validate_every": 50,
     "checkpoint_every": 100,
     "sample_steps": 20,
+    # The toy world's stripes run one diagonal: a mirror would teach both.
+    "flip": False,
 }
 BUILTIN_TRAINING: dict[str, dict[str, Any]] = {
     "tiny-sd15": _TINY,
@@ -142,6 +147,7 @@ def run_train(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:
         TextualInversionError,
         TrainingError,
         QuantizationError,
+        OptimizerError,
         JobFailed,
     ) as exc:
         _mark(services, payload.training_run_id, status=RunStatus.FAILED, error=str(exc))
@@ -238,8 +244,16 @@ def _config(inputs: RunInputs, loaded: LoadedPipeline) -> Any:
     if inputs.method == "textual_inversion":  # it trains an embedding: no target layers
         defaults.pop("target_modules", None)
     else:
-        # The family's own layers unless the built-in model's defaults name others (SD's
-        # equal LoraConfig's default, so their runs and fingerprints are unchanged).
+        # The layer set asked for in chat; else the family's own layers unless the built-in
+        # model's defaults name others (SD's equal LoraConfig's default, so their runs and
+        # fingerprints are unchanged).
+        layers = params.pop("layers", None)
+        if layers is not None:
+            try:  # the chat checked it against the configured family; this is the loaded one
+                check_layer_set(loaded.family, layers)
+            except MethodNotSupportedError as exc:
+                raise ConfigError(str(exc)) from None
+            defaults["target_modules"] = list(loaded.model_family.lora_layer_sets[layers])
         defaults.setdefault("target_modules", list(loaded.model_family.lora_targets))
     return make_config(
         inputs.method,
@@ -354,6 +368,18 @@ def _publish(
         "loss_curve": put(report.loss_curve if report else None),
         "grid": put(report.grid if report else None),
         "report_json": put(report.json if report else None),
+        "checkpoints_grid": put(report.checkpoints if report else None),
+        # The earlier checkpoints, as files a lead may pick instead (`/style use NAME STEP`).
+        "checkpoints": [
+            {
+                "step": v.step,
+                "val_loss": v.val_loss,
+                "kohya_blob": put(v.kohya_path),
+                "diffusers_blob": put(v.diffusers_path),
+                "embedding_blob": put(v.embedding_path),
+            }
+            for v in result.step_versions
+        ],
     }
     validation = {
         "base_val_loss": result.base_val_loss,
@@ -362,6 +388,7 @@ def _publish(
         "val_history": result.val_history,
         "held_out": result.held_out,
         "buckets": result.buckets,
+        "step": result.final_step,
     }
     improvement = result.val_improvement
     which = "held-out loss" if result.held_out else "loss on the training images"
@@ -376,6 +403,7 @@ def _publish(
         for sha, name in (
             (files["loss_curve"], "loss-curve.png"),
             (files["grid"], "base-vs-style.png"),
+            (files["checkpoints_grid"], "checkpoints.png"),
         )
         if sha
     )
@@ -426,7 +454,7 @@ def _publish(
                     + ".\n"
                     f"Use it with `/imagine {inputs.trigger} ...`; download it with "
                     f"`/style export {inputs.style_name}`. An art lead approves it with ✅ "
-                    "on this message.",
+                    "on this message" + _checkpoints_text(inputs.style_name, result) + ".",
                     attachments=attachments,
                     session=s,
                     model_version_id=version_id,
@@ -438,6 +466,18 @@ def _publish(
                 raise
     failpoints.hit("after_outputs")
     return version_id
+
+
+def _checkpoints_text(style: str, result: TrainResult) -> str:
+    """How a lead picks an earlier checkpoint instead ("" when the run kept none)."""
+    steps = [v.step for v in result.step_versions]
+    if not steps:
+        return ""
+    listed = ", ".join(map(str, steps[:-1])) + (" and " if len(steps) > 1 else "") + str(steps[-1])
+    return (
+        f", or picks an earlier checkpoint (steps {listed}; their samples are rows of "
+        f"checkpoints.png) with `/style use {style} STEP`"
+    )
 
 
 def _mark(

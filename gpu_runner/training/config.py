@@ -28,6 +28,7 @@ from storage.training_bounds import (
     PRESETS,
     WHOLE_BOUNDS,
     Method,
+    Optimizer,
     Preset,
     Quantization,
 )
@@ -70,6 +71,16 @@ class TrainConfigBase(BaseModel):
     # Each image at its aspect-ratio bucket (training/buckets.py), every trainer's default
     # (kohya's enable_bucket, ai-toolkit, OneTrainer); False centre-crops to the square.
     aspect_buckets: bool = True
+    # Mirrored copies of the references (their latents cached too), each step drawing one
+    # orientation per image: twice the views of a style; off for concepts, whose sides can
+    # matter (a logo, a character's scar). The presets set it.
+    flip: bool = False
+    # A per-image, per-channel constant added to the noise (offset noise): lets the model
+    # move an image's mean brightness, so very dark and very bright styles train. 0: off.
+    noise_offset: float = 0.0
+    # Micro-batches per optimizer step: a batch of batch_size x this, in batch_size's memory.
+    gradient_accumulation: int = 1
+    optimizer: Optimizer = "adamw"
     validate_every: int = 100
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
@@ -171,6 +182,9 @@ AnyTrainConfig = LoraConfig | DoraConfig | TextualInversionConfig
 #           (train_text_to_image_lora_sdxl.py): resolution 1024, lr 1e-4, batch 1.
 #  [dbooth] diffusers examples/dreambooth README_sdxl (train_dreambooth_lora_sdxl.py): a
 #           subject/concept in ~500 steps at lr 1e-4, constant schedule.
+#  [kflip]  kohya-ss/sd-scripts `--flip_aug` (train_util.py): horizontal flips as augmentation,
+#           documented for subjects that look the same mirrored, not asymmetric ones
+#           (recalled, not re-read offline); ai-toolkit's and OneTrainer's flip options alike.
 #  [minsnr] Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting": gamma = 5.
 #  [dora]   Liu et al. 2024, "DoRA": matches LoRA at about half the rank, same lr.
 #  [ti]     diffusers examples/textual_inversion README: lr 5e-4, 3000 steps, batch 1 x 4
@@ -207,6 +221,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 512,  # [dlora] SD1.5 native
         "batch_size": 4,  # [dlora] 1 x 4 accumulation, as one batch
         "caption_dropout": 0.05,  # [kohya]
+        "flip": True,  # [kflip] a style reads the same mirrored
         "min_snr_gamma": 5.0,  # [minsnr]
         "lr_scheduler": "cosine",  # [kohya]
         "warmup_steps": 100,  # [kohya]
@@ -219,6 +234,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 512,
         "batch_size": 2,
         "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "flip": False,  # [kflip] a concept's sides can matter
         "min_snr_gamma": 5.0,  # [minsnr]
         "lr_scheduler": "constant_with_warmup",  # [dbooth] constant
         "warmup_steps": 0,  # [dbooth]
@@ -231,6 +247,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1024,  # [dlora] SDXL native
         "batch_size": 1,  # [dlora] SDXL README; 24 GB cards
         "caption_dropout": 0.05,  # [kohya]
+        "flip": True,  # [kflip] a style reads the same mirrored
         "min_snr_gamma": 5.0,  # [minsnr]
         "lr_scheduler": "cosine",
         "warmup_steps": 100,
@@ -243,6 +260,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1024,
         "batch_size": 1,
         "caption_dropout": 0.0,
+        "flip": False,  # [kflip] a concept's sides can matter
         "min_snr_gamma": 5.0,
         "lr_scheduler": "constant_with_warmup",
         "warmup_steps": 0,
@@ -256,6 +274,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1024,  # [dflux2] klein native
         "batch_size": 1,  # [dflux2]
         "caption_dropout": 0.05,  # [kohya]
+        "flip": True,  # [kflip] a style reads the same mirrored
         "min_snr_gamma": None,  # [dflux2] flow matching weights no timestep by SNR
         "lr_scheduler": "cosine",  # [kohya], as the SD style presets
         "warmup_steps": 100,  # [kohya]
@@ -268,6 +287,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1024,  # [dflux2]
         "batch_size": 1,  # [dflux2]
         "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "flip": False,  # [kflip] a concept's sides can matter
         "min_snr_gamma": None,  # [dflux2]
         "lr_scheduler": "constant_with_warmup",  # [dflux2] constant
         "warmup_steps": 0,  # [dflux2]
@@ -281,6 +301,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1024,  # [dflux1] FLUX.1 native, as the SDXL presets
         "batch_size": 1,  # [dflux1]
         "caption_dropout": 0.05,  # [kohya]
+        "flip": True,  # [kflip] a style reads the same mirrored
         "min_snr_gamma": None,  # [dflux1] flow matching weights no timestep by SNR
         "lr_scheduler": "cosine",  # [kohya], as the SD style presets
         "warmup_steps": 100,  # [kohya]
@@ -293,6 +314,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1024,  # [dflux1]
         "batch_size": 1,  # [dflux1]
         "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "flip": False,  # [kflip] a concept's sides can matter
         "min_snr_gamma": None,  # [dflux1]
         "lr_scheduler": "constant_with_warmup",  # [dflux1] [kflux1] constant
         "warmup_steps": 0,  # [dflux1]
@@ -306,6 +328,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1328,  # [musqw] Qwen-Image native
         "batch_size": 1,  # [musqw]
         "caption_dropout": 0.05,  # [kohya]
+        "flip": True,  # [kflip] a style reads the same mirrored
         "min_snr_gamma": None,  # [dqwen] [musqw] no SNR weighting in flow matching
         "lr_scheduler": "cosine",  # [kohya], as the SD style presets
         "warmup_steps": 100,  # [kohya]
@@ -318,6 +341,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1328,  # [musqw]
         "batch_size": 1,  # [musqw]
         "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "flip": False,  # [kflip] a concept's sides can matter
         "min_snr_gamma": None,  # [dqwen]
         "lr_scheduler": "constant_with_warmup",  # [dqwen] constant
         "warmup_steps": 0,  # [dqwen] constant, no warmup
@@ -331,6 +355,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1024,  # [dzimage] Z-Image native
         "batch_size": 1,  # [dzimage]
         "caption_dropout": 0.05,  # [kohya]
+        "flip": True,  # [kflip] a style reads the same mirrored
         "min_snr_gamma": None,  # [dzimage] flow matching weights no timestep by SNR
         "lr_scheduler": "cosine",  # [kohya], as the SD style presets
         "warmup_steps": 100,  # [kohya]
@@ -343,6 +368,7 @@ _LORA_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "resolution": 1024,  # [dzimage]
         "batch_size": 1,  # [dzimage]
         "caption_dropout": 0.0,  # a concept must stay tied to its trigger
+        "flip": False,  # [kflip] a concept's sides can matter
         "min_snr_gamma": None,  # [dzimage]
         "lr_scheduler": "constant_with_warmup",  # [dzimage] constant
         "warmup_steps": 0,  # [dzimage]

@@ -277,6 +277,9 @@ class PreparedData:
     val_idx: list[int]
     latent_mean: list[torch.Tensor] | None = None  # per image (C, h, w), on the device
     latent_std: list[torch.Tensor] | None = None
+    # The same for each image mirrored left to right (runs with flip only).
+    mirrored_mean: list[torch.Tensor] | None = None
+    mirrored_std: list[torch.Tensor] | None = None
     text: TextCond | None = None  # per image caption
     empty_text: TextCond | None = None  # caption dropout target
 
@@ -292,17 +295,33 @@ class PreparedData:
             groups.setdefault(self.buckets[i], []).append(i)
         return [groups[b] for b in sorted(groups)]
 
-    def stack(self, idx: Sequence[int]) -> torch.Tensor:
-        """(len(idx), 3, H, W) pixels of images that share a bucket."""
+    def stack(self, idx: Sequence[int], flips: torch.Tensor | None = None) -> torch.Tensor:
+        """(len(idx), 3, H, W) pixels of images that share a bucket, mirrored left to right
+        where `flips` is True."""
         if len({self.buckets[i] for i in idx}) > 1:
             raise ValueError("a batch is drawn from one bucket")
-        return torch.stack([self.pixels[i] for i in idx])
+        flipped = [False] * len(idx) if flips is None else flips.tolist()
+        return torch.stack(
+            [
+                self.pixels[i].flip(-1) if f else self.pixels[i]
+                for i, f in zip(idx, flipped, strict=True)
+            ]
+        )
 
-    def latents(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached posterior mean and std of images that share a bucket, stacked."""
+    def latents(
+        self, idx: Sequence[int], flips: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached posterior mean and std of images that share a bucket, stacked: of the
+        mirrored image where `flips` is True."""
         assert self.latent_mean is not None and self.latent_std is not None
-        mean = torch.stack([self.latent_mean[i] for i in idx])
-        return mean, torch.stack([self.latent_std[i] for i in idx])
+        means, stds = [], []
+        for row, i in enumerate(idx):
+            mirrored = flips is not None and bool(flips[row])
+            if mirrored:
+                assert self.mirrored_mean is not None and self.mirrored_std is not None
+            means.append(self.mirrored_mean[i] if mirrored else self.latent_mean[i])  # type: ignore[index]
+            stds.append(self.mirrored_std[i] if mirrored else self.latent_std[i])  # type: ignore[index]
+        return torch.stack(means), torch.stack(stds)
 
 
 def prepare_data(

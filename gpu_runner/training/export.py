@@ -138,6 +138,14 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+# What kohya writes as ss_optimizer: the optimizer's class path.
+OPTIMIZER_CLASSES = {
+    "adamw": "torch.optim.AdamW",
+    "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+    "prodigy": "prodigyopt.Prodigy",
+}
+
+
 def build_metadata(
     config: AnyTrainConfig,
     *,
@@ -182,7 +190,11 @@ def build_metadata(
         # kohya's name for the prior-preservation weight (0: none was used).
         "ss_prior_loss_weight": str(getattr(config, "prior_preservation", 0.0)),
         "ss_seed": str(config.seed),
-        "ss_optimizer": "torch.optim.AdamW",
+        # kohya's names and values for these recipe settings (train_network.py's metadata).
+        "ss_optimizer": OPTIMIZER_CLASSES[config.optimizer],
+        "ss_noise_offset": str(config.noise_offset) if config.noise_offset else "None",
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation),
+        "ss_flip_aug": str(config.flip),
         "ss_training_started_at": str(started_at.timestamp()),
         "ss_training_finished_at": str(finished_at.timestamp()),
         "ss_tag_frequency": json.dumps({stem: tag_frequency(captions)}),

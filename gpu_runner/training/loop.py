@@ -44,9 +44,11 @@ from gpu_runner.training.export import (
 from gpu_runner.training.objective import (
     ValidationBatch,
     make_validation_batch,
+    offset_noise,
     validation_generator,
     weighted_mse,
 )
+from gpu_runner.training.optimizers import make_optimizer
 from gpu_runner.training.precision import Precision, choose_precision
 from gpu_runner.training.priors import Priors, draw_priors
 from gpu_runner.training.report import ReportFiles, write_report
@@ -70,6 +72,18 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message is one line for people."""
 
 
+@dataclass(frozen=True)
+class StepVersion:
+    """A checkpoint's adapter, exported: a version of the style a lead may pick."""
+
+    step: int
+    kohya_path: Path | None
+    diffusers_path: Path | None
+    embedding_path: Path | None
+    val_loss: float | None  # the last validation at or before this step
+    sample_images: list[Path]  # the checkpoint's samples (sample_labels order)
+
+
 @dataclass
 class TrainResult:
     method: str
@@ -91,6 +105,8 @@ class TrainResult:
     held_out: bool = True
     # How many images trained at each aspect-ratio bucket ("640x384": 3), largest first.
     buckets: dict[str, int] = field(default_factory=dict)
+    # The checkpoints before the last, exported as versions a lead may pick instead.
+    step_versions: list[StepVersion] = field(default_factory=list)
 
     @property
     def val_improvement(self) -> float | None:
@@ -225,10 +241,8 @@ class _Trainer:
                 device=self.device,
             )
         self.trainable = self._make_trainable()
-        self.optimizer = torch.optim.AdamW(
-            list(self.trainable.values()),
-            lr=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
+        self.optimizer = make_optimizer(
+            cfg.optimizer, list(self.trainable.values()), cfg, self.device
         )
         from diffusers.optimization import get_scheduler
 
@@ -265,15 +279,27 @@ class _Trainer:
         count = len(data.captions)
         means: list[torch.Tensor | None] = [None] * count
         stds: list[torch.Tensor | None] = [None] * count
+        mirrored_means: list[torch.Tensor | None] = [None] * count
+        mirrored_stds: list[torch.Tensor | None] = [None] * count
         for group in data.by_bucket(range(count)):
             mean, std = self._encode_pixels(group)
             for row, i in enumerate(group):
                 means[i], stds[i] = mean[row], std[row]
+            if self.config.flip:  # both orientations cached: a flip costs nothing per step
+                mean, std = self._encode_pixels(group, torch.ones(len(group), dtype=torch.bool))
+                for row, i in enumerate(group):
+                    mirrored_means[i], mirrored_stds[i] = mean[row], std[row]
         data.latent_mean = [m for m in means if m is not None]
         data.latent_std = [s for s in stds if s is not None]
+        if self.config.flip:
+            data.mirrored_mean = [m for m in mirrored_means if m is not None]
+            data.mirrored_std = [s for s in mirrored_stds if s is not None]
 
-    def _encode_pixels(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE posterior of images that share a bucket, stacked."""
+    def _encode_pixels(
+        self, idx: list[int], flips: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior of images that share a bucket, stacked (mirrored where `flips`
+        says)."""
         assert self.data is not None
         vae = self.pipeline.vae
         # fp16 VAEs that ask for it (SDXL's) overflow: encode in fp32, then put it back.
@@ -281,7 +307,7 @@ class _Trainer:
         if upcast:
             vae.to(torch.float32)
         try:
-            return self.family.latent_dist(vae, self.data.stack(idx).to(self.device))
+            return self.family.latent_dist(vae, self.data.stack(idx, flips).to(self.device))
         finally:
             if upcast:
                 vae.to(torch.float16)
@@ -345,17 +371,44 @@ class _Trainer:
     # ----- steps --------------------------------------------------------------------------
 
     def train_step(self) -> float:
+        """One optimizer step over `gradient_accumulation` micro-batches; their mean loss."""
+        cfg = self.config
+        micro = cfg.gradient_accumulation
+        params = list(self.trainable.values())
+        total = 0.0
+        for _ in range(micro):
+            loss = self._micro_batch_loss() / micro
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += float(loss.detach())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _micro_batch_loss(self) -> torch.Tensor:
         cfg, data, gen = self.config, self.data, self.noise_gen
         assert data is not None
         batch = [data.train_idx[i] for i in self.sampler.next_batch()]
+        # Fixed draw order on a CPU generator: [flips,] latents, noise, [noise offset,]
+        # timesteps, dropout. The same stream whether or not latents are cached, and on any
+        # device; the bracketed draws only where their option is on.
+        flips = torch.rand(len(batch), generator=gen) < 0.5 if cfg.flip else None
         if data.latent_mean is not None:
-            mean, std = data.latents(batch)
+            mean, std = data.latents(batch, flips)
         else:
-            mean, std = self._encode_pixels(batch)
-        # Fixed draw order on a CPU generator: latents, noise, timesteps, dropout. The same
-        # stream whether or not latents are cached, and on any device.
+            mean, std = self._encode_pixels(batch, flips)
         latents = sample_latents(mean, std, gen, self.vae_cfg, self.scale_latents)
-        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        noise = torch.randn(latents.shape, generator=gen)
+        if cfg.noise_offset:
+            noise = offset_noise(noise, cfg.noise_offset, gen)
+        noise = noise.to(self.device)
         t = self.objective.sample_timesteps(len(batch), gen).to(self.device)
         drop = caption_dropout_mask(len(batch), cfg.caption_dropout, gen)
         noisy = self.objective.add_noise(latents, noise, t)
@@ -370,20 +423,7 @@ class _Trainer:
         keep = getattr(cfg, "output_preservation", 0.0)
         if keep:
             loss = loss + keep * self._preservation_loss(noisy, t, batch)
-        params = list(self.trainable.values())
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss
 
     def _preservation_loss(
         self, noisy: torch.Tensor, t: torch.Tensor, batch: list[int]
@@ -608,6 +648,7 @@ class _Trainer:
             if self.step % cfg.checkpoint_every == 0 or done:
                 if not done:  # the final images go to the report instead
                     extras["samples"] = self.save_samples(self.step)
+                    extras["version"] = self.export_step(started)
                     self.sample_paths += extras["samples"]
                 extras["checkpoint"] = self.save_checkpoint()
             elapsed = time.perf_counter() - t0
@@ -642,6 +683,80 @@ class _Trainer:
             sample_images=list(self.sample_paths),
         )
 
+    def _metadata(self, started: Any) -> dict[str, str]:
+        data = self.data
+        assert data is not None
+        return build_metadata(
+            self.config,
+            num_train_images=len(data.train_idx),
+            captions=[data.captions[i] for i in data.train_idx],
+            started_at=started,
+            finished_at=now_utc(),
+            steps_done=self.step,
+            prediction_type=self.prediction_type,
+        )
+
+    def _export(
+        self, directory: Path, metadata: dict[str, str]
+    ) -> tuple[Path | None, Path | None, Path | None]:
+        """The adapter as it is now: (kohya file, diffusers file, embedding file)."""
+        cfg = self.config
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.token is not None:
+            path = self.token.save(directory / f"{cfg.output_name}.safetensors", metadata)
+            return None, None, path
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.denoiser, adapter_name=ADAPTER_NAME)
+        kohya_state = state
+        if cfg.method == "dora":  # magnitudes as ComfyUI's rule reads them back
+            kohya_state = {**state, **comfy_dora_scales(self.denoiser, ADAPTER_NAME, state)}
+        kohya = export_kohya(
+            directory / f"{cfg.output_name}.safetensors",
+            kohya_state,
+            cfg.alpha,  # type: ignore[union-attr]
+            metadata,
+            family=cfg.family,
+        )
+        diffusers = export_diffusers(
+            directory / "diffusers",
+            type(self.pipeline),
+            state,
+            self.denoiser.peft_config[ADAPTER_NAME].to_dict(),
+        )
+        return kohya, diffusers, None
+
+    def export_step(self, started: Any) -> Path:
+        """This checkpoint's adapter as files a lead may pick as the team's version; they
+        outlive the training checkpoint (which keeps the optimizer too and is pruned)."""
+        folder = self.out_dir / "steps" / f"step-{self.step:06d}"
+        self._export(folder, self._metadata(started))
+        return folder
+
+    def _step_versions(self, val_history: list[tuple[int, float]]) -> list[StepVersion]:
+        """Every checkpoint exported so far in this run (a resumed run's earlier ones too)."""
+        found = []
+        for folder in sorted((self.out_dir / "steps").glob("step-*")):
+            step = int(folder.name.removeprefix("step-"))
+            if step >= self.step:
+                continue
+            name = f"{self.config.output_name}.safetensors"
+            files = folder / name if (folder / name).exists() else None
+            diffusers = next(iter(sorted((folder / "diffusers").glob("*.safetensors"))), None)
+            samples = self.out_dir / "samples" / f"step-{step:06d}"
+            measured = [v for s, v in val_history if s <= step]
+            found.append(
+                StepVersion(
+                    step=step,
+                    kohya_path=None if self.token is not None else files,
+                    diffusers_path=diffusers,
+                    embedding_path=files if self.token is not None else None,
+                    val_loss=measured[-1] if measured else None,
+                    sample_images=[samples / f"{label}.png" for label in self.sample_labels()],
+                )
+            )
+        return found
+
     def _finish(self, started: Any) -> TrainResult:
         cfg, data = self.config, self.data
         assert data is not None
@@ -651,40 +766,11 @@ class _Trainer:
             result.val_history.append((self.step, self.validation_loss()))
             result.val_loss = result.val_history[-1][1]
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        train_captions = [data.captions[i] for i in data.train_idx]
-        metadata = build_metadata(
-            cfg,
-            num_train_images=len(data.train_idx),
-            captions=train_captions,
-            started_at=started,
-            finished_at=now_utc(),
-            steps_done=self.step,
-            prediction_type=self.prediction_type,
+        metadata = self._metadata(started)
+        result.kohya_path, result.diffusers_path, result.embedding_path = self._export(
+            self.out_dir, metadata
         )
-        if self.token is not None:
-            result.embedding_path = self.token.save(
-                self.out_dir / f"{cfg.output_name}.safetensors", metadata
-            )
-        else:
-            from peft.utils import get_peft_model_state_dict
-
-            state = get_peft_model_state_dict(self.denoiser, adapter_name=ADAPTER_NAME)
-            kohya_state = state
-            if cfg.method == "dora":  # magnitudes as ComfyUI's rule reads them back
-                kohya_state = {**state, **comfy_dora_scales(self.denoiser, ADAPTER_NAME, state)}
-            result.kohya_path = export_kohya(
-                self.out_dir / f"{cfg.output_name}.safetensors",
-                kohya_state,
-                cfg.alpha,  # type: ignore[union-attr]
-                metadata,
-                family=cfg.family,
-            )
-            result.diffusers_path = export_diffusers(
-                self.out_dir / "diffusers",
-                type(self.pipeline),
-                state,
-                self.denoiser.peft_config[ADAPTER_NAME].to_dict(),
-            )
+        result.step_versions = self._step_versions(result.val_history)
         trained = self.render(self.train_pipe)
         base = self.base_images()
         labels = [f"seed {s}: {p}" for p in self.sample_prompts() for s in cfg.sample_seeds]
@@ -733,8 +819,23 @@ class _Trainer:
             base_images=base,
             trained_images=trained,
             labels=labels,
+            checkpoint_rows=self._checkpoint_rows(result.step_versions, trained),
         )
         return result
+
+    def _checkpoint_rows(
+        self, versions: list[StepVersion], final: list[Any]
+    ) -> list[tuple[str, list[Any]]]:
+        """Grid rows, one a version: each checkpoint's samples, then the final images."""
+        from PIL import Image
+
+        rows = []
+        for version in versions:
+            if all(p.exists() for p in version.sample_images):
+                rows.append(
+                    (f"step {version.step}", [Image.open(p) for p in version.sample_images])
+                )
+        return [*rows, (f"step {self.step}", final)] if rows else []
 
     def cleanup(self) -> None:
         """Hand the pipeline back as it came: no training adapter, no checkpointing."""

@@ -168,6 +168,15 @@ def weighted_mse(
     return (per_sample * weights).mean()
 
 
+def offset_noise(noise: torch.Tensor, offset: float, gen: torch.Generator) -> torch.Tensor:
+    """Offset noise (Guttenberg 2023, crosslabs; kohya's --noise_offset): one extra normal
+    draw per image and channel, times `offset`, added everywhere in that channel, so the
+    model learns to move an image's mean (very dark or bright styles)."""
+    n, c = noise.shape[:2]
+    shift = torch.randn((n, c, *([1] * (noise.ndim - 2))), generator=gen)
+    return noise + offset * shift.to(noise.device)
+
+
 @dataclass
 class ValidationBatch:
     """Fixed latents, noise and timesteps for the held-out images: every measurement of base

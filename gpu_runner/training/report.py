@@ -15,6 +15,7 @@ class ReportFiles:
     loss_curve: Path
     grid: Path
     json: Path
+    checkpoints: Path | None = None  # every checkpoint's samples, a row each
 
 
 def plot_loss_curve(
@@ -56,6 +57,25 @@ def plot_loss_curve(
     return path
 
 
+def image_grid(path: Path, rows: list[tuple[str, list[Image.Image]]], labels: list[str]) -> Path:
+    """One row per (name, images), one column per label (a prompt and seed)."""
+    if not rows or any(len(images) != len(labels) for _, images in rows) or not labels:
+        raise ValueError("an image grid needs one image per label in every row")
+    w, h = rows[0][1][0].size
+    pad, head, side = 4, 16, 60
+    grid = Image.new("RGB", (side + len(labels) * (w + pad), head + len(rows) * (h + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, label in enumerate(labels):
+        draw.text((side + col * (w + pad), 2), label[: max(4, w // 6)], fill="black")
+    for row, (name, images) in enumerate(rows):
+        y = head + row * (h + pad)
+        draw.text((2, y + h // 2), name, fill="black")
+        for col, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((w, h)), (side + col * (w + pad), y))
+    grid.save(path)
+    return path
+
+
 def comparison_grid(
     path: Path,
     base: list[Image.Image],
@@ -66,19 +86,7 @@ def comparison_grid(
     """Two rows (base on top, trained below), one column per (prompt, seed)."""
     if not base or len(base) != len(trained) or len(labels) != len(base):
         raise ValueError("comparison grid needs as many base and trained images as labels")
-    w, h = base[0].size
-    pad, head, side = 4, 16, 60
-    grid = Image.new("RGB", (side + len(base) * (w + pad), head + 2 * (h + pad)), "white")
-    draw = ImageDraw.Draw(grid)
-    for col, (b, t, label) in enumerate(zip(base, trained, labels, strict=True)):
-        x = side + col * (w + pad)
-        draw.text((x, 2), label[: max(4, w // 6)], fill="black")
-        grid.paste(b.convert("RGB").resize((w, h)), (x, head))
-        grid.paste(t.convert("RGB").resize((w, h)), (x, head + h + pad))
-    draw.text((2, head + h // 2), row_names[0], fill="black")
-    draw.text((2, head + h + pad + h // 2), row_names[1], fill="black")
-    grid.save(path)
-    return path
+    return image_grid(path, [(row_names[0], base), (row_names[1], trained)], labels)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
@@ -97,8 +105,14 @@ def write_report(
     base_images: list[Image.Image],
     trained_images: list[Image.Image],
     labels: list[str],
+    checkpoint_rows: list[tuple[str, list[Image.Image]]] | None = None,
 ) -> ReportFiles:
     directory.mkdir(parents=True, exist_ok=True)
+    checkpoints = (
+        image_grid(directory / "checkpoints.png", checkpoint_rows, labels)
+        if checkpoint_rows
+        else None
+    )
     return ReportFiles(
         loss_curve=plot_loss_curve(
             directory / "loss_curve.png",
@@ -109,4 +123,5 @@ def write_report(
         ),
         grid=comparison_grid(directory / "comparison.png", base_images, trained_images, labels),
         json=write_json(directory / "report.json", payload),
+        checkpoints=checkpoints,
     )

@@ -1,0 +1,47 @@
+"""The optimizer a run trains with (`TrainConfig.optimizer`): AdamW, bitsandbytes' 8-bit
+AdamW on CUDA, or Prodigy, which needs no learning rate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Prodigy's own learning rate is a multiplier of the step size it estimates: 1.0 is what
+# its authors and every trainer's Prodigy preset use (prodigyopt README; kohya, OneTrainer).
+PRODIGY_LR = 1.0
+
+
+class OptimizerError(RuntimeError):
+    """The optimizer cannot run here; the message says which one to use instead."""
+
+
+def make_optimizer(
+    name: str, params: list[torch.nn.Parameter], config: Any, device: torch.device
+) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if name == "adamw8bit":
+        if device.type != "cuda":
+            raise OptimizerError(
+                f"optimizer=adamw8bit keeps its state in bitsandbytes' 8-bit CUDA kernels, and "
+                f"this runner trains on {device.type}: train with optimizer=adamw (or prodigy)"
+            )
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(  # type: ignore[no-any-return]
+            params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        # safeguard_warmup and bias correction: the prodigyopt README's advice for diffusion
+        # models, where a warmup follows.
+        return Prodigy(  # type: ignore[no-any-return]
+            params,
+            lr=PRODIGY_LR,
+            weight_decay=config.weight_decay,
+            safeguard_warmup=config.warmup_steps > 0,
+            use_bias_correction=True,
+        )
+    raise OptimizerError(f"unknown optimizer {name!r}: use adamw, adamw8bit or prodigy")

@@ -1,0 +1,91 @@
+"""A lead picks the checkpoint the team uses: a run keeps its earlier checkpoints as files
+with their samples in a grid (a row each), `/style use NAME STEP` makes one the style's
+version, `/imagine` then draws with it, and `/style versions` lists every version with its
+dataset, recipe, loss and approver. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bot_fixtures import png_bytes
+from runner_fixtures import make_runner
+from sqlalchemy import select
+
+from storage.models import Generation, ModelVersion
+from storage.settings import load_settings
+
+pytest_plugins = ("runner_fixtures", "bot_fixtures")
+pytestmark = pytest.mark.runner
+
+
+def test_a_lead_picks_an_earlier_checkpoint_and_imagine_draws_with_it(
+    db_url: str, tmp_path: Path, tiny_builders: Any
+) -> None:
+    from bot.console import open_console
+    from gpu_runner.services import open_services
+
+    settings = load_settings(
+        data_dir=tmp_path / "data", database_url=db_url, device="cpu", min_image_side=64
+    )
+    session = open_console(settings, out_dir=tmp_path / "console")
+    session.base_dir = tmp_path
+    services = open_services(settings)
+    runner = make_runner(services)
+
+    def work() -> str:
+        while runner.run_once():
+            pass
+        return "\n".join(session.run_line("wait 0"))
+
+    for seed in (1, 2, 3, 4):
+        (tmp_path / f"p{seed}.png").write_bytes(png_bytes(seed))
+    session.run_line("/style create ink inkstyle style tiny-sd15")
+    session.run_line("/style add ink p1.png p2.png p3.png p4.png")
+    sheet = next(b for b in session.run_line("/style review ink") if "📋" in b)
+    session.run_line("as you lead")
+    session.run_line(f"react {sheet[1 : sheet.index(']')]} ✅")
+    # The built-in tiny model checkpoints every 50 steps: one earlier checkpoint at 50.
+    session.run_line("/style train ink steps=100")
+    trained = work()
+    assert "picks an earlier checkpoint (steps 50;" in trained, trained
+    assert "`/style use ink STEP`" in trained and "checkpoints.png" in trained
+    with services.db.session() as s:
+        (final,) = s.scalars(select(ModelVersion))
+        kept = final.file_metadata["checkpoints"]
+    assert [c["step"] for c in kept] == [50] and final.validation["step"] == 100
+    assert kept[0]["kohya_blob"] != final.kohya_blob  # another point of the same run
+    listed = "\n".join(session.run_line("/style versions ink"))
+    assert "v1 · lora · tiny-sd15 · dataset v1 · step 100" in listed, listed
+    assert "checkpoints at 50" in listed and "steps=100" in listed and "**in use**" in listed
+
+    session.run_line("as sam")
+    assert "Only art leads" in "\n".join(session.run_line("/style use ink 50"))
+    session.run_line("as you lead")
+    missing = "\n".join(session.run_line("/style use ink 70"))
+    assert "no checkpoint at step 70; its steps are 50, 100" in missing
+    picked = "\n".join(session.run_line("/style use ink 50"))
+    assert "picked **ink** v2 (step 50 of v1's run)" in picked, picked
+
+    session.run_line("/imagine inkstyle, a harbour seed=3 steps=2")
+    work()
+    session.run_line("/style use ink 100")  # back to the final version
+    session.run_line("/imagine inkstyle, a harbour seed=3 steps=2")
+    work()
+    with services.db.session() as s:
+        at_50, at_100 = s.scalars(select(Generation).order_by(Generation.id)).all()
+        v1, v2 = s.scalars(select(ModelVersion).order_by(ModelVersion.version)).all()
+    assert v2.kohya_blob == kept[0]["kohya_blob"] and v2.approved_by
+    # Each picture names the file it drew with: the checkpoint's, then the final one's.
+    (drawn_50,) = [a["sha256"] for a in at_50.record["adapters"]]
+    (drawn_100,) = [a["sha256"] for a in at_100.record["adapters"]]
+    assert drawn_50 in (v2.kohya_blob, v2.diffusers_blob)
+    assert drawn_100 in (v1.kohya_blob, v1.diffusers_blob)
+    assert services.blobs.read_bytes(at_50.image_blobs[0]) != services.blobs.read_bytes(
+        at_100.image_blobs[0]
+    )
+    listed = "\n".join(session.run_line("/style versions ink"))
+    lines = {line.split(" · ")[0]: line for line in listed.splitlines()[1:]}
+    assert "**in use**" in lines["• v1"] and "**in use**" not in lines["• v2"]
+    assert "step 50 of v1's run" in lines["• v2"] and "approved by" in lines["• v2"]

@@ -1,0 +1,227 @@
+"""The recipe options `/style train` takes, each doing what it says: flip (mirrored copies,
+cached), offset noise, gradient accumulation, the optimizers (Prodigy without a learning
+rate; 8-bit AdamW only on CUDA), and the LoRA layer sets every family exports; chat refuses
+bad values with the range or the choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+pytest_plugins = ("runner_fixtures", "bot_fixtures")
+
+
+def _config(fast: dict[str, Any], **settings: Any) -> Any:
+    from gpu_runner.training.config import make_config
+
+    values = {**fast, "steps": 4, "checkpoint_every": 4, "validate_every": 4, "sample_seeds": [1]}
+    return make_config(
+        "lora", "sd15", "style", trigger="zxq", rank=4, alpha=4, **{**values, **settings}
+    )
+
+
+def test_offset_noise_moves_each_channels_mean_by_the_offset() -> None:
+    import torch
+
+    from gpu_runner.training.objective import offset_noise
+
+    noise = torch.randn((64, 4, 64, 64), generator=torch.Generator().manual_seed(0))
+    shifted = offset_noise(noise, 0.1, torch.Generator().manual_seed(1))
+    # A channel's spatial mean spreads by 1/64 in plain noise, by ~0.1 with the offset.
+    assert float(noise.mean((2, 3)).std()) < 0.03
+    assert 0.08 < float(shifted.mean((2, 3)).std()) < 0.12
+    # Within a channel the shift is one constant: the noise around it is the same noise.
+    assert torch.allclose(shifted - shifted.mean((2, 3), keepdim=True),
+                          noise - noise.mean((2, 3), keepdim=True), atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.runner
+def test_flip_caches_both_orientations_and_trains_on_both(
+    tiny_builders: Any, demo_items: Any, fast: dict[str, Any], tmp_path: Path
+) -> None:
+    import torch
+
+    from gpu_runner.adapter_state import AdapterState
+    from gpu_runner.training import loop
+
+    pipe = tiny_builders["sd15"](0)
+    cfg = _config(fast, flip=True)
+    trainer = loop._Trainer(
+        cfg, demo_items, pipe, tmp_path / "o", tmp_path / "c", "cpu", AdapterState(pipe)
+    )
+    try:
+        trainer._setup()
+        data = trainer.data
+        assert data is not None and data.mirrored_mean is not None
+        # Twice the cached latents: each image and its mirror image.
+        assert len(data.latent_mean) == len(data.mirrored_mean) == len(demo_items)  # type: ignore[arg-type]
+        mirrored, _ = trainer.family.latent_dist(pipe.vae, data.stack([0]).flip(-1))
+        torch.testing.assert_close(data.mirrored_mean[0], mirrored[0])
+        assert not torch.allclose(data.mirrored_mean[0], data.latent_mean[0])  # type: ignore[index]
+        # The steps draw both: some batches hold mirrored latents, some the originals.
+        used: list[torch.Tensor] = []
+        sample = loop.sample_latents
+        loop.sample_latents = lambda mean, *a, **k: (used.append(mean), sample(mean, *a, **k))[1]  # type: ignore[assignment]
+        try:
+            for _ in range(4):
+                trainer.train_step()
+        finally:
+            loop.sample_latents = sample  # type: ignore[assignment]
+        rows = torch.cat(used)
+        originals = torch.stack(data.latent_mean)  # type: ignore[arg-type]
+        mirrors = torch.stack(data.mirrored_mean)
+
+        def found(table: torch.Tensor) -> int:
+            return sum(bool((table - row).abs().amax((1, 2, 3)).min() < 1e-6) for row in rows)
+
+        assert found(originals) > 0 and found(mirrors) > 0
+        assert found(originals) + found(mirrors) == len(rows)
+    finally:
+        trainer.cleanup()
+
+
+@pytest.mark.runner
+def test_accumulation_steps_once_per_micro_batches_and_the_header_says_the_recipe(
+    tiny_builders: Any,
+    demo_items: Any,
+    fast: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from safetensors import safe_open
+
+    from gpu_runner.training import loop
+    from gpu_runner.training.dataset import BatchSampler
+
+    batches: list[list[int]] = []
+    draw = BatchSampler.next_batch
+    monkeypatch.setattr(
+        BatchSampler, "next_batch", lambda self: batches.append(draw(self)) or batches[-1]
+    )
+    cfg = _config(fast, steps=2, checkpoint_every=2, validate_every=2, gradient_accumulation=3,
+                  noise_offset=0.05)  # fmt: skip
+    result = loop.train(
+        cfg, demo_items, tiny_builders["sd15"](0), tmp_path / "o", checkpoint_dir=tmp_path / "c"
+    )
+    assert len(result.loss_history) == 2  # two optimizer steps
+    assert len(batches) == 6  # of three micro-batches each
+    assert result.kohya_path is not None
+    with safe_open(str(result.kohya_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_gradient_accumulation_steps"] == "3"
+    assert meta["ss_noise_offset"] == "0.05"
+    assert meta["ss_optimizer"] == "torch.optim.AdamW"
+
+
+@pytest.mark.runner
+def test_prodigy_trains_without_a_learning_rate(
+    tiny_builders: Any, demo_items: Any, fast: dict[str, Any], tmp_path: Path
+) -> None:
+    import math
+
+    from safetensors import safe_open
+
+    from gpu_runner.training import loop
+
+    settings = {k: v for k, v in fast.items() if k != "learning_rate"}
+    cfg = _config(settings, optimizer="prodigy", steps=30, validate_every=30, checkpoint_every=30)
+    result = loop.train(
+        cfg, demo_items, tiny_builders["sd15"](0), tmp_path / "o", checkpoint_dir=tmp_path / "c"
+    )
+    assert all(map(math.isfinite, result.loss_history))
+    assert result.val_loss is not None and result.val_loss < result.base_val_loss
+    with safe_open(str(result.kohya_path), "pt") as f:
+        assert f.metadata()["ss_optimizer"] == "prodigyopt.Prodigy"
+
+
+@pytest.mark.runner
+def test_8bit_adamw_asks_for_cuda_and_names_what_runs_here(
+    tiny_builders: Any, demo_items: Any, fast: dict[str, Any], tmp_path: Path
+) -> None:
+    from gpu_runner.training import loop
+    from gpu_runner.training.optimizers import OptimizerError
+
+    with pytest.raises(OptimizerError, match=r"CUDA kernels.*train with optimizer=adamw"):
+        loop.train(
+            _config(fast, optimizer="adamw8bit"), demo_items, tiny_builders["sd15"](0),
+            tmp_path / "o", checkpoint_dir=tmp_path / "c",
+        )  # fmt: skip
+
+
+FAMILIES = ("sd15", "sdxl", "flux2-klein", "flux1", "qwenimage", "zimage")
+
+
+@pytest.mark.runner
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_layer_set_of_every_family_exports_every_trained_layer(
+    name: str, tiny_builders: Any
+) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from gpu_runner.families import get_family
+    from storage.families import LAYER_SETS_OF
+
+    family = get_family(name)
+    assert tuple(family.lora_layer_sets) == LAYER_SETS_OF[name]  # type: ignore[index]
+    sizes = []
+    for layers, targets in family.lora_layer_sets.items():
+        denoiser = family.denoiser(tiny_builders[name](0))
+        denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets)))
+        state = get_peft_model_state_dict(denoiser)
+        trained = {k.split(".lora_")[0] for k in state}
+        kohya = family.kohya_state(state, 4.0)
+        downs = [k for k in kohya if k.endswith(".lora_down.weight")]
+        # Every trained layer is in the file (fused ones share one down weight).
+        rows = sum(kohya[k].shape[0] for k in downs)
+        assert rows == 4 * len(trained), (layers, rows, len(trained))
+        assert all(torch.isfinite(v).all() for v in kohya.values())
+        sizes.append(len(trained))
+        if layers == "locon":  # kohya's LoCon names: the ResNet convolutions, 4-D
+            convs = [k for k in downs if "_resnets_" in k and k.split(".")[0].endswith("conv1")]
+            assert convs and all(kohya[k].ndim == 4 for k in convs)
+    assert sizes == sorted(set(sizes))  # each set trains more layers than the one before
+
+
+def test_chat_takes_the_recipe_options_and_refuses_bad_ones(rig: Any) -> None:
+    from bot_fixtures import LEAD, images
+    from bot_fixtures import approved_style as approved_chat_style
+
+    from storage.models import TrainingRun
+
+    approved_chat_style(rig)
+    cases = {
+        "flip": ("sideways", "Flip must be one of"),
+        "noise_offset": ("0.5", "between 0 and 0.2"),
+        "accumulate": ("40", "between 1 and 16"),
+        "optimizer": ("sgd", "Optimizer must be one of adamw, adamw8bit, prodigy"),
+        "layers": ("everything", "Layers must be one of attention, full, locon"),
+    }
+    for option, (value, told) in cases.items():
+        assert told in rig.text("style train", {"name": "ink", option: value}), option
+    prodigy = rig.text("style train", {"name": "ink", "optimizer": "prodigy", "lr": "1e-4"})
+    assert "Prodigy sets its own learning rate; leave lr out" in prodigy
+    assert rig.jobs() == []
+    asked = {"flip": "off", "noise_offset": "0.05", "accumulate": "2", "optimizer": "prodigy",
+             "layers": "locon"}  # fmt: skip
+    assert "Training **ink**" in rig.text("style train", {"name": "ink", **asked})
+    with rig.db.session() as s:
+        (run,) = s.scalars(select(TrainingRun))
+    assert run.params["flip"] is False and run.params["noise_offset"] == 0.05
+    assert run.params["gradient_accumulation"] == 2 and run.params["layers"] == "locon"
+    assert run.params["optimizer"] == "prodigy" and "learning_rate" not in run.params
+    # A transformer family has no convolutions for LoCon: said before anything is queued.
+    rig.clock.advance(60)
+    assert "Created" in rig.text(
+        "style create", {"name": "fx", "trigger": "fxs", "kind": "style", "base": "tiny-flux1"}
+    )
+    rig.clock.advance(60)  # past the per-person command rate limit
+    rig.run("style add", {"name": "fx"}, files=images(1, 2, 3))
+    rig.run("style review", {"name": "fx"})
+    rig.react(f"review:dataset:{rig.datasets('fx')[-1].id}", "✅", user=LEAD)
+    refused = rig.text("style train", {"name": "fx", "layers": "locon"})
+    assert "FLUX.1 has no convolutions for layers=locon" in refused
+    assert "use layers=attention or layers=full" in refused
