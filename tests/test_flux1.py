@@ -6,7 +6,6 @@ import tells apart from FLUX.2 [klein] files."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +77,7 @@ def _predict(family: Any, lora: Path | None = None, state: dict[str, Any] | None
 
 
 def test_tiny_builds_fast_and_generates_with_its_guidance_embedding(family: Any) -> None:
-    start = time.perf_counter()
     pipe = family.tiny_builders[TINY](0)
-    assert time.perf_counter() - start < 1.0
     names = {n for n, _ in pipe.transformer.named_modules()}
     assert {
         "transformer_blocks.1.attn.add_q_proj",

@@ -4,7 +4,6 @@ matching, and exports files whose every key loads."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +55,8 @@ def _image(pipe: Any, seed: int) -> np.ndarray:
     return out.images[0]
 
 
-def test_tiny_builds_fast_and_generates_deterministically(family: Any) -> None:
-    start = time.perf_counter()
+def test_tiny_builds_and_generates_deterministically(family: Any) -> None:
     pipe = family.tiny_builders["tiny-flux2-klein"](0)
-    assert time.perf_counter() - start < 1.0
     names = {n for n, _ in pipe.transformer.named_modules()}
     assert {
         "transformer_blocks.0.attn.to_q",

@@ -5,7 +5,6 @@ and diffusers load whole."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +106,8 @@ def _prediction(family: Any, pipe: Any, prompts: list[str], noisy: Any = None) -
     return _predict(family, pipe, cond, noisy)
 
 
-def test_tiny_builds_fast_and_generates_deterministically_with_true_cfg(build: Any) -> None:
-    start = time.perf_counter()
+def test_tiny_builds_and_generates_deterministically_with_true_cfg(build: Any) -> None:
     pipe = build(0)
-    assert time.perf_counter() - start < 1.0
     names = {n for n, _ in pipe.transformer.named_modules()}
     assert {
         "transformer_blocks.1.attn.add_q_proj",

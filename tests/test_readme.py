@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 CI = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
-SETUP, TESTS, DEMO = "./install.sh", ".venv/bin/python -m pytest", ".venv/bin/atelier demo"
+SETUP, DEMO = "./install.sh", ".venv/bin/atelier demo"
+TESTS = ".venv/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile"
 
 
 def _code_lines() -> list[str]:

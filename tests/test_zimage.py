@@ -4,7 +4,6 @@ flow matching, and exports files whose every key loads in ComfyUI, InvokeAI and 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +68,8 @@ def _predict(family: Any, pipe: Any, transformer: Any = None) -> Any:
         return family.predict(transformer or pipe.transformer, noisy, t, cond, None)
 
 
-def test_tiny_builds_fast_and_generates_deterministically(family: Any) -> None:
-    start = time.perf_counter()
+def test_tiny_builds_and_generates_deterministically(family: Any) -> None:
     pipe = family.tiny_builders[BASE](0)
-    assert time.perf_counter() - start < 1.0
     names = {n for n, _ in pipe.transformer.named_modules()}
     assert {
         "layers.1.attention.to_q",
