@@ -90,6 +90,19 @@ def insert_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
+def shuffled_tags(caption: str, trigger: str, keep: int, order: list[float]) -> str:
+    """kohya's shuffle_caption with keep_tokens: the caption's comma-separated tags in a new
+    order, every tag holding the trigger (`find_trigger`) and the first `keep` of the
+    others where they stand; the rest sort by `order` (one random number per tag)."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    if len(order) < len(tags):
+        raise ValueError("shuffled_tags needs a number for every tag")
+    plain = [i for i, t in enumerate(tags) if find_trigger(trigger, t) is None]
+    moving = plain[keep:]
+    placed = dict(zip(moving, sorted(moving, key=lambda i: order[i]), strict=True))
+    return ", ".join(tags[placed.get(i, i)] for i in range(len(tags)))
+
+
 def without_trigger(caption: str, trigger: str) -> str:
     """The caption with the trigger (and the comma after it) taken out wherever it holds it
     (`find_trigger`): what the base model is asked to draw for prior preservation."""

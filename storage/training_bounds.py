@@ -45,6 +45,8 @@ WHOLE_BOUNDS: dict[str, tuple[int, int]] = {
     "num_vectors": (1, 16),
     "keep_checkpoints": (1, 100),
     "gradient_accumulation": (1, 16),
+    "keep_tags": (0, 32),
+    "epochs": (1, 1_000),
 }
 REAL_BOUNDS: dict[str, tuple[float, float]] = {
     "alpha": (0.5, 256),

@@ -225,3 +225,91 @@ def test_chat_takes_the_recipe_options_and_refuses_bad_ones(rig: Any) -> None:
     refused = rig.text("style train", {"name": "fx", "layers": "locon"})
     assert "FLUX.1 has no convolutions for layers=locon" in refused
     assert "use layers=attention or layers=full" in refused
+
+
+def test_shuffled_tags_keep_the_first_ones_and_the_trigger_in_place() -> None:
+    from storage.prompt_rules import shuffled_tags
+
+    caption = "zxq, red, circle, white background, soft light"
+    shuffled = shuffled_tags(caption, "zxq", 0, [0.9, 0.1, 0.5, 0.3, 0.2])
+    assert shuffled == "zxq, red, soft light, white background, circle"
+    # keep counts the caption's own tags, not the trigger's.
+    kept_first = shuffled_tags(caption, "zxq", 1, [0.9, 0.9, 0.5, 0.3, 0.2])
+    assert kept_first == "zxq, red, soft light, white background, circle"
+    # The trigger's tag stays where it is wherever it stands; keep holds the first tags.
+    assert (
+        shuffled_tags("a red circle, zxq, on white", "zxq", 0, [0.9, 0.5, 0.1]).split(", ")[1]
+        == "zxq"
+    )
+    kept = shuffled_tags("one, two, three, four", "zxq", 2, [0.0, 0.0, 0.9, 0.1])
+    assert kept == "one, two, four, three"
+    assert sorted(kept.split(", ")) == sorted(["one", "two", "three", "four"])
+
+
+@pytest.mark.runner
+def test_shuffled_captions_reach_the_text_encoder_in_new_orders(
+    tiny_builders: Any, demo_items: Any, fast: dict[str, Any], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from gpu_runner.training import loop
+
+    items = [(image, "red, stripes, disc, blue, soft") for image, _ in demo_items[:4]]
+    seen: list[list[str]] = []
+    encode = loop.encode_text
+
+    def record(pipe: Any, prompts: list[str], *args: Any, **kwargs: Any) -> Any:
+        seen.append(list(prompts))
+        return encode(pipe, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "encode_text", record)
+    cfg = _config(fast, caption_shuffle=True, keep_tags=1, steps=3)
+    loop.train(cfg, items, tiny_builders["sd15"](0), tmp_path / "o", checkpoint_dir=tmp_path / "c")
+    captions = {c for prompts in seen for c in prompts}
+    original = "zxq, red, stripes, disc, blue, soft"  # the trigger prefixed, kohya-style
+    assert original in captions  # validation reads them as written
+    shuffled = captions - {original, ""}
+    assert shuffled, captions
+    for caption in shuffled:  # the trigger and the kept first tag stay first
+        tags = caption.split(", ")
+        assert tags[:2] == ["zxq", "red"] and sorted(tags) == sorted(original.split(", "))
+
+
+def test_chat_refuses_steps_with_epochs(rig: Any) -> None:
+    from bot_fixtures import approved_style as approved_chat_style
+
+    approved_chat_style(rig)
+    both = rig.text("style train", {"name": "ink", "steps": "100", "epochs": "3"})
+    assert "Give steps or epochs, not both" in both and rig.jobs() == []
+
+
+@pytest.mark.runner
+def test_epochs_set_the_steps_from_the_images(
+    db_url: str, tmp_path: Path, tiny_builders: Any
+) -> None:
+    from bot_fixtures import png_bytes
+    from runner_fixtures import make_runner
+
+    from bot.console import open_console
+    from gpu_runner.services import open_services
+    from storage.settings import load_settings
+
+    settings = load_settings(
+        data_dir=tmp_path / "data", database_url=db_url, device="cpu", min_image_side=64
+    )
+    session = open_console(settings, out_dir=tmp_path / "console")
+    session.base_dir = tmp_path
+    services = open_services(settings)
+    runner = make_runner(services)
+    for seed in range(1, 7):
+        (tmp_path / f"p{seed}.png").write_bytes(png_bytes(seed))
+    session.run_line("/style create ink inkstyle style tiny-sd15")
+    session.run_line("/style add ink " + " ".join(f"p{n}.png" for n in range(1, 7)))
+    sheet = next(b for b in session.run_line("/style review ink") if "📋" in b)
+    session.run_line("as you lead")
+    session.run_line(f"react {sheet[1 : sheet.index(']')]} ✅")
+    session.run_line("/style train ink epochs=3 accumulate=2")
+    while runner.run_once():
+        pass
+    done = "\n".join(session.run_line("wait 0"))
+    # 6 images, batch 4 x 2 micro-batches a step: one step an epoch, three in all.
+    assert "done, 3/3 steps" in done, done

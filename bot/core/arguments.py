@@ -317,6 +317,9 @@ class StyleTrainArgs(Args):
     accumulate: Annotated[
         int | None, _whole("accumulate", *WHOLE_BOUNDS["gradient_accumulation"])
     ] = None
+    shuffle: Annotated[str | None, _choice("shuffle", _ON_OFF)] = None
+    keep_tags: Annotated[int | None, _whole("keep_tags", *WHOLE_BOUNDS["keep_tags"])] = None
+    epochs: Annotated[int | None, _whole("epochs", *WHOLE_BOUNDS["epochs"])] = None
 
 
 class StyleUseArgs(Args):

@@ -110,6 +110,9 @@ COMMANDS: dict[str, CommandSpec] = {
                 _p("optimizer", "adamw, adamw8bit (CUDA) or prodigy (no lr)", positional=False),
                 _p("flip", "on or off: mirrored copies (styles: on)", positional=False),
                 _p("noise_offset", "0-0.2: very dark or bright styles train", positional=False),
+                _p("shuffle", "on: caption tags in a new order each step", positional=False),
+                _p("keep_tags", "with shuffle: the first N tags stay put", positional=False),
+                _p("epochs", "passes over the images (sets steps)", positional=False),
                 _p(
                     "accumulate",
                     "micro-batches per step: a bigger batch in the same memory",

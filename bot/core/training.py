@@ -44,6 +44,8 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
         raise UserError("quantize applies to LoRA and DoRA only; leave it out for method=ti.")
     if method == TrainingMethod.TEXTUAL_INVERSION and args.layers is not None:
         raise UserError("layers applies to LoRA and DoRA only; leave it out for method=ti.")
+    if args.steps is not None and args.epochs is not None:
+        raise UserError("Give steps or epochs, not both: epochs sets the steps from the images.")
     if args.optimizer == "prodigy" and args.lr is not None:
         raise UserError(
             "Prodigy sets its own learning rate; leave lr out, or use optimizer=adamw with it."
@@ -96,6 +98,9 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
                 "flip": None if args.flip is None else args.flip == "on",
                 "noise_offset": args.noise_offset,
                 "gradient_accumulation": args.accumulate,
+                "caption_shuffle": None if args.shuffle is None else args.shuffle == "on",
+                "keep_tags": args.keep_tags,
+                "epochs": args.epochs,
             }.items()
             if v is not None
         }

@@ -6,6 +6,7 @@ job that was retried) resumes from the last checkpoint instead of starting over.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -255,6 +256,13 @@ def _config(inputs: RunInputs, loaded: LoadedPipeline) -> Any:
                 raise ConfigError(str(exc)) from None
             defaults["target_modules"] = list(loaded.model_family.lora_layer_sets[layers])
         defaults.setdefault("target_modules", list(loaded.model_family.lora_targets))
+    epochs = params.pop("epochs", None)
+    if epochs is not None:  # steps from the dataset: every image `epochs` times (repeats 1)
+        probe = make_config(
+            inputs.method, loaded.family, preset, trigger=inputs.trigger, **{**defaults, **params}
+        )
+        per_step = probe.batch_size * probe.gradient_accumulation
+        params["steps"] = epochs * math.ceil(len(inputs.items) / per_step)
     return make_config(
         inputs.method,
         loaded.family,

@@ -81,6 +81,11 @@ class TrainConfigBase(BaseModel):
     # Micro-batches per optimizer step: a batch of batch_size x this, in batch_size's memory.
     gradient_accumulation: int = 1
     optimizer: Optimizer = "adamw"
+    # kohya's shuffle_caption / keep_tokens: each step the captions' comma-separated tags
+    # in a new order, the first `keep_tags` and the trigger's tag staying where they are,
+    # so no tag order is learnt as part of the style. Text is then encoded every step.
+    caption_shuffle: bool = False
+    keep_tags: int = 0
     validate_every: int = 100
     checkpoint_every: int = 250
     keep_checkpoints: int = 2

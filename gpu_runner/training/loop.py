@@ -54,7 +54,7 @@ from gpu_runner.training.priors import Priors, draw_priors
 from gpu_runner.training.report import ReportFiles, write_report
 from gpu_runner.training.textual_inversion import TokenEmbedding, attach_token
 from storage.families import defaults_for, size_multiple
-from storage.prompt_rules import without_trigger
+from storage.prompt_rules import shuffled_tags, without_trigger
 
 # Distinctive: a name that is a substring of module names ("b" in "blocks") makes peft
 # report false missing keys (DESIGN.md).
@@ -220,7 +220,8 @@ class _Trainer:
             )
         if cfg.cache_latents:
             self._encode_vae_all()
-            if not self.is_ti:  # TI's text changes every step: never cached
+            # TI's text, and shuffled captions, change every step: never cached.
+            if not self.is_ti and not cfg.caption_shuffle:
                 self.data.text = encode_text(self.pipeline, self.data.captions, self.device)
                 self.data.empty_text = encode_text(self.pipeline, [""], self.device)
         self.val_batches = self._make_val_batches()
@@ -345,13 +346,24 @@ class _Trainer:
 
     # ----- conditioning -------------------------------------------------------------------
 
-    def _text(self, idx: list[int], drop: torch.Tensor | None, grad: bool) -> TextCond:
-        data = self.data
+    def _text(
+        self, idx: list[int], drop: torch.Tensor | None, grad: bool, shuffle: bool = False
+    ) -> TextCond:
+        """The captions' conditioning (`shuffle`: their tags reordered, a training step's)."""
+        data, cfg = self.data, self.config
         assert data is not None
         if data.text is not None and data.empty_text is not None:
             cond = data.text.select(torch.tensor(idx, device=data.text.hidden.device))
             return cond if drop is None else cond.where(drop, data.empty_text)
         captions = [data.captions[i] for i in idx]
+        if shuffle and cfg.caption_shuffle:
+            captions = [
+                shuffled_tags(
+                    c, cfg.trigger, cfg.keep_tags,
+                    torch.rand(c.count(",") + 1, generator=self.noise_gen).tolist(),
+                )
+                for c in captions
+            ]  # fmt: skip
         if drop is not None:
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         return encode_text(self.train_pipe, captions, self.device, grad=grad)
@@ -415,7 +427,9 @@ class _Trainer:
         target = self.objective.target(latents, noise, t)
         weights = self.objective.weights(t)
         with self.precision.autocast():
-            cond = self._text(batch, drop if cfg.caption_dropout > 0 else None, grad=self.is_ti)
+            cond = self._text(
+                batch, drop if cfg.caption_dropout > 0 else None, grad=self.is_ti, shuffle=True
+            )
             pred = self._predict(noisy, t, cond, batch)
         loss = weighted_mse(pred, target, weights)
         if self.priors is not None:
