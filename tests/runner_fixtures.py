@@ -144,3 +144,44 @@ def make_runner(services: Any, worker_id: str = "test-runner") -> Any:
         handlers={kind: partial(handler, services) for kind, handler in handlers.items()},
         worker_id=worker_id,
     )
+
+
+@dataclass
+class ConsoleStudio:
+    """The console chat and an in-process runner on one data folder: what a person types,
+    and the jobs it queues run when `work()` is called."""
+
+    session: Any
+    services: Any
+    runner: Any
+
+    def work(self) -> str:
+        """Run every queued job; the messages posted meanwhile."""
+        while self.runner.run_once():
+            pass
+        return "\n".join(self.session.run_line("wait 0"))
+
+    def approved_style(self, base: str, pictures: dict[str, bytes], name: str = "ink") -> None:
+        """`name` (trigger `inkstyle`) on `base`, its references approved by the lead."""
+        for file, data in pictures.items():
+            (self.session.base_dir / file).write_bytes(data)
+        created = self.session.run_line(f"/style create {name} inkstyle style {base}")
+        assert f"Created style **{name}**" in created[0], created
+        self.session.run_line(f"/style add {name} " + " ".join(pictures))
+        sheet = next(b for b in self.session.run_line(f"/style review {name}") if "📋" in b)
+        self.session.run_line("as you lead")
+        approved = self.session.run_line(f"react {sheet[1 : sheet.index(']')]} ✅")
+        assert f"approved **{name}**" in approved[0], approved
+
+
+def console_studio(db_url: str, tmp_path: Path) -> ConsoleStudio:
+    from bot.console import open_console
+    from gpu_runner.services import open_services
+
+    settings = load_settings(
+        data_dir=tmp_path / "data", database_url=db_url, device="cpu", min_image_side=64
+    )
+    session = open_console(settings, out_dir=tmp_path / "console")
+    session.base_dir = tmp_path
+    services = open_services(settings)
+    return ConsoleStudio(session, services, make_runner(services))

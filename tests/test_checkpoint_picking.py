@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 from bot_fixtures import png_bytes
-from runner_fixtures import make_runner
+from runner_fixtures import console_studio
 from sqlalchemy import select
 
 from storage.models import Generation, ModelVersion
-from storage.settings import load_settings
 
 pytest_plugins = ("runner_fixtures", "bot_fixtures")
 pytestmark = pytest.mark.runner
@@ -23,29 +22,9 @@ pytestmark = pytest.mark.runner
 def test_a_lead_picks_an_earlier_checkpoint_and_imagine_draws_with_it(
     db_url: str, tmp_path: Path, tiny_builders: Any
 ) -> None:
-    from bot.console import open_console
-    from gpu_runner.services import open_services
-
-    settings = load_settings(
-        data_dir=tmp_path / "data", database_url=db_url, device="cpu", min_image_side=64
-    )
-    session = open_console(settings, out_dir=tmp_path / "console")
-    session.base_dir = tmp_path
-    services = open_services(settings)
-    runner = make_runner(services)
-
-    def work() -> str:
-        while runner.run_once():
-            pass
-        return "\n".join(session.run_line("wait 0"))
-
-    for seed in (1, 2, 3, 4):
-        (tmp_path / f"p{seed}.png").write_bytes(png_bytes(seed))
-    session.run_line("/style create ink inkstyle style tiny-sd15")
-    session.run_line("/style add ink p1.png p2.png p3.png p4.png")
-    sheet = next(b for b in session.run_line("/style review ink") if "📋" in b)
-    session.run_line("as you lead")
-    session.run_line(f"react {sheet[1 : sheet.index(']')]} ✅")
+    studio = console_studio(db_url, tmp_path)
+    session, services, work = studio.session, studio.services, studio.work
+    studio.approved_style("tiny-sd15", {f"p{n}.png": png_bytes(n) for n in (1, 2, 3, 4)})
     # The built-in tiny model checkpoints every 50 steps: one earlier checkpoint at 50.
     session.run_line("/style train ink steps=100")
     trained = work()

@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bot_fixtures import png_bytes
 from PIL import Image
-from runner_fixtures import make_runner
+from runner_fixtures import console_studio
 from sqlalchemy import select
 
 from storage.families import BUILTIN_MODELS, FAMILY_LABELS, FAMILY_SIZE_MULTIPLE, aspect_size
 from storage.models import Generation, JobStatus, ModelVersion
-from storage.settings import load_settings
 
 pytest_plugins = ("runner_fixtures", "bot_fixtures")
 pytestmark = pytest.mark.runner
@@ -31,43 +29,20 @@ TINY = sorted(
 )
 
 
-def _number(blocks: list[str], marker: str) -> int:
-    block = next(b for b in blocks if marker in b)
-    match = re.match(r"\[(\d+)\]", block)
-    assert match is not None, block
-    return int(match.group(1))
-
-
 @pytest.mark.parametrize(("family", "base"), TINY, ids=[f for f, _ in TINY])
 def test_a_style_trains_and_draws_on_every_family_from_chat(
     family: str, base: str, db_url: str, tmp_path: Path, tiny_builders: Any
 ) -> None:
-    from bot.console import open_console
-    from gpu_runner.services import open_services
-
-    settings = load_settings(
-        data_dir=tmp_path / "data", database_url=db_url, device="cpu", min_image_side=64
-    )
-    session = open_console(settings, out_dir=tmp_path / "console")
-    session.base_dir = tmp_path
-    services = open_services(settings)
-    runner = make_runner(services)
+    studio = console_studio(db_url, tmp_path)
+    session, services = studio.session, studio.services
 
     def work() -> list[str]:
-        while runner.run_once():
-            pass
-        return session.run_line("wait 0")
+        return studio.work().splitlines()
 
-    for seed in (1, 2, 3, 4):  # two square references and two wide ones
-        (tmp_path / f"p{seed}.png").write_bytes(
-            png_bytes(seed, (96, 96) if seed < 3 else (192, 96))
-        )
-    out = session.run_line(f"/style create ink inkstyle style {base}")
-    assert "Created style **ink**" in out[0], out
-    session.run_line("/style add ink p1.png p2.png p3.png p4.png")
-    sheet = _number(session.run_line("/style review ink"), "📋")
-    session.run_line("as you lead")
-    assert "approved **ink**" in session.run_line(f"react {sheet} ✅")[0]
+    # Two square references and two wide ones.
+    studio.approved_style(
+        base, {f"p{n}.png": png_bytes(n, (96, 96) if n < 3 else (192, 96)) for n in (1, 2, 3, 4)}
+    )
 
     assert "Training **ink**" in session.run_line("/style train ink steps=12")[0]
     trained = "\n".join(work())

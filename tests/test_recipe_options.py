@@ -287,29 +287,11 @@ def test_epochs_set_the_steps_from_the_images(
     db_url: str, tmp_path: Path, tiny_builders: Any
 ) -> None:
     from bot_fixtures import png_bytes
-    from runner_fixtures import make_runner
+    from runner_fixtures import console_studio
 
-    from bot.console import open_console
-    from gpu_runner.services import open_services
-    from storage.settings import load_settings
-
-    settings = load_settings(
-        data_dir=tmp_path / "data", database_url=db_url, device="cpu", min_image_side=64
-    )
-    session = open_console(settings, out_dir=tmp_path / "console")
-    session.base_dir = tmp_path
-    services = open_services(settings)
-    runner = make_runner(services)
-    for seed in range(1, 7):
-        (tmp_path / f"p{seed}.png").write_bytes(png_bytes(seed))
-    session.run_line("/style create ink inkstyle style tiny-sd15")
-    session.run_line("/style add ink " + " ".join(f"p{n}.png" for n in range(1, 7)))
-    sheet = next(b for b in session.run_line("/style review ink") if "📋" in b)
-    session.run_line("as you lead")
-    session.run_line(f"react {sheet[1 : sheet.index(']')]} ✅")
-    session.run_line("/style train ink epochs=3 accumulate=2")
-    while runner.run_once():
-        pass
-    done = "\n".join(session.run_line("wait 0"))
+    studio = console_studio(db_url, tmp_path)
+    studio.approved_style("tiny-sd15", {f"p{n}.png": png_bytes(n) for n in range(1, 7)})
+    studio.session.run_line("/style train ink epochs=3 accumulate=2")
+    done = studio.work()
     # 6 images, batch 4 x 2 micro-batches a step: one step an epoch, three in all.
     assert "done, 3/3 steps" in done, done

@@ -12,7 +12,14 @@ from typing import Literal
 import discord
 from discord import app_commands
 
-from storage.training_bounds import REAL_BOUNDS, WHOLE_BOUNDS, Preset, Quantization
+from storage.training_bounds import (
+    REAL_BOUNDS,
+    WHOLE_BOUNDS,
+    LayerSet,
+    Optimizer,
+    Preset,
+    Quantization,
+)
 
 Dispatch = Callable[
     [discord.Interaction, str, dict[str, object], list[discord.Attachment]], Awaitable[None]
@@ -29,6 +36,8 @@ AUTOCOMPLETE: dict[str, tuple[str, ...]] = {
     "train": ("name", "method"),
     "info": ("name",),
     "export": ("name",),
+    "versions": ("name",),
+    "use": ("name",),
     "import": ("name", "base"),
     "create": ("base",),
 }
@@ -40,6 +49,11 @@ SEED_MAX = 2**32 - 1
 _STEPS = WHOLE_BOUNDS["steps"]
 _RANK = WHOLE_BOUNDS["rank"]
 _LR = REAL_BOUNDS["learning_rate"]
+_OFFSET = REAL_BOUNDS["noise_offset"]
+_KEEP = WHOLE_BOUNDS["keep_tags"]
+_EPOCHS = WHOLE_BOUNDS["epochs"]
+_ACCUMULATE = WHOLE_BOUNDS["gradient_accumulation"]
+OnOff = Literal["on", "off"]
 
 
 def _images(*attachments: discord.Attachment | None) -> list[discord.Attachment]:
@@ -133,6 +147,14 @@ class StyleGroup(app_commands.Group):
         lr="learning rate, e.g. 0.0001",
         method="lora, dora or ti (textual inversion)",
         quantize="nf4: the frozen base in 4 bits (QLoRA), for big models on small cards",
+        layers="attention, full (+ feed-forwards) or locon (+ convolutions, SD only)",
+        optimizer="adamw, adamw8bit (CUDA) or prodigy (sets its own learning rate)",
+        flip="mirrored copies of the references (on for styles)",
+        noise_offset="0-0.2: lets very dark or bright styles train",
+        shuffle="on: caption tags in a new order each step",
+        keep_tags="with shuffle: the first N tags stay put",
+        epochs="passes over the images (sets the steps from their count)",
+        accumulate="micro-batches a step: a bigger batch in the same memory",
     )
     async def train(
         self,
@@ -144,6 +166,14 @@ class StyleGroup(app_commands.Group):
         lr: app_commands.Range[float, _LR[0], _LR[1]] | None = None,
         method: str | None = None,
         quantize: Quantization | None = None,
+        layers: LayerSet | None = None,
+        optimizer: Optimizer | None = None,
+        flip: OnOff | None = None,
+        noise_offset: app_commands.Range[float, _OFFSET[0], _OFFSET[1]] | None = None,
+        shuffle: OnOff | None = None,
+        keep_tags: app_commands.Range[int, _KEEP[0], _KEEP[1]] | None = None,
+        epochs: app_commands.Range[int, _EPOCHS[0], _EPOCHS[1]] | None = None,
+        accumulate: app_commands.Range[int, _ACCUMULATE[0], _ACCUMULATE[1]] | None = None,
     ) -> None:
         args = {
             "name": name,
@@ -153,6 +183,14 @@ class StyleGroup(app_commands.Group):
             "lr": lr,
             "method": method,
             "quantize": quantize,
+            "layers": layers,
+            "optimizer": optimizer,
+            "flip": flip,
+            "noise_offset": noise_offset,
+            "shuffle": shuffle,
+            "keep_tags": keep_tags,
+            "epochs": epochs,
+            "accumulate": accumulate,
         }
         await self._dispatch(interaction, "style train", args, [])
 
@@ -169,6 +207,21 @@ class StyleGroup(app_commands.Group):
     @app_commands.describe(name="the style")
     async def export(self, interaction: discord.Interaction, name: str) -> None:
         await self._dispatch(interaction, "style export", {"name": name}, [])
+
+    @app_commands.command(name="versions", description="List a style's model versions")
+    @app_commands.describe(name="the style")
+    async def versions(self, interaction: discord.Interaction, name: str) -> None:
+        await self._dispatch(interaction, "style versions", {"name": name}, [])
+
+    @app_commands.command(name="use", description="Art leads: make a checkpoint the style's")
+    @app_commands.describe(name="the style", step="the checkpoint's step")
+    async def use(
+        self,
+        interaction: discord.Interaction,
+        name: str,
+        step: app_commands.Range[int, 1, _STEPS[1]],
+    ) -> None:
+        await self._dispatch(interaction, "style use", {"name": name, "step": step}, [])
 
     @app_commands.command(name="import", description="Import a LoRA .safetensors you have")
     @app_commands.describe(
