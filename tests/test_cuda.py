@@ -212,3 +212,22 @@ def test_runner_pins_its_gpu_and_claims_by_free_memory(
     assert services.memory_mb <= total >> 20
     assert abs(services.memory_mb - ((free + cached) >> 20)) < 64  # free now, not the total
     services.db.dispose()
+
+
+def test_text_encoders_wait_in_cpu_memory_while_a_lora_trains_on_cached_text(
+    fast: dict[str, Any], demo_items: list[tuple[Any, str]], tmp_path: Path
+) -> None:
+    """Off the card during the steps, back for the checkpoint samples and afterwards."""
+    from gpu_runner.training.text_encoders import text_encoders
+
+    loaded = _cache(torch.float32, "tiny-sdxl").get("tiny-sdxl")
+    encoders = text_encoders(loaded.pipe)
+    where: list[set[str]] = []
+    config = _config("sdxl", fast, checkpoint_every=3)
+    result = _train(
+        config, demo_items, loaded.pipe, tmp_path,
+        watch=lambda *_: where.append({next(e.parameters()).device.type for e in encoders}),
+    )  # fmt: skip
+    assert len(encoders) == 2 and where and all(w == {"cpu"} for w in where)
+    assert result.sample_images  # the step-3 samples encoded their prompts on the GPU
+    assert {next(e.parameters()).device.type for e in encoders} == {"cuda"}

@@ -52,6 +52,7 @@ from gpu_runner.training.optimizers import make_optimizer
 from gpu_runner.training.precision import Precision, choose_precision
 from gpu_runner.training.priors import Priors, draw_priors
 from gpu_runner.training.report import ReportFiles, write_report
+from gpu_runner.training.text_encoders import TextEncoderParking
 from gpu_runner.training.textual_inversion import TokenEmbedding, attach_token
 from storage.families import defaults_for, size_multiple
 from storage.prompt_rules import shuffled_tags, without_trigger
@@ -187,6 +188,7 @@ class _Trainer:
         self.scale_latents = self.family.latent_scaler(pipeline.vae)
         self.sample_sampler = defaults_for(config.base_model_name, config.family).sampler
         self.train_pipe: Any = pipeline
+        self.encoders = TextEncoderParking(pipeline, self.device)
         self.token: TokenEmbedding | None = None
         self.checkpointing_on = False
         self.items = items
@@ -241,6 +243,10 @@ class _Trainer:
                 cfg=defaults_for(cfg.base_model_name, cfg.family).cfg,
                 device=self.device,
             )
+        if self.data.text is not None:  # cached: no step encodes text after these
+            if getattr(cfg, "output_preservation", 0.0):
+                self._plain_text()
+            self.encoders.park()  # so the text encoders wait off the device
         self.trainable = self._make_trainable()
         self.optimizer = make_optimizer(
             cfg.optimizer, list(self.trainable.values()), cfg, self.device
@@ -447,10 +453,7 @@ class _Trainer:
         data = self.data
         assert data is not None
         empty = torch.rand(len(batch), generator=self.noise_gen) < 0.5
-        if self.plain_text is None:  # the base text encoder's: LoRA trains only the UNet
-            plain = [without_trigger(c, self.config.trigger) for c in data.captions]
-            self.plain_text = encode_text(self.pipeline, [*plain, ""], self.device)
-        text = self.plain_text
+        text = self._plain_text()
         cond = text.select(torch.tensor(batch, device=text.hidden.device))
         cond = cond.where(
             empty, text.select(torch.tensor([len(data.captions)], device=text.hidden.device))
@@ -460,6 +463,16 @@ class _Trainer:
         with self.precision.autocast():
             pred = self._predict(noisy, t, cond, batch)
         return weighted_mse(pred, want.detach(), None)
+
+    def _plain_text(self) -> TextCond:
+        """The captions without the trigger, then "": the base text encoder's encoding (a
+        LoRA trains only the denoiser), made once."""
+        data = self.data
+        assert data is not None
+        if self.plain_text is None:
+            plain = [without_trigger(c, self.config.trigger) for c in data.captions]
+            self.plain_text = encode_text(self.pipeline, [*plain, ""], self.device)
+        return self.plain_text
 
     def _prior_loss(self, count: int) -> torch.Tensor:
         """Denoising loss on `count` base-model images captioned without the trigger."""
@@ -524,7 +537,7 @@ class _Trainer:
             self.pipeline.scheduler.config, self.sample_sampler
         )
         try:
-            with self.precision.autocast():
+            with self.encoders.on_device(), self.precision.autocast():
                 out = pipe(
                     prompt=prompts,
                     num_inference_steps=cfg.sample_steps,
@@ -625,7 +638,7 @@ class _Trainer:
         was_training = self.denoiser.training
         self.denoiser.eval()
         try:
-            with self.adapters.paused():
+            with self.adapters.paused(), self.encoders.on_device():
                 yield
         finally:
             for param in self.trainable.values():
@@ -852,7 +865,9 @@ class _Trainer:
         return [*rows, (f"step {self.step}", final)] if rows else []
 
     def cleanup(self) -> None:
-        """Hand the pipeline back as it came: no training adapter, no checkpointing."""
+        """Hand the pipeline back as it came: no training adapter, no checkpointing, the
+        text encoders on its device."""
+        self.encoders.restore()
         if self.checkpointing_on:
             self.denoiser.disable_gradient_checkpointing()
         self.adapters.end_training()
