@@ -15,6 +15,7 @@ from bot.core import audit
 from bot.core.arguments import StyleNameArgs, StyleUseArgs
 from bot.core.context import Context
 from bot.core.errors import AuditNote, Refused, UserError
+from bot.core.imagine import model_for
 from bot.core.teams import get_style
 from storage.models import DatasetVersion, ModelVersion, Style, TrainingRun, utcnow
 
@@ -34,17 +35,7 @@ def approve(ctx: Context, model_version_id: int) -> list[Reply]:
             )
         if model.approved_at is not None:
             return [Reply(f"{style.name} v{model.version} is already approved.", private=True)]
-        model.approved_at = utcnow()
-        model.approved_by = ctx.actor.user_id
-        audit.record(
-            s,
-            team_id=tx.team.id,
-            actor=ctx.actor.user_id,
-            action="model.approve",
-            object_type="model_version",
-            object_id=model.id,
-            detail={"style": style.name, "version": model.version, "name": ctx.who},
-        )
+        _mark_approved(ctx, s, tx.team.id, style, model, "model.approve", name=ctx.who)
         text = (
             f"✅ {ctx.who} approved **{style.name}** model v{model.version}; `{style.trigger}` "
             "in a prompt now uses it."
@@ -52,13 +43,27 @@ def approve(ctx: Context, model_version_id: int) -> list[Reply]:
     return [Reply(text)]
 
 
-def _refuse_non_lead(ctx: Context, what: str, style: Style) -> None:
-    if not ctx.is_lead:
-        raise Refused(
-            f"Only art leads pick the version a style uses; leads are "
-            f"{ctx.services.leads.describe(ctx.platform)}.",
-            AuditNote(f"model.{what}.refused", "style", str(style.id)),
-        )
+def _mark_approved(
+    ctx: Context,
+    s: Session,
+    team_id: int,
+    style: Style,
+    model: ModelVersion,
+    action: str,
+    **detail: Any,
+) -> None:
+    """The lead's approval on the version (what `model_for` picks by), in the audit log."""
+    model.approved_at = utcnow()
+    model.approved_by = ctx.actor.user_id
+    audit.record(
+        s,
+        team_id=team_id,
+        actor=ctx.actor.user_id,
+        action=action,
+        object_type="model_version",
+        object_id=model.id,
+        detail={"style": style.name, "version": model.version, **detail},
+    )
 
 
 def use(ctx: Context, args: StyleUseArgs) -> list[Reply]:
@@ -67,7 +72,12 @@ def use(ctx: Context, args: StyleUseArgs) -> list[Reply]:
     with ctx.write() as tx:
         s = tx.session
         style = get_style(s, tx.team.id, args.name, lock=True)
-        _refuse_non_lead(ctx, "use", style)
+        if not ctx.is_lead:
+            raise Refused(
+                f"Only art leads pick the version a style uses; leads are "
+                f"{ctx.services.leads.describe(ctx.platform)}.",
+                AuditNote("model.use.refused", "style", str(style.id)),
+            )
         # The newest version a run published (its checkpoints with it), not one picked.
         trained = next(
             (
@@ -98,17 +108,7 @@ def use(ctx: Context, args: StyleUseArgs) -> list[Reply]:
                 f"{style.name} v{trained.version} has no checkpoint at step {args.step}; "
                 f"its steps are {steps}."
             )
-        model.approved_at = utcnow()
-        model.approved_by = ctx.actor.user_id
-        audit.record(
-            s,
-            team_id=tx.team.id,
-            actor=ctx.actor.user_id,
-            action="model.use",
-            object_type="model_version",
-            object_id=model.id,
-            detail={"style": style.name, "version": model.version, "step": args.step},
-        )
+        _mark_approved(ctx, s, tx.team.id, style, model, "model.use", step=args.step)
         text = (
             f"✅ {ctx.who} picked **{style.name}** v{model.version} (step {args.step} of "
             f"v{trained.version}'s run); `{style.trigger}` in a prompt now uses it."
@@ -155,8 +155,6 @@ def _from_checkpoint(
 
 def versions(ctx: Context, args: StyleNameArgs) -> list[Reply]:
     """Every version: where it came from, its recipe and loss, who approved it, which is used."""
-    from bot.core.imagine import model_for
-
     with ctx.write() as tx:
         s = tx.session
         style = get_style(s, tx.team.id, args.name)

@@ -21,6 +21,10 @@ _SEP = r"[._]"  # diffusers names use dots, kohya's underscores
 CONTEXT_KEY = r"attn2[._]to_[kv].*(lora_down|lora_A|lora\.down)"
 
 
+# The "full" layer set (`lora_layer_sets` says where it comes from).
+_FULL = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+
 def _tiny_sd15(seed: int) -> Any:
     from gpu_runner.tiny_models import build_tiny_sd15_pipeline
 
@@ -47,11 +51,9 @@ class StableDiffusion15(ModelFamily):
     # and projections; LoCon (LyCORIS, kohya's conv_dim) the ResNet blocks' convolutions.
     lora_layer_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "attention": lora_targets,
-        "full": (*lora_targets, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
-        "locon": (
-            *lora_targets, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"
-        ),
-    }  # fmt: skip
+        "full": _FULL,
+        "locon": (*_FULL, "conv1", "conv2"),
+    }
     modelspec_architecture = "stable-diffusion-v1"
     modelspec_implementation = IMPL_DIFFUSERS
     ss_base_model_version = "sd_v1"

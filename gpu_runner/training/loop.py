@@ -283,24 +283,23 @@ class _Trainer:
     def _encode_vae_all(self) -> None:
         data = self.data
         assert data is not None
+        data.latent_mean, data.latent_std = self._encode_every_image(mirrored=False)
+        if self.config.flip:  # both orientations cached: a flip costs nothing per step
+            data.mirrored_mean, data.mirrored_std = self._encode_every_image(mirrored=True)
+
+    def _encode_every_image(
+        self, *, mirrored: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every image's posterior mean and std, in dataset order, one bucket at a time."""
+        data = self.data
+        assert data is not None
         count = len(data.captions)
-        means: list[torch.Tensor | None] = [None] * count
-        stds: list[torch.Tensor | None] = [None] * count
-        mirrored_means: list[torch.Tensor | None] = [None] * count
-        mirrored_stds: list[torch.Tensor | None] = [None] * count
+        found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for group in data.by_bucket(range(count)):
-            mean, std = self._encode_pixels(group)
-            for row, i in enumerate(group):
-                means[i], stds[i] = mean[row], std[row]
-            if self.config.flip:  # both orientations cached: a flip costs nothing per step
-                mean, std = self._encode_pixels(group, torch.ones(len(group), dtype=torch.bool))
-                for row, i in enumerate(group):
-                    mirrored_means[i], mirrored_stds[i] = mean[row], std[row]
-        data.latent_mean = [m for m in means if m is not None]
-        data.latent_std = [s for s in stds if s is not None]
-        if self.config.flip:
-            data.mirrored_mean = [m for m in mirrored_means if m is not None]
-            data.mirrored_std = [s for s in mirrored_stds if s is not None]
+            flips = torch.ones(len(group), dtype=torch.bool) if mirrored else None
+            mean, std = self._encode_pixels(group, flips)
+            found.update({i: (mean[row], std[row]) for row, i in enumerate(group)})
+        return [found[i][0] for i in range(count)], [found[i][1] for i in range(count)]
 
     def _encode_pixels(
         self, idx: list[int], flips: torch.Tensor | None = None
