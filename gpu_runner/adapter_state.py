@@ -24,6 +24,8 @@ class AdapterState:
         self._pipe = pipe
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self._training: str | None = None
+        # Text encoders carrying the training adapter too (a text-encoder LoRA).
+        self._training_encoders: tuple[str, ...] = ()
         # What is active now: () none, a tuple of (style adapter, weight), or None when
         # the training adapter is the active one.
         self._active: Wanted | None = ()
@@ -35,6 +37,12 @@ class AdapterState:
         from gpu_runner.families import family_of_pipeline
 
         return family_of_pipeline(self._pipe).denoiser(self._pipe)
+
+    def _trained_modules(self) -> list[tuple[str, Any]]:
+        """(parameter-name prefix, module) of every model the training adapter is on."""
+        return [("", self._denoiser)] + [
+            (f"{attr}.", getattr(self._pipe, attr)) for attr in self._training_encoders
+        ]
 
     def _adopt_existing(self) -> None:
         # A pipeline handed over with adapters on it (e.g. by a test): take them over, off.
@@ -109,18 +117,38 @@ class AdapterState:
 
     # -- training --------------------------------------------------------------------------
 
-    def start_training(self, peft_config: Any, name: str, seed: int) -> dict[str, Any]:
-        """Add the training adapter, make it the only active one; its parameters (fp32
-        master weights, trainable) are returned by name."""
+    def start_training(
+        self,
+        peft_config: Any,
+        name: str,
+        seed: int,
+        text_config: Any | None = None,
+        text_encoders: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Add the training adapter to the denoiser (and with `text_config` to the
+        `text_encoders` named), make it the only active one; its parameters (fp32 master
+        weights, trainable) are returned by name, a text encoder's prefixed with its
+        attribute (`text_encoder.`)."""
         self.show(())
-        unet = self._denoiser
         # peft draws lora_A from the global RNG: seed it so a run is reproducible per seed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet.add_adapter(peft_config, adapter_name=name)
+            self._denoiser.add_adapter(peft_config, adapter_name=name)
+            for attr in text_encoders if text_config is not None else ():
+                # peft's own call: transformers' add_adapter wants a newer peft than diffusers
+                # and bitsandbytes allow; diffusers handles text encoders at this level too.
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(text_config, getattr(self._pipe, attr), adapter_name=name)
         self._training = name
+        self._training_encoders = tuple(text_encoders) if text_config is not None else ()
         self._active = ()  # add_adapter leaves the activation to us
-        params = {n: p for n, p in unet.named_parameters() if f".{name}." in n}
+        params = {
+            prefix + n: p
+            for prefix, module in self._trained_modules()
+            for n, p in module.named_parameters()
+            if f".{name}." in n
+        }
         for p in params.values():
             p.data = p.data.float()
         self.train_on()
@@ -130,12 +158,19 @@ class AdapterState:
         """Only the training adapter active, and trainable (peft freezes adapters it turns
         off, so a generation served in between must not leave it frozen)."""
         assert self._training is not None
+        from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+
         unet = self._denoiser
         unet.enable_adapters()
         unet.set_adapter(self._training)
-        for n, p in unet.named_parameters():
-            if f".{self._training}." in n:
-                p.requires_grad_(True)
+        for attr in self._training_encoders:
+            encoder = getattr(self._pipe, attr)
+            set_adapter_layers(encoder, enabled=True)
+            set_weights_and_activate_adapters(encoder, [self._training], [1.0])
+        for _, module in self._trained_modules():
+            for n, p in module.named_parameters():
+                if f".{self._training}." in n:
+                    p.requires_grad_(True)
         self._active = None
 
     @contextmanager
@@ -166,6 +201,13 @@ class AdapterState:
         if self._training is None:
             return
         self._denoiser.delete_adapters(self._training)
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for attr in self._training_encoders:
+            encoder = getattr(self._pipe, attr)
+            delete_adapter_layers(encoder, self._training)
+            getattr(encoder, "peft_config", {}).pop(self._training, None)
         self._training = None
+        self._training_encoders = ()
         self._active = None  # peft picks some remaining adapter as active: turn all off
         self.show(())

@@ -87,6 +87,22 @@ def check_layer_set(family: str, layers: str) -> None:
         )
 
 
+# The families whose text encoders a LoRA may train too (`/style train text_encoder=on`):
+# the SD ones, whose CLIP encoders kohya, A1111 and ComfyUI all read `lora_te*` keys for.
+# The transformer families' encoders are LLMs no trainer offers a LoRA on.
+TEXT_ENCODER_LORA_FAMILIES: tuple[Family, ...] = ("sd15", "sdxl")
+
+
+def check_text_encoder_lora(family: str) -> None:
+    """Refuse a text-encoder LoRA on a family whose trainers and loaders have none."""
+    fam = "sd15" if family == "sd2" else family
+    if fam not in TEXT_ENCODER_LORA_FAMILIES:
+        label = FAMILY_LABELS.get(family, family)
+        raise MethodNotSupportedError(
+            f"{label} has no text-encoder LoRA (SD1.5 and SDXL have one); leave text_encoder out"
+        )
+
+
 # Chat spells methods as `/style train method=...` takes them.
 _CHAT_METHOD = {"textual_inversion": "ti"}
 

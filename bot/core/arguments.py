@@ -320,6 +320,7 @@ class StyleTrainArgs(Args):
     shuffle: Annotated[str | None, _choice("shuffle", _ON_OFF)] = None
     keep_tags: Annotated[int | None, _whole("keep_tags", *WHOLE_BOUNDS["keep_tags"])] = None
     epochs: Annotated[int | None, _whole("epochs", *WHOLE_BOUNDS["epochs"])] = None
+    text_encoder: Annotated[str | None, _choice("text_encoder", _ON_OFF)] = None
 
 
 class StyleUseArgs(Args):

@@ -13,7 +13,7 @@ from bot.core.suggestions import suggest
 # Options with a fixed or team-wide list of values.
 _PICKED = (
     "name", "style", "kind", "preset", "method", "quantize", "layers", "optimizer", "flip",
-    "shuffle",
+    "shuffle", "text_encoder",
     "base", "ar",
 )  # fmt: skip
 # Options too open for a form (image-to-image needs an attached image).

@@ -118,6 +118,7 @@ COMMANDS: dict[str, CommandSpec] = {
                     "micro-batches per step: a bigger batch in the same memory",
                     positional=False,
                 ),
+                _p("text_encoder", "on: a LoRA on the text encoder too (SD)", positional=False),
             ),
         ),
         CommandSpec("style list", "the team's styles"),

@@ -35,7 +35,7 @@ def suggest(services: Services, team: TeamRef, option: str, typed: str) -> list[
         options = list(LAYER_SETS)
     elif option == "optimizer":
         options = list(OPTIMIZERS)
-    elif option in ("flip", "shuffle"):
+    elif option in ("flip", "shuffle", "text_encoder"):
         options = ["on", "off"]
     elif option == "base":
         options = sorted(known_base_models(services.settings))

@@ -18,6 +18,7 @@ from storage.datasets import images_of, latest_approved, latest_version
 from storage.families import (
     MethodNotSupportedError,
     check_layer_set,
+    check_text_encoder_lora,
     check_training_method,
     memory_needed_mb,
     model_family,
@@ -44,6 +45,8 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
         raise UserError("quantize applies to LoRA and DoRA only; leave it out for method=ti.")
     if method == TrainingMethod.TEXTUAL_INVERSION and args.layers is not None:
         raise UserError("layers applies to LoRA and DoRA only; leave it out for method=ti.")
+    if method == TrainingMethod.TEXTUAL_INVERSION and args.text_encoder is not None:
+        raise UserError("text_encoder applies to LoRA and DoRA only; leave it out for method=ti.")
     if args.steps is not None and args.epochs is not None:
         raise UserError("Give steps or epochs, not both: epochs sets the steps from the images.")
     if args.optimizer == "prodigy" and args.lr is not None:
@@ -54,13 +57,12 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
         s, team = tx.session, tx.team
         style = get_style(s, team.id, args.name, lock=True)
         try:
-            check_training_method(
-                model_family(style.base_model, services.settings.base_models), method
-            )
+            family = model_family(style.base_model, services.settings.base_models)
+            check_training_method(family, method)
             if args.layers is not None:
-                check_layer_set(
-                    model_family(style.base_model, services.settings.base_models), args.layers
-                )
+                check_layer_set(family, args.layers)
+            if args.text_encoder == "on":
+                check_text_encoder_lora(family)
         except MethodNotSupportedError as exc:
             raise UserError(f"{style.name} is on {style.base_model}: {exc}.") from None
         check_queue_room(ctx, s, team.id)
@@ -101,6 +103,9 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
                 "caption_shuffle": None if args.shuffle is None else args.shuffle == "on",
                 "keep_tags": args.keep_tags,
                 "epochs": args.epochs,
+                "train_text_encoder": (
+                    None if args.text_encoder is None else args.text_encoder == "on"
+                ),
             }.items()
             if v is not None
         }

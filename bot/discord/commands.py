@@ -155,6 +155,7 @@ class StyleGroup(app_commands.Group):
         keep_tags="with shuffle: the first N tags stay put",
         epochs="passes over the images (sets the steps from their count)",
         accumulate="micro-batches a step: a bigger batch in the same memory",
+        text_encoder="on: a LoRA on the text encoder too (SD1.5, SDXL)",
     )
     async def train(
         self,
@@ -174,6 +175,7 @@ class StyleGroup(app_commands.Group):
         keep_tags: app_commands.Range[int, _KEEP[0], _KEEP[1]] | None = None,
         epochs: app_commands.Range[int, _EPOCHS[0], _EPOCHS[1]] | None = None,
         accumulate: app_commands.Range[int, _ACCUMULATE[0], _ACCUMULATE[1]] | None = None,
+        text_encoder: OnOff | None = None,
     ) -> None:
         args = {
             "name": name,
@@ -191,6 +193,7 @@ class StyleGroup(app_commands.Group):
             "keep_tags": keep_tags,
             "epochs": epochs,
             "accumulate": accumulate,
+            "text_encoder": text_encoder,
         }
         await self._dispatch(interaction, "style train", args, [])
 

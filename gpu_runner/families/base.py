@@ -58,6 +58,11 @@ class ModelFamily(ABC):
     # Textual inversion trains new token rows in these (tokenizer, text encoder) pairs;
     # empty where the family's text encoder makes it meaningless.
     text_encoder_pairs: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # The text encoders a LoRA may train too (storage.families.TEXT_ENCODER_LORA_FAMILIES),
+    # each with the kohya key prefix its part of the file carries; empty: the denoiser only.
+    text_encoder_lora_prefixes: ClassVar[Mapping[str, str]] = {}
+    # peft targets in those encoders.
+    text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ()
     # The modelspec.implementation kohya writes for the family's embedding files.
     embedding_modelspec_implementation: ClassVar[str] = ""
     # A key prefix only this family's single checkpoint files carry ("": none).
@@ -181,10 +186,33 @@ class ModelFamily(ABC):
     ) -> dict[str, torch.Tensor]:
         """peft's LoRA/DoRA weights renamed to the kohya layout other tools load."""
 
-    def diffusers_layers(self, peft_state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """`save_lora_weights` keyword arguments holding the denoiser's LoRA layers."""
-        layers = {k: v.detach().float().cpu() for k, v in peft_state.items()}
-        return {f"{self.denoiser_attr}_lora_layers": layers}
+    def kohya_text_encoder_state(
+        self, encoder: str, peft_state: Mapping[str, torch.Tensor], alpha: float
+    ) -> dict[str, torch.Tensor]:
+        """A text encoder's LoRA weights under kohya's names: the module path after the
+        encoder's prefix (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`)."""
+        from gpu_runner.training.export import clip_checkpoint_names, peft_to_kohya
+
+        prefix = self.text_encoder_lora_prefixes.get(encoder)
+        if prefix is None:
+            raise ValueError(f"{self.label} has no text-encoder LoRA for {encoder!r}")
+        return peft_to_kohya(clip_checkpoint_names(peft_state), alpha, prefix=prefix)
+
+    def diffusers_layers(
+        self,
+        peft_state: Mapping[str, torch.Tensor],
+        text_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> dict[str, Any]:
+        """`save_lora_weights` keyword arguments holding the denoiser's LoRA layers and those
+        of any text encoder trained too (keyed by the pipeline's attribute name)."""
+        from gpu_runner.training.export import clip_checkpoint_names
+
+        texts = {attr: clip_checkpoint_names(st) for attr, st in (text_states or {}).items()}
+        parts = {self.denoiser_attr: peft_state, **texts}
+        return {
+            f"{attr}_lora_layers": {k: v.detach().float().cpu() for k, v in state.items()}
+            for attr, state in parts.items()
+        }
 
     # ----- embeddings (textual inversion) -------------------------------------------------
 

@@ -58,6 +58,10 @@ class StableDiffusion15(ModelFamily):
     modelspec_implementation = IMPL_DIFFUSERS
     ss_base_model_version = "sd_v1"
     text_encoder_pairs = (("tokenizer", "text_encoder"),)
+    # kohya's networks/lora.py trains CLIPAttention and CLIPMLP linears; ComfyUI's
+    # LORA_CLIP_MAP (comfy/lora.py) maps exactly these six under `lora_te_`.
+    text_encoder_lora_prefixes: ClassVar[Mapping[str, str]] = {"text_encoder": "lora_te_"}
+    text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     embedding_modelspec_implementation = IMPL_SAI
     kohya_prefix: ClassVar[str] = "lora_unet_"
     # SD1.x's checkpoint layout has no key the others lack: a file with no marker is SD.

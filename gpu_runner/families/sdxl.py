@@ -31,6 +31,12 @@ class StableDiffusionXL(StableDiffusion15):
     modelspec_implementation = IMPL_SAI
     ss_base_model_version = "sdxl_base_v1-0"
     text_encoder_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    # kohya's SDXL names: te1 the CLIP ViT-L, te2 the OpenCLIP ViT-bigG (ComfyUI: clip_l,
+    # clip_g).
+    text_encoder_lora_prefixes: ClassVar[Mapping[str, str]] = {
+        "text_encoder": "lora_te1_",
+        "text_encoder_2": "lora_te2_",
+    }
     # Single checkpoint files in SAI's layout name the second text encoder so.
     single_file_marker: ClassVar[str] = "conditioner.embedders.1."
     single_file_fallback = False

@@ -19,6 +19,7 @@ from storage.families import (
     TRAINING_METHODS,
     Family,
     MethodNotSupportedError,
+    check_text_encoder_lora,
     check_training_method,
     size_multiple,
 )
@@ -39,6 +40,9 @@ Precision = Literal["auto", "no", "fp16", "bf16"]
 
 # A preset's warmup never takes more than 1/WARMUP_SHARE of a run.
 WARMUP_SHARE = 10
+# A text-encoder LoRA learns at this share of the denoiser's rate: kohya's train_network
+# docs pair unet_lr 1e-4 with text_encoder_lr 5e-5 (CLIP drifts fast and every prompt reads it).
+TEXT_ENCODER_LR_SHARE = 0.5
 
 
 class ConfigError(ValueError):
@@ -155,6 +159,21 @@ class LoraConfig(TrainConfigBase):
     # The frozen base as loaded, or quantized to NF4 under the adapter (QLoRA): about a
     # quarter of the denoiser's memory, for FLUX.1 / FLUX.2 9B / Qwen-Image on 24 GB cards.
     quantize: Quantization = "none"
+    # A LoRA on the CLIP text encoder(s) too (SD families; kohya's default unless
+    # network_train_unet_only): the trigger's meaning is learnt in the text as well. Text
+    # is then encoded every step, and the file carries kohya's `lora_te*` keys.
+    train_text_encoder: bool = False
+
+    @model_validator(mode="after")
+    def _check_text_encoder(self) -> LoraConfig:
+        if self.train_text_encoder:
+            check_text_encoder_lora(self.family)
+        return self
+
+    @property
+    def text_encoder_lr(self) -> float:
+        """The text-encoder LoRA's learning rate (0 when the text encoders stay frozen)."""
+        return self.learning_rate * TEXT_ENCODER_LR_SHARE if self.train_text_encoder else 0.0
 
 
 class DoraConfig(LoraConfig):

@@ -14,6 +14,7 @@ import re
 import struct
 import unicodedata
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,17 @@ def peft_to_kohya(
     return out
 
 
+def clip_checkpoint_names(peft_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's LoRA keys under the checkpoint's module paths
+    (`text_model.encoder.layers.N...`), the names kohya, ComfyUI and diffusers' files use.
+    transformers 5 builds CLIPTextModel without its `text_model.` level (it strips it on
+    load) but keeps it in CLIPTextModelWithProjection."""
+    return {
+        key if key.startswith("text_model.") else f"text_model.{key}": value
+        for key, value in peft_state.items()
+    }
+
+
 def tag_frequency(captions: list[str]) -> dict[str, int]:
     """kohya's ss_tag_frequency: how often each comma-separated tag appears in the captions."""
     counts: Counter[str] = Counter()
@@ -167,6 +179,7 @@ def build_metadata(
     is_ti = isinstance(config, TextualInversionConfig)
     kind = "textual-inversion" if is_ti else "lora"
     stem = lora_file_stem(config.output_name)
+    text_lr = config.learning_rate if is_ti else config.text_encoder_lr  # type: ignore[union-attr]
     comment = f"trigger: {config.trigger}; trained with Atelier ({config.method}, {config.preset})"
     meta: dict[str, str] = {
         "ss_output_name": stem,
@@ -178,7 +191,7 @@ def build_metadata(
         "ss_resolution": f"({res}, {res})",
         "ss_learning_rate": str(config.learning_rate),
         "ss_unet_lr": "0" if is_ti else str(config.learning_rate),
-        "ss_text_encoder_lr": str(config.learning_rate) if is_ti else "0",
+        "ss_text_encoder_lr": str(text_lr) if text_lr else "0",
         "ss_max_train_steps": str(config.steps),
         "ss_steps": str(steps_done),
         "ss_num_train_images": str(num_train_images),
@@ -238,10 +251,12 @@ def export_kohya(
     metadata: dict[str, str],
     *,
     family: str = "sd15",
+    text_states: Mapping[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """The kohya file, with kohya's `sshs_*` hashes in the header so A1111 indexes it on a fresh
     install without hashing it first (and matches pasted "Lora hashes" to it). Keys are named
-    by the family's rule (`ModelFamily.kohya_state`).
+    by the family's rule (`ModelFamily.kohya_state`); a text encoder trained too (its peft
+    state in `text_states`, by pipeline attribute) adds its `lora_te*` keys.
 
     `path` must be `<ss_output_name>.safetensors` (see `lora_file_stem`): one name for the file,
     the header and the tag.
@@ -249,7 +264,10 @@ def export_kohya(
     stem = metadata.get("ss_output_name")
     if stem is not None and path.name != f"{stem}.safetensors":
         raise ValueError(f"kohya file {path.name!r} must be named {stem}.safetensors")
-    tensors = get_family(family).kohya_state(peft_state, alpha)
+    fam = get_family(family)
+    tensors = fam.kohya_state(peft_state, alpha)
+    for encoder, state in (text_states or {}).items():
+        tensors.update(fam.kohya_text_encoder_state(encoder, state, alpha))
     model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
     header = {
         **metadata,
@@ -268,9 +286,11 @@ def export_diffusers(
     pipeline_cls: Any,
     peft_state: dict[str, torch.Tensor],
     adapter_metadata: dict[str, Any],
+    text_states: Mapping[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
 ) -> Path:
     """diffusers' format via the pipeline class's own `save_lora_weights` (peft config, incl.
-    alpha and DoRA, travels in the file's header).
+    alpha and DoRA, travels in the file's header). `text_states`: the (peft state, peft
+    config) of each text encoder trained too, by pipeline attribute.
 
     The keys stay in peft's `lora_A`/`lora_B` form. diffusers' `convert_state_dict_to_diffusers`
     renames only attention projections (`to_q.lora.down`), and its loader decides the format
@@ -278,18 +298,31 @@ def export_diffusers(
     so every renamed attention key was silently dropped on load.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    metadata = dict(adapter_metadata)
-    if isinstance(metadata.get("target_modules"), set):
-        metadata["target_modules"] = sorted(metadata["target_modules"])
     family = family_of_pipeline_class(pipeline_cls)
+    texts = text_states or {}
+    metadata = {
+        f"{attr}_lora_adapter_metadata": _json_ready(meta)
+        for attr, meta in {
+            family.denoiser_attr: adapter_metadata,
+            **{attr: meta for attr, (_, meta) in texts.items()},
+        }.items()
+    }
     pipeline_cls.save_lora_weights(
         save_directory=directory,
-        **family.diffusers_layers(peft_state),
-        **{f"{family.denoiser_attr}_lora_adapter_metadata": metadata},
+        **family.diffusers_layers(peft_state, {attr: st for attr, (st, _) in texts.items()}),
+        **metadata,
         weight_name=DIFFUSERS_WEIGHT_NAME,
         safe_serialization=True,
     )
     return directory / DIFFUSERS_WEIGHT_NAME
+
+
+def _json_ready(adapter_metadata: dict[str, Any]) -> dict[str, Any]:
+    # peft keeps target_modules as a set, which the JSON header cannot hold.
+    metadata = dict(adapter_metadata)
+    if isinstance(metadata.get("target_modules"), set):
+        metadata["target_modules"] = sorted(metadata["target_modules"])
+    return metadata
 
 
 def now_utc() -> datetime:

@@ -173,6 +173,8 @@ class _Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.device = torch.device(device)
         self.is_ti = isinstance(config, TextualInversionConfig)
+        # A text-encoder LoRA trains beside the denoiser's (SD families).
+        self.trains_text = bool(getattr(config, "train_text_encoder", False))
         self.family = get_family(config.family)
         if not self.family.owns(pipeline):
             have = family_of_pipeline(pipeline).label
@@ -222,8 +224,9 @@ class _Trainer:
             )
         if cfg.cache_latents:
             self._encode_vae_all()
-            # TI's text, and shuffled captions, change every step: never cached.
-            if not self.is_ti and not cfg.caption_shuffle:
+            # TI's text, a trained text encoder's and shuffled captions change every step:
+            # never cached.
+            if not self.is_ti and not cfg.caption_shuffle and not self.trains_text:
                 self.data.text = encode_text(self.pipeline, self.data.captions, self.device)
                 self.data.empty_text = encode_text(self.pipeline, [""], self.device)
         self.val_batches = self._make_val_batches()
@@ -243,13 +246,18 @@ class _Trainer:
                 cfg=defaults_for(cfg.base_model_name, cfg.family).cfg,
                 device=self.device,
             )
+        if getattr(cfg, "output_preservation", 0.0):
+            self._plain_text()  # the base's reading, before the adapter exists
         if self.data.text is not None:  # cached: no step encodes text after these
-            if getattr(cfg, "output_preservation", 0.0):
-                self._plain_text()
             self.encoders.park()  # so the text encoders wait off the device
         self.trainable = self._make_trainable()
+        text_params = [p for n, p in self.trainable.items() if n.startswith("text_encoder")]
         self.optimizer = make_optimizer(
-            cfg.optimizer, list(self.trainable.values()), cfg, self.device
+            cfg.optimizer,
+            [p for n, p in self.trainable.items() if not n.startswith("text_encoder")],
+            cfg,
+            self.device,
+            text_params,
         )
         from diffusers.optimization import get_scheduler
 
@@ -346,8 +354,20 @@ class _Trainer:
             target_modules=list(cfg.target_modules),  # type: ignore[union-attr]
             use_dora=cfg.method == "dora",
         )
+        text_config = None
+        if self.trains_text:
+            text_config = PeftLoraConfig(
+                r=cfg.rank,  # type: ignore[union-attr]
+                lora_alpha=cfg.alpha,  # type: ignore[union-attr]
+                init_lora_weights="gaussian",
+                target_modules=list(self.family.text_encoder_lora_targets),
+                use_dora=cfg.method == "dora",
+            )
         # fp32 master weights even on an fp16 base; only ours is active while training.
-        return self.adapters.start_training(peft_config, ADAPTER_NAME, cfg.seed)
+        return self.adapters.start_training(
+            peft_config, ADAPTER_NAME, cfg.seed, text_config,
+            tuple(self.family.text_encoder_lora_prefixes),
+        )  # fmt: skip
 
     # ----- conditioning -------------------------------------------------------------------
 
@@ -433,7 +453,10 @@ class _Trainer:
         weights = self.objective.weights(t)
         with self.precision.autocast():
             cond = self._text(
-                batch, drop if cfg.caption_dropout > 0 else None, grad=self.is_ti, shuffle=True
+                batch,
+                drop if cfg.caption_dropout > 0 else None,
+                grad=self.is_ti or self.trains_text,
+                shuffle=True,
             )
             pred = self._predict(noisy, t, cond, batch)
         loss = weighted_mse(pred, target, weights)
@@ -460,12 +483,16 @@ class _Trainer:
         with torch.no_grad(), self.adapters.base(), self.precision.autocast():
             want = self._predict(noisy, t, cond, batch)
         with self.precision.autocast():
+            if self.trains_text:  # the adapter's side reads the plain text through its own
+                plain = [without_trigger(data.captions[i], self.config.trigger) for i in batch]
+                live = ["" if e else c for c, e in zip(plain, empty.tolist(), strict=True)]
+                cond = encode_text(self.train_pipe, live, self.device, grad=True)
             pred = self._predict(noisy, t, cond, batch)
         return weighted_mse(pred, want.detach(), None)
 
     def _plain_text(self) -> TextCond:
-        """The captions without the trigger, then "": the base text encoder's encoding (a
-        LoRA trains only the denoiser), made once."""
+        """The captions without the trigger, then "": the base text encoder's encoding,
+        made once before the adapter exists."""
         data = self.data
         assert data is not None
         if self.plain_text is None:
@@ -485,6 +512,9 @@ class _Trainer:
         target = self.objective.target(latents, noise, t)
         cond = priors.text.select(pick.to(priors.text.hidden.device))
         with self.precision.autocast():
+            if self.trains_text:  # a trained text encoder reads the plain captions anew
+                captions = [priors.captions[i] for i in pick.tolist()]
+                cond = encode_text(self.train_pipe, captions, self.device, grad=True)
             pred = self._predict(noisy, t, cond, [], time_ids=priors.time_ids[pick])
         return weighted_mse(pred, target, None)
 
@@ -733,22 +763,36 @@ class _Trainer:
             return None, None, path
         from peft.utils import get_peft_model_state_dict
 
+        def kohya_ready(module: Any, state: dict[str, Any]) -> dict[str, Any]:
+            if cfg.method != "dora":
+                return state
+            # DoRA magnitudes as ComfyUI's rule reads them back.
+            return {**state, **comfy_dora_scales(module, ADAPTER_NAME, state)}
+
         state = get_peft_model_state_dict(self.denoiser, adapter_name=ADAPTER_NAME)
-        kohya_state = state
-        if cfg.method == "dora":  # magnitudes as ComfyUI's rule reads them back
-            kohya_state = {**state, **comfy_dora_scales(self.denoiser, ADAPTER_NAME, state)}
+        encoders = {
+            attr: getattr(self.pipeline, attr)
+            for attr in self.family.text_encoder_lora_prefixes
+            if self.trains_text
+        }
+        texts = {
+            attr: get_peft_model_state_dict(enc, adapter_name=ADAPTER_NAME)
+            for attr, enc in encoders.items()
+        }
         kohya = export_kohya(
             directory / f"{cfg.output_name}.safetensors",
-            kohya_state,
+            kohya_ready(self.denoiser, state),
             cfg.alpha,  # type: ignore[union-attr]
             metadata,
             family=cfg.family,
+            text_states={a: kohya_ready(encoders[a], st) for a, st in texts.items()},
         )
         diffusers = export_diffusers(
             directory / "diffusers",
             type(self.pipeline),
             state,
             self.denoiser.peft_config[ADAPTER_NAME].to_dict(),
+            {a: (st, encoders[a].peft_config[ADAPTER_NAME].to_dict()) for a, st in texts.items()},
         )
         return kohya, diffusers, None
 

@@ -17,10 +17,22 @@ class OptimizerError(RuntimeError):
 
 
 def make_optimizer(
-    name: str, params: list[torch.nn.Parameter], config: Any, device: torch.device
+    name: str,
+    params: list[torch.nn.Parameter],
+    config: Any,
+    device: torch.device,
+    text_params: list[torch.nn.Parameter] | None = None,
 ) -> torch.optim.Optimizer:
+    """The optimizer over the denoiser's adapter `params` and, in a group of their own at
+    the config's `text_encoder_lr`, a text encoder's (`text_params`)."""
+    lr = PRODIGY_LR if name == "prodigy" else config.learning_rate
+    groups: list[dict[str, Any]] = [{"params": params, "lr": lr}]
+    if text_params:
+        # Prodigy estimates the step size itself; its multiplier stays at 1 for both groups.
+        text_lr = PRODIGY_LR if name == "prodigy" else config.text_encoder_lr
+        groups.append({"params": text_params, "lr": text_lr})
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
     if name == "adamw8bit":
         if device.type != "cuda":
             raise OptimizerError(
@@ -30,7 +42,7 @@ def make_optimizer(
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(  # type: ignore[no-any-return]
-            params, lr=config.learning_rate, weight_decay=config.weight_decay
+            groups, lr=lr, weight_decay=config.weight_decay
         )
     if name == "prodigy":
         from prodigyopt import Prodigy
@@ -38,8 +50,8 @@ def make_optimizer(
         # safeguard_warmup and bias correction: the prodigyopt README's advice for diffusion
         # models, where a warmup follows.
         return Prodigy(  # type: ignore[no-any-return]
-            params,
-            lr=PRODIGY_LR,
+            groups,
+            lr=lr,
             weight_decay=config.weight_decay,
             safeguard_warmup=config.warmup_steps > 0,
             use_bias_correction=True,
