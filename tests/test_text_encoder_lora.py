@@ -99,6 +99,19 @@ def test_a_text_encoder_lora_trains_and_loads_in_comfyui_and_diffusers(
     assert max(float(tensors[f"{k}.lora_up.weight"].abs().max()) for k in te_keys) > 0
     with safe_open(str(result.kohya_path), "pt") as f:
         assert f.metadata()["ss_text_encoder_lr"] == str(cfg.learning_rate / 2)
+    # InvokeAI's probe (backend/model_manager/util/model_util.py lora_token_vector_length)
+    # tells SD1/SD2/SDXL by a width read from whichever key it meets first: a UNet attn2
+    # to_k/to_v lora_down's input width, or a text key's with `_self_attn_` (te1 + te2
+    # widths added). Both must give the UNet's context width, whatever the key order.
+    context = pipe.unet.config.cross_attention_dim
+    widths: dict[str, int] = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".lora_down.weight") and "_self_attn_" in key:
+            widths.setdefault(key.split("_text_model")[0], int(tensor.shape[1]))
+    te_width = widths.get("lora_te", 0) + widths.get("lora_te1", 0) + widths.get("lora_te2", 0)
+    unet_width = next(int(t.shape[1]) for k, t in tensors.items()
+                      if "_attn2_to_k." in k and k.endswith(".lora_down.weight"))  # fmt: skip
+    assert te_width == unet_width == context
     # The diffusers file's text keys are the ones ComfyUI maps for "diffusers lora" too:
     # `<encoder attribute>.text_model.encoder.layers.{b}.{module}` with lora_A / lora_B.
     want = {
