@@ -99,15 +99,21 @@ def _choice(trained: dict[str, Any]) -> AdapterChoice:
 
 
 def _generate(
-    toy: Any, team_id: int, prompts: list[str], adapters: list[dict[str, Any]]
+    toy: Any,
+    team_id: int,
+    prompts: list[str],
+    adapters: list[dict[str, Any]],
+    size: tuple[int, int] | None = None,
 ) -> list[list[bytes]]:
-    """One job per prompt (2 seeds each); returns each job's PNGs."""
+    """One job per prompt (2 seeds each, at the model's size unless `size` says (w, h));
+    returns each job's PNGs."""
     services, _ = toy
     jobs = []
+    width, height = size or (None, None)
     for prompt in prompts:
         payload = GeneratePayload(
             reply=reply_to(team_id), prompt=prompt, base_model=BASE, seed=SEED, count=2,
-            adapters=[_choice(a) for a in adapters],
+            adapters=[_choice(a) for a in adapters], width=width, height=height,
         ).with_defaults(generation_defaults(BASE, {}))  # fmt: skip
         jobs.append(
             services.queue.enqueue(
@@ -212,6 +218,20 @@ def test_kohya_file_in_diffusers_loader_scores_as_atelier_does(
     # Batched and single images differ by at most 1/255 (DESIGN.md): allow one image.
     assert abs(other["style_shows"] - ours["style_shows"]) <= 0.05, (other, ours)
     assert abs(other["style_score"] - ours["style_score"]) <= 0.01, (other, ours)
+
+
+def test_the_style_shows_at_a_wide_size(toy: Any, stripes: dict[str, Any]) -> None:
+    # Trained on square references; asked for a 2:1 frame the team's style must still show
+    # (measured: stripes in 70% of wide images, 65% of square ones; the base 0%).
+    wide = (128, 64)
+    team, trigger = stripes["team_id"], stripes["trigger"]
+    on = _generate(toy, team, [f"{p.caption}, {trigger}" for p in PROMPTS], [stripes], wide)
+    base = _generate(toy, team, [p.caption for p in PROMPTS], [], wide)
+    with Image.open(io.BytesIO(on[0][0])) as image:
+        assert image.size == wide
+    styled, plain = _score(on, PROMPTS, "stripes"), _score(base, PROMPTS, "stripes")
+    assert styled["style_shows"] >= 0.5 and plain["style_shows"] <= 0.1, (styled, plain)
+    assert styled["style_score"] >= 3 * plain["style_score"], (styled, plain)
 
 
 @pytest.mark.xfail(strict=True, reason="measured: stripes show in 25% beside the grid LoRA")

@@ -63,3 +63,23 @@ def test_scenes_draw_at_any_size_and_read_the_same() -> None:
         assert big.size == (512, 512)
         reading = read(big)
         assert reading.adherence(scene)["all"] and reading.shows("stripes")
+
+
+@pytest.mark.parametrize(
+    "styles", [(), ("stripes",), ("outline",)], ids=lambda s: s[0] if s else "plain"
+)
+def test_a_wide_frame_reads_as_its_square_scene_does(styles: tuple[str, ...]) -> None:
+    # A 2:1 generation is read at the toy world's scale (64 px high), not squashed square:
+    # squashing halves the stripes' period across the frame and hid them.
+    from PIL import Image
+
+    for scene in SCENES[:20]:
+        square = draw(scene, styles)
+        for left in (0, 64):  # the scene at either end of a 128x64 frame
+            wide = Image.new("RGB", (128, 64), BACKGROUNDS[scene.background])
+            wide.paste(square, (left, 0))
+            for frame in (wide, wide.resize((256, 128), Image.Resampling.NEAREST)):
+                reading = read(frame)
+                assert reading.adherence(scene)["all"], (scene, frame.size)
+                for style in STYLES:
+                    assert reading.shows(style) == (style in styles), (scene, style, frame.size)

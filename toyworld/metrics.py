@@ -56,9 +56,15 @@ class Reading:
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
+    """The image at the toy world's scale: its shorter side SIDE, its aspect ratio kept (a
+    2:1 frame is read at 128x64, where stripes keep their period; squashing it to a square
+    would halve the period across and hide them)."""
     image = image.convert("RGB")
-    if image.size != (SIDE, SIDE):
-        image = image.resize((SIDE, SIDE), Image.Resampling.BOX)
+    width, height = image.size
+    if min(width, height) != SIDE:
+        scale = SIDE / min(width, height)
+        size = (max(SIDE, round(width * scale)), max(SIDE, round(height * scale)))
+        image = image.resize(size, Image.Resampling.BOX)
     return np.asarray(image, np.float32)
 
 
@@ -126,7 +132,7 @@ def _stripe_score(pixels: np.ndarray, region: np.ndarray) -> float:
     n = int(region.sum())
     if n < 16:
         return 0.0
-    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+    yy, xx = np.mgrid[0 : region.shape[0], 0 : region.shape[1]]
     inside = pixels[region]
     centred = inside - inside.mean(axis=0)
     best = 0.0
