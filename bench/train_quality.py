@@ -37,6 +37,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "optimizer=prodigy": {"optimizer": "prodigy"},
     "layers=full": {"target_modules": list(_SD["full"])},
     "layers=attention": {"target_modules": list(_SD["attention"])},
+    "shuffle=on": {"caption_shuffle": True},
+    "text_encoder=on": {"train_text_encoder": True},
 }
 
 

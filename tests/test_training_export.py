@@ -129,8 +129,9 @@ def test_report_files(trained_lora: Any) -> None:
     with Image.open(report.loss_curve) as curve:
         assert curve.format == "PNG" and curve.size == (700, 400)
     with Image.open(report.grid) as grid:
-        # 2 prompts x 2 seeds columns of 64 px, two rows (base, trained).
-        assert grid.format == "PNG" and grid.width > 4 * 64 and grid.height > 2 * 64
+        # 2 prompts, with and without the trigger, x 2 seeds: columns of 64 px, two rows
+        # (base, trained).
+        assert grid.format == "PNG" and grid.width > 8 * 64 and grid.height > 2 * 64
         px = np.asarray(grid.convert("RGB"), dtype=np.int16)
     top, bottom = px[16:80, 60:124], px[84:148, 60:124]
     assert np.abs(top - bottom).max() > 0  # base and trained differ on the same seed
@@ -139,10 +140,13 @@ def test_report_files(trained_lora: Any) -> None:
     assert data["base_val_loss"] == pytest.approx(res.base_val_loss)
     assert data["val_loss"] == pytest.approx(res.val_loss)
     assert len(data["loss_history"]) == 100
-    assert data["sample_prompts"] == ["zxq", "zxq, a red cat"]
+    # Each sample prompt with the trigger, then without it, so a leak shows in the samples.
+    assert data["sample_prompts"] == ["zxq", "zxq, a red cat", "", "a red cat"]
     assert data["val_images"] == 12 and data["validation"].startswith("the training images")
     # Checkpoint-time samples were written (step 50; the final step goes into the grid).
-    assert [p.parent.name for p in res.sample_images] == ["step-000050"] * 4
+    assert [p.parent.name for p in res.sample_images] == ["step-000050"] * 8
+    stems = [p.stem for p in res.sample_images]
+    assert stems[4:6] == ["p0-no-trigger-seed1", "p0-no-trigger-seed2"]
 
 
 # --- what A1111 and kohya read from the header -----------------------------------------------

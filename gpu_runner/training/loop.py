@@ -546,7 +546,11 @@ class _Trainer:
     # ----- samples ------------------------------------------------------------------------
 
     def sample_prompts(self) -> list[str]:
-        return [insert_trigger(p, self.config.trigger) for p in self.config.sample_prompts]
+        """The sample prompts with the trigger, then each without it: a style that shows in
+        the second half has leaked into prompts that do not ask for it."""
+        trigger = self.config.trigger
+        triggered = [insert_trigger(p, trigger) for p in self.config.sample_prompts]
+        return triggered + [without_trigger(p, trigger) for p in triggered]
 
     def render(self, pipe: Any) -> list[Any]:
         """Fixed prompts x fixed seeds, CPU generators (same images on any device)."""
@@ -554,7 +558,7 @@ class _Trainer:
         prompts = [p for p in self.sample_prompts() for _ in cfg.sample_seeds]
         gens = [
             torch.Generator("cpu").manual_seed(s)
-            for _ in cfg.sample_prompts
+            for _ in self.sample_prompts()
             for s in cfg.sample_seeds
         ]
         was_training = self.denoiser.training
@@ -592,7 +596,9 @@ class _Trainer:
 
     def sample_labels(self) -> list[str]:
         cfg = self.config
-        return [f"p{i}-seed{s}" for i in range(len(cfg.sample_prompts)) for s in cfg.sample_seeds]
+        count = len(cfg.sample_prompts)
+        names = [f"p{i}" for i in range(count)] + [f"p{i}-no-trigger" for i in range(count)]
+        return [f"{name}-seed{s}" for name in names for s in cfg.sample_seeds]
 
     def base_images(self) -> list[Any]:
         if self.token is not None:
@@ -843,7 +849,12 @@ class _Trainer:
         result.step_versions = self._step_versions(result.val_history)
         trained = self.render(self.train_pipe)
         base = self.base_images()
-        labels = [f"seed {s}: {p}" for p in self.sample_prompts() for s in cfg.sample_seeds]
+        count = len(cfg.sample_prompts)
+        labels = [
+            f"{'with' if i < count else 'without'} trigger, seed {s}: {p}"
+            for i, p in enumerate(self.sample_prompts())
+            for s in cfg.sample_seeds
+        ]
         payload = {
             "config": cfg.model_dump(mode="json"),
             "method": cfg.method,
