@@ -302,9 +302,16 @@ def images(*seeds: int) -> list[IncomingFile]:
 # -- shortcuts --------------------------------------------------------------------------------
 
 
-def approved_style(rig: Rig, name: str = "ink", trigger: str = "inkstyle", seeds=(1, 2, 3)) -> None:
-    """A style whose dataset v1 a lead approved."""
-    assert "Created" in rig.text("style create", {"name": name, "trigger": trigger})
+def approved_style(
+    rig: Rig,
+    name: str = "ink",
+    trigger: str = "inkstyle",
+    seeds=(1, 2, 3),
+    base: str | None = None,
+) -> None:
+    """A style (on `base`, else the default model) whose dataset v1 a lead approved."""
+    created = {"name": name, "trigger": trigger, **({"base": base} if base else {})}
+    assert "Created" in rig.text("style create", created)
     rig.run("style add", {"name": name}, files=images(*seeds))
     rig.run("style review", {"name": name})
     dataset = rig.datasets(name)[-1]

@@ -187,7 +187,6 @@ def test_every_layer_set_of_every_family_exports_every_trained_layer(
 
 
 def test_chat_takes_the_recipe_options_and_refuses_bad_ones(rig: Any) -> None:
-    from bot_fixtures import LEAD, images
     from bot_fixtures import approved_style as approved_chat_style
 
     from storage.models import TrainingRun
@@ -214,14 +213,8 @@ def test_chat_takes_the_recipe_options_and_refuses_bad_ones(rig: Any) -> None:
     assert run.params["gradient_accumulation"] == 2 and run.params["layers"] == "locon"
     assert run.params["optimizer"] == "prodigy" and "learning_rate" not in run.params
     # A transformer family has no convolutions for LoCon: said before anything is queued.
-    rig.clock.advance(60)
-    assert "Created" in rig.text(
-        "style create", {"name": "fx", "trigger": "fxs", "kind": "style", "base": "tiny-flux1"}
-    )
     rig.clock.advance(60)  # past the per-person command rate limit
-    rig.run("style add", {"name": "fx"}, files=images(1, 2, 3))
-    rig.run("style review", {"name": "fx"})
-    rig.react(f"review:dataset:{rig.datasets('fx')[-1].id}", "✅", user=LEAD)
+    approved_chat_style(rig, "fx", "fxs", base="tiny-flux1")
     refused = rig.text("style train", {"name": "fx", "layers": "locon"})
     assert "FLUX.1 has no convolutions for layers=locon" in refused
     assert "use layers=attention or layers=full" in refused

@@ -48,6 +48,17 @@ def _comfy_clip_map(pipe: Any, family: str) -> dict[str, tuple[str, Any]]:
     return found
 
 
+def _config(fast: dict[str, Any], family: str = "sd15", steps: int = 4, every: int = 4,
+            **settings: Any) -> Any:  # fmt: skip
+    """A rank-4 LoRA with its text-encoder LoRA, trained `steps` at the tiny models' pace."""
+    from gpu_runner.training.config import make_config
+
+    values = {**fast, "steps": steps, "checkpoint_every": every, "validate_every": every,
+              "sample_seeds": [1], **settings}  # fmt: skip
+    return make_config("lora", family, "style", trigger="zxq", rank=4, alpha=4,
+                       train_text_encoder=True, **values)  # fmt: skip
+
+
 def _image(pipe: Any, prompt: str = "zxq, blue and red stripes") -> np.ndarray:
     import torch
 
@@ -74,13 +85,10 @@ def test_a_text_encoder_lora_trains_and_loads_in_comfyui_and_diffusers(
     from safetensors.torch import load_file, save_file
 
     from gpu_runner.training import loop
-    from gpu_runner.training.config import make_config
 
     pipe = tiny_builders[family](0)
     base_text = _embedding(pipe)
-    settings = {**fast, "steps": 6, "checkpoint_every": 6, "validate_every": 6, "sample_seeds": [1]}
-    cfg = make_config("lora", family, "style", trigger="zxq", rank=4, alpha=4,
-                      train_text_encoder=True, **settings)  # fmt: skip
+    cfg = _config(fast, family, steps=6, every=6)
     result = loop.train(cfg, demo_items, pipe, tmp_path / "o", checkpoint_dir=tmp_path / "c")
 
     # The run hands the pipeline back as it came: the text encoder reads as the base's.
@@ -151,11 +159,8 @@ def test_the_adapter_owner_serves_a_text_encoder_style_and_the_plain_model(
 
     from gpu_runner.adapter_state import AdapterState
     from gpu_runner.training import loop
-    from gpu_runner.training.config import make_config
 
-    settings = {**fast, "steps": 4, "checkpoint_every": 4, "validate_every": 4, "sample_seeds": [1]}
-    cfg = make_config("lora", "sd15", "style", trigger="zxq", rank=4, alpha=4,
-                      train_text_encoder=True, **settings)  # fmt: skip
+    cfg = _config(fast)
     result = loop.train(
         cfg, demo_items, tiny_builders["sd15"](0), tmp_path / "o", checkpoint_dir=tmp_path / "c"
     )
@@ -179,11 +184,8 @@ def test_a_resumed_text_encoder_run_ends_where_an_unbroken_one_does(
     from safetensors.torch import load_file
 
     from gpu_runner.training import loop
-    from gpu_runner.training.config import make_config
 
-    settings = {**fast, "steps": 4, "checkpoint_every": 2, "validate_every": 2, "sample_seeds": [1]}
-    cfg = make_config("lora", "sd15", "style", trigger="zxq", rank=4, alpha=4,
-                      train_text_encoder=True, **settings)  # fmt: skip
+    cfg = _config(fast, every=2)
     whole = loop.train(
         cfg, demo_items, tiny_builders["sd15"](0), tmp_path / "a", checkpoint_dir=tmp_path / "ca"
     )
@@ -203,7 +205,7 @@ def test_a_resumed_text_encoder_run_ends_where_an_unbroken_one_does(
 
 
 def test_chat_asks_for_a_text_encoder_lora_where_the_family_has_one(rig: Any) -> None:
-    from bot_fixtures import LEAD, approved_style, images
+    from bot_fixtures import approved_style
 
     from storage.models import TrainingRun
 
@@ -219,10 +221,7 @@ def test_chat_asks_for_a_text_encoder_lora_where_the_family_has_one(rig: Any) ->
         (run,) = s.scalars(select(TrainingRun))
     assert run.params["train_text_encoder"] is True
     rig.clock.advance(60)  # past the per-person command rate limit
-    rig.text("style create", {"name": "fx", "trigger": "fxs", "base": "tiny-flux1"})
-    rig.run("style add", {"name": "fx"}, files=images(1, 2, 3))
-    rig.run("style review", {"name": "fx"})
-    rig.react(f"review:dataset:{rig.datasets('fx')[-1].id}", "✅", user=LEAD)
+    approved_style(rig, "fx", "fxs", base="tiny-flux1")
     refused = rig.text("style train", {"name": "fx", "text_encoder": "on"})
     assert "FLUX.1 has no text-encoder LoRA (SD1.5 and SDXL have one)" in refused
     assert "leave text_encoder out" in refused
@@ -236,11 +235,8 @@ def test_the_trigger_keepers_train_the_text_encoder_lora_too(
     # Both losses read the plain captions through the text encoder being trained: with it
     # frozen they used the base's cached reading, which would leave its LoRA untouched there.
     from gpu_runner.training import loop
-    from gpu_runner.training.config import make_config
 
-    settings = {**fast, "steps": 2, "checkpoint_every": 2, "validate_every": 2, "sample_seeds": [1]}
-    cfg = make_config("lora", "sd15", "style", trigger="zxq", rank=4, alpha=4, caption_dropout=0.0,
-                      train_text_encoder=True, **{keeper: 1.0}, **settings)  # fmt: skip
+    cfg = _config(fast, steps=2, every=2, caption_dropout=0.0, **{keeper: 1.0})
     pipe = tiny_builders["sd15"](0)
     seen: list[bool] = []
     encode = loop.encode_text
