@@ -252,3 +252,31 @@ def test_the_trigger_keepers_train_the_text_encoder_lora_too(
         loop.encode_text = encode  # type: ignore[assignment]
     assert result.final_step == 2 and result.kohya_path is not None
     assert any(seen)  # the plain captions went through the trained encoder, with gradients
+
+
+@pytest.mark.runner
+def test_a_generation_lent_the_pipeline_mid_run_reads_the_base_text_encoder(
+    tiny_builders: Any, demo_items: Any, fast: dict[str, Any], tmp_path: Path
+) -> None:
+    import torch
+
+    from gpu_runner.adapter_state import AdapterState
+    from gpu_runner.training import loop
+
+    pipe = tiny_builders["sd15"](0)
+    base_text = _embedding(pipe)
+    trainer = loop._Trainer(
+        _config(fast), demo_items, pipe, tmp_path / "o", tmp_path / "c", "cpu", AdapterState(pipe)
+    )
+    try:
+        trainer._setup()
+        for _ in range(3):
+            trainer.train_step()
+        trained_text = _embedding(pipe)
+        assert not torch.allclose(trained_text, base_text)  # the run's own text encoder
+        with trainer.paused():  # what a generation served between steps sees
+            torch.testing.assert_close(_embedding(pipe), base_text)
+        torch.testing.assert_close(_embedding(pipe), trained_text)  # and training goes on
+        assert all(p.requires_grad for p in trainer.trainable.values())
+    finally:
+        trainer.cleanup()
