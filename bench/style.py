@@ -13,6 +13,7 @@ the scoring.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -180,8 +181,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="override the learning rate")
     parser.add_argument("--prior", type=float, default=None, help="prior-preservation weight")
     parser.add_argument("--atelier-only", action="store_true", help="skip the plain loop")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=JSON",
+        help="other training settings, e.g. train_text_encoder=true prior_preservation=0.3",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        OVERRIDES[key] = json.loads(value)
     if args.lr is not None:
         OVERRIDES["learning_rate"] = args.lr
     if args.prior is not None:

@@ -68,3 +68,41 @@ def test_a_lead_picks_an_earlier_checkpoint_and_imagine_draws_with_it(
     lines = {line.split(" · ")[0]: line for line in listed.splitlines()[1:]}
     assert "**in use**" in lines["• v1"] and "**in use**" not in lines["• v2"]
     assert "step 50 of v1's run" in lines["• v2"] and "approved by" in lines["• v2"]
+
+
+def test_a_lead_picks_a_checkpoint_by_reacting_with_its_row_number(
+    db_url: str, tmp_path: Path, tiny_builders: Any
+) -> None:
+    studio = console_studio(db_url, tmp_path)
+    session, services, work = studio.session, studio.services, studio.work
+    studio.approved_style("tiny-sd15", {f"p{n}.png": png_bytes(n) for n in (1, 2, 3, 4)})
+    session.run_line("/style train ink steps=100")
+    trained = work()
+    # checkpoints.png: row 1 step 50, row 2 the final step 100.
+    assert "or a reaction: 1️⃣ for its first row, 2️⃣ for the last" in trained, trained
+    result = next(m for m in trained.split("\n[") if "is trained" in m)
+    number = result.split("]")[0].lstrip("[")
+
+    session.run_line("as sam")
+    assert "Only art leads" in "\n".join(session.run_line(f"react {number} 1️⃣"))
+    session.run_line("as you lead")
+    too_far = "\n".join(session.run_line(f"react {number} 3️⃣"))
+    assert "has 2 rows: react 1️⃣–2️⃣, or `/style use ink STEP` with a step of 50, 100" in too_far
+    picked = "\n".join(session.run_line(f"react {number} 1️⃣"))
+    assert "picked **ink** v2 (step 50 of v1's run)" in picked, picked
+    with services.db.session() as s:
+        picked_version = s.scalars(select(ModelVersion).order_by(ModelVersion.version)).all()[1]
+        assert picked_version.validation["step"] == 50 and picked_version.approved_by == "you"
+    picked = "\n".join(session.run_line(f"react {number} 2️⃣"))  # the last row: v1 itself
+    assert "picked **ink** v1 (step 100 of v1's run)" in picked, picked
+
+
+def test_slack_names_keycaps_as_the_core_reads_them() -> None:
+    from bot.core.core import normalize_emoji
+    from bot.slack.translate import emoji_of
+    from storage.training_summary import row_of
+
+    assert [row_of(normalize_emoji(emoji_of(n) or "")) for n in ("one", "five", "nine")] == [
+        1, 5, 9,
+    ]  # fmt: skip
+    assert row_of(normalize_emoji("🔟")) is None and row_of("✅") is None

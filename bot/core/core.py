@@ -53,6 +53,7 @@ from storage.outbox import Outbox, OutboxItem
 from storage.queue import JobQueue
 from storage.result_buttons import ButtonId, parse_button_id
 from storage.settings import Settings
+from storage.training_summary import row_of
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class CommandCore:
         if not reaction.added:
             return []  # taking a reaction back undoes nothing: decisions are audited events
         emoji = normalize_emoji(reaction.emoji)
-        if emoji not in (review.APPROVE, review.REJECT, imagine.REROLL):
+        if emoji not in (review.APPROVE, review.REJECT, imagine.REROLL) and row_of(emoji) is None:
             return []
         item = self.services.outbox.find_posted(reaction.team.platform, reaction.message_id)
         if item is None:
@@ -192,6 +193,9 @@ class CommandCore:
         model_id = item.extra.get("model_version_id")
         if isinstance(model_id, int) and emoji == review.APPROVE:
             return models.approve(ctx, model_id)
+        row = row_of(emoji)
+        if isinstance(model_id, int) and row is not None:
+            return models.use_row(ctx, model_id, row)
         generation_id = item.extra.get("generation_id")
         job_id = results.result_job_id(item.key)
         if not isinstance(generation_id, int) and job_id is not None:

@@ -1,6 +1,7 @@
 """The style's model versions: a lead's ✅ on a version's message (a trained or an
-imported LoRA) approves it, `/style use NAME STEP` makes one of a run's checkpoints the
-team's version, and `/imagine` then uses the version a lead picked last for the style's
+imported LoRA) approves it; `/style use NAME STEP`, or a keycap digit reacted on a training
+result (1 for the top row of its checkpoints.png), makes one of a run's checkpoints the
+team's version; `/imagine` then uses the version a lead picked last for the style's
 trigger word. `/style versions NAME` lists them all."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from bot.core.errors import AuditNote, Refused, UserError
 from bot.core.imagine import model_for
 from bot.core.teams import get_style
 from storage.models import DatasetVersion, ModelVersion, Style, TrainingRun, utcnow
+from storage.training_summary import GRID_ROWS, keycap
 
 
 def approve(ctx: Context, model_version_id: int) -> list[Reply]:
@@ -72,12 +74,7 @@ def use(ctx: Context, args: StyleUseArgs) -> list[Reply]:
     with ctx.write() as tx:
         s = tx.session
         style = get_style(s, tx.team.id, args.name, lock=True)
-        if not ctx.is_lead:
-            raise Refused(
-                f"Only art leads pick the version a style uses; leads are "
-                f"{ctx.services.leads.describe(ctx.platform)}.",
-                AuditNote("model.use.refused", "style", str(style.id)),
-            )
+        _check_lead(ctx, style)
         # The newest version a run published (its checkpoints with it), not one picked.
         trained = next(
             (
@@ -96,24 +93,71 @@ def use(ctx: Context, args: StyleUseArgs) -> list[Reply]:
                 f"{style.name} has no trained version with checkpoints yet; "
                 f"`/style train {style.name}` makes one."
             )
-        final = trained.validation.get("step")
-        kept = {c["step"]: c for c in trained.file_metadata.get("checkpoints", [])}
-        if args.step == final:
-            model = trained
-        elif args.step in kept:
-            model = _from_checkpoint(s, style, trained, kept[args.step])
-        else:
-            steps = ", ".join(str(x) for x in [*sorted(kept), final] if x is not None)
+        if args.step not in grid_steps(trained):
+            steps = ", ".join(map(str, grid_steps(trained)))
             raise UserError(
                 f"{style.name} v{trained.version} has no checkpoint at step {args.step}; "
                 f"its steps are {steps}."
             )
-        _mark_approved(ctx, s, tx.team.id, style, model, "model.use", step=args.step)
-        text = (
-            f"✅ {ctx.who} picked **{style.name}** v{model.version} (step {args.step} of "
-            f"v{trained.version}'s run); `{style.trigger}` in a prompt now uses it."
+        return [_pick(ctx, s, tx.team.id, style, trained, args.step)]
+
+
+def use_row(ctx: Context, model_version_id: int, row: int) -> list[Reply]:
+    """A lead's keycap reaction on a training result: row `row` (from 1) of its
+    checkpoints.png becomes the version the style uses, as `/style use` with that step."""
+    with ctx.write() as tx:
+        s = tx.session
+        trained = s.get(ModelVersion, model_version_id)
+        style = s.get(Style, trained.style_id) if trained is not None else None
+        if trained is None or style is None or style.team_id != tx.team.id:
+            return []
+        steps = grid_steps(trained)
+        if len(steps) < 2:
+            return []  # no grid was posted: a lone result is approved with ✅
+        _check_lead(ctx, style)
+        if row > len(steps):
+            raise UserError(
+                f"checkpoints.png of {style.name} v{trained.version} has {len(steps)} rows: "
+                f"react {keycap(1)}–{keycap(min(len(steps), GRID_ROWS))}, or "
+                f"`/style use {style.name} STEP` with a step of {', '.join(map(str, steps))}."
+            )
+        return [_pick(ctx, s, tx.team.id, style, trained, steps[row - 1])]
+
+
+def grid_steps(trained: ModelVersion) -> list[int]:
+    """The steps of a run's checkpoints.png rows, top to bottom: its kept checkpoints, then
+    the final step (the version itself)."""
+    kept = sorted(c["step"] for c in trained.file_metadata.get("checkpoints", []))
+    final = trained.validation.get("step")
+    return [*kept, final] if final is not None else kept
+
+
+def _check_lead(ctx: Context, style: Style) -> None:
+    if not ctx.is_lead:
+        raise Refused(
+            f"Only art leads pick the version a style uses; leads are "
+            f"{ctx.services.leads.describe(ctx.platform)}.",
+            AuditNote("model.use.refused", "style", str(style.id)),
         )
-    return [Reply(text)]
+
+
+def _pick(
+    ctx: Context, s: Session, team_id: int, style: Style, trained: ModelVersion, step: int
+) -> Reply:
+    """The version at `step` of `trained`'s run approved: the final step is `trained`
+    itself, an earlier one a new version holding that checkpoint's files."""
+    if step == trained.validation.get("step"):
+        model = trained
+    else:
+        (checkpoint,) = [
+            c for c in trained.file_metadata.get("checkpoints", []) if c["step"] == step
+        ]
+        model = _from_checkpoint(s, style, trained, checkpoint)
+    _mark_approved(ctx, s, team_id, style, model, "model.use", step=step)
+    return Reply(
+        f"✅ {ctx.who} picked **{style.name}** v{model.version} (step {step} of "
+        f"v{trained.version}'s run); `{style.trigger}` in a prompt now uses it."
+    )
 
 
 def _from_checkpoint(

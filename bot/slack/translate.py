@@ -34,6 +34,13 @@ EMOJI: Mapping[str, str] = {
     "heavy_check_mark": "✅",
     "x": "❌",
     "repeat": "🔁",
+    # Keycap digits pick a row of a training result's checkpoints.png.
+    **{
+        name: f"{n}\ufe0f\u20e3"
+        for n, name in enumerate(
+            ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine"), 1
+        )
+    },
 }
 
 # Plain messages and file shares; edits, deletions, joins and bot posts are not uploads.

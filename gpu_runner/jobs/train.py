@@ -42,7 +42,7 @@ from storage.models import (
     utcnow,
 )
 from storage.outbox import Attachment
-from storage.training_summary import buckets_text
+from storage.training_summary import GRID_ROWS, buckets_text, keycap
 
 # The built-in models are 64 px and tiny: their own defaults replace the presets' real-model
 # sizes and rates (per-run settings from chat still win).
@@ -482,9 +482,14 @@ def _checkpoints_text(style: str, result: TrainResult) -> str:
     if not steps:
         return ""
     listed = ", ".join(map(str, steps[:-1])) + (" and " if len(steps) > 1 else "") + str(steps[-1])
+    rows = len(steps) + 1  # the final step is the grid's last row
+    react = (
+        f" or a reaction: {keycap(1)} for its first row, {keycap(min(rows, GRID_ROWS))} for "
+        f"the {'last' if rows <= GRID_ROWS else f'{GRID_ROWS}th'}"
+    )
     return (
         f", or picks an earlier checkpoint (steps {listed}; their samples are rows of "
-        f"checkpoints.png) with `/style use {style} STEP`"
+        f"checkpoints.png) with `/style use {style} STEP`{react}"
     )
 
 

@@ -907,16 +907,19 @@ class _Trainer:
     def _checkpoint_rows(
         self, versions: list[StepVersion], final: list[Any]
     ) -> list[tuple[str, list[Any]]]:
-        """Grid rows, one a version: each checkpoint's samples, then the final images."""
+        """Grid rows, one a version: each checkpoint's samples, then the final images; each
+        named by its number (the keycap a lead reacts with) and step."""
         from PIL import Image
 
-        rows = []
-        for version in versions:
-            if all(p.exists() for p in version.sample_images):
-                rows.append(
-                    (f"step {version.step}", [Image.open(p) for p in version.sample_images])
-                )
-        return [*rows, (f"step {self.step}", final)] if rows else []
+        rows = [
+            (version.step, [Image.open(p) for p in version.sample_images])
+            for version in versions
+            if all(p.exists() for p in version.sample_images)
+        ]
+        if not rows:
+            return []
+        rows.append((self.step, final))
+        return [(f"{n}: step {step}", images) for n, (step, images) in enumerate(rows, 1)]
 
     def cleanup(self) -> None:
         """Hand the pipeline back as it came: no training adapter, no checkpointing, the

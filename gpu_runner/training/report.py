@@ -62,7 +62,7 @@ def image_grid(path: Path, rows: list[tuple[str, list[Image.Image]]], labels: li
     if not rows or any(len(images) != len(labels) for _, images in rows) or not labels:
         raise ValueError("an image grid needs one image per label in every row")
     w, h = rows[0][1][0].size
-    pad, head, side = 4, 16, 60
+    pad, head, side = 4, 16, 76
     grid = Image.new("RGB", (side + len(labels) * (w + pad), head + len(rows) * (h + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for col, label in enumerate(labels):
