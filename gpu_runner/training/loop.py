@@ -851,7 +851,7 @@ class _Trainer:
         base = self.base_images()
         count = len(cfg.sample_prompts)
         labels = [
-            f"{'with' if i < count else 'without'} trigger, seed {s}: {p}"
+            f"s{s} {'trigger' if i < count else 'no trig.'}: {p}"
             for i, p in enumerate(self.sample_prompts())
             for s in cfg.sample_seeds
         ]

@@ -66,7 +66,8 @@ def image_grid(path: Path, rows: list[tuple[str, list[Image.Image]]], labels: li
     grid = Image.new("RGB", (side + len(labels) * (w + pad), head + len(rows) * (h + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for col, label in enumerate(labels):
-        draw.text((side + col * (w + pad), 2), label[: max(4, w // 6)], fill="black")
+        # Small images keep the label's head: "s1 trigger" / "s1 no trig." (seed, kind).
+        draw.text((side + col * (w + pad), 2), label[: max(11, w // 6)], fill="black")
     for row, (name, images) in enumerate(rows):
         y = head + row * (h + pad)
         draw.text((2, y + h // 2), name, fill="black")
