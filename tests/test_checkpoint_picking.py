@@ -19,15 +19,20 @@ pytest_plugins = ("runner_fixtures", "bot_fixtures")
 pytestmark = pytest.mark.runner
 
 
+def _trained_with_a_checkpoint(db_url: str, tmp_path: Path) -> tuple[Any, str]:
+    """A console studio whose ink trained 100 steps, and the messages that posted. The
+    built-in tiny model checkpoints every 50 steps: one earlier checkpoint, at 50."""
+    studio = console_studio(db_url, tmp_path)
+    studio.approved_style("tiny-sd15", {f"p{n}.png": png_bytes(n) for n in (1, 2, 3, 4)})
+    studio.session.run_line("/style train ink steps=100")
+    return studio, studio.work()
+
+
 def test_a_lead_picks_an_earlier_checkpoint_and_imagine_draws_with_it(
     db_url: str, tmp_path: Path, tiny_builders: Any
 ) -> None:
-    studio = console_studio(db_url, tmp_path)
+    studio, trained = _trained_with_a_checkpoint(db_url, tmp_path)
     session, services, work = studio.session, studio.services, studio.work
-    studio.approved_style("tiny-sd15", {f"p{n}.png": png_bytes(n) for n in (1, 2, 3, 4)})
-    # The built-in tiny model checkpoints every 50 steps: one earlier checkpoint at 50.
-    session.run_line("/style train ink steps=100")
-    trained = work()
     assert "picks an earlier checkpoint (steps 50;" in trained, trained
     assert "`/style use ink STEP`" in trained and "checkpoints.png" in trained
     with services.db.session() as s:
@@ -73,11 +78,8 @@ def test_a_lead_picks_an_earlier_checkpoint_and_imagine_draws_with_it(
 def test_a_lead_picks_a_checkpoint_by_reacting_with_its_row_number(
     db_url: str, tmp_path: Path, tiny_builders: Any
 ) -> None:
-    studio = console_studio(db_url, tmp_path)
-    session, services, work = studio.session, studio.services, studio.work
-    studio.approved_style("tiny-sd15", {f"p{n}.png": png_bytes(n) for n in (1, 2, 3, 4)})
-    session.run_line("/style train ink steps=100")
-    trained = work()
+    studio, trained = _trained_with_a_checkpoint(db_url, tmp_path)
+    session, services = studio.session, studio.services
     # checkpoints.png: row 1 step 50, row 2 the final step 100.
     assert "or a reaction: 1️⃣ for its first row, 2️⃣ for the last" in trained, trained
     result = next(m for m in trained.split("\n[") if "is trained" in m)

@@ -25,10 +25,10 @@ from storage.training_summary import GRID_ROWS, keycap
 def approve(ctx: Context, model_version_id: int) -> list[Reply]:
     with ctx.write() as tx:
         s = tx.session
-        model = s.get(ModelVersion, model_version_id)
-        style = s.get(Style, model.style_id) if model is not None else None
-        if model is None or style is None or style.team_id != tx.team.id:
+        found = _team_version(s, tx.team.id, model_version_id)
+        if found is None:
             return []
+        model, style = found
         if not ctx.is_lead:
             raise Refused(
                 f"Only art leads approve a model; leads are "
@@ -43,6 +43,18 @@ def approve(ctx: Context, model_version_id: int) -> list[Reply]:
             "in a prompt now uses it."
         )
     return [Reply(text)]
+
+
+def _team_version(
+    s: Session, team_id: int, model_version_id: int
+) -> tuple[ModelVersion, Style] | None:
+    """The version a reaction names, with its style, if it is this team's (else None: a
+    message of another team's, or a version since deleted)."""
+    model = s.get(ModelVersion, model_version_id)
+    style = s.get(Style, model.style_id) if model is not None else None
+    if model is None or style is None or style.team_id != team_id:
+        return None
+    return model, style
 
 
 def _mark_approved(
@@ -107,10 +119,10 @@ def use_row(ctx: Context, model_version_id: int, row: int) -> list[Reply]:
     checkpoints.png becomes the version the style uses, as `/style use` with that step."""
     with ctx.write() as tx:
         s = tx.session
-        trained = s.get(ModelVersion, model_version_id)
-        style = s.get(Style, trained.style_id) if trained is not None else None
-        if trained is None or style is None or style.team_id != tx.team.id:
+        found = _team_version(s, tx.team.id, model_version_id)
+        if found is None:
             return []
+        trained, style = found
         steps = grid_steps(trained)
         if len(steps) < 2:
             return []  # no grid was posted: a lone result is approved with ✅
