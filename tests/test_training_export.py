@@ -316,6 +316,6 @@ def test_locon_files_load_every_layer_and_render_as_trained(
         fresh.load_lora_weights(str(source), adapter_name="loaded")
         loaded = {n.split(".lora_")[0] for n, _ in fresh.unet.named_parameters() if "lora_" in n}
         assert loaded == layers, (source.name, sorted(layers - loaded)[:5])
-        # Float rounding moves pixels by ~2e-5 with some thread counts; a dropped layer
-        # moves them by more than 1e-2.
-        np.testing.assert_allclose(_image(fresh), want, atol=1e-4, err_msg=source.name)
+        # Float rounding moved pixels by up to 3.1e-4 in a loaded CI run (2e-5 mostly); a
+        # dropped layer moves them by more than 1e-2.
+        np.testing.assert_allclose(_image(fresh), want, atol=2e-3, err_msg=source.name)
