@@ -3,11 +3,12 @@
 Adherence reads the background from the image border (median colour, nearest background),
 the shape colour from the non-background pixels (nearest palette colour or its stripe tint),
 and the shape class from the filled silhouette (a triangle widens top to bottom; a square
-fills its bounding box, a circle about pi/4 of it).
+overlaps a square of its own area more than a disc of it; a circle the reverse).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,9 +119,27 @@ def _classify_shape(filled: np.ndarray) -> str | None:
     taper = widths[:quarter].mean() / max(widths[-quarter:].mean(), 1.0)
     if taper < 0.6:
         return "triangle"
-    xs = np.flatnonzero(filled.any(axis=0))
-    box = height * (xs[-1] - xs[0] + 1)
-    return "square" if filled.sum() / box > 0.89 else "circle"
+    return "square" if _overlap(filled, _square) > _overlap(filled, _disc) else "circle"
+
+
+def _square(dy: np.ndarray, dx: np.ndarray, area: float) -> np.ndarray:
+    half = np.sqrt(area) / 2
+    return (np.abs(dy) <= half) & (np.abs(dx) <= half)
+
+
+def _disc(dy: np.ndarray, dx: np.ndarray, area: float) -> np.ndarray:
+    return dy**2 + dx**2 <= area / np.pi
+
+
+def _overlap(filled: np.ndarray, ideal: Callable[..., np.ndarray]) -> float:
+    """Intersection over union of the silhouette and the ideal shape of its area centred on
+    its centroid. An area measure, not an extent one: a generated square's wobbly edge or a
+    bump on one side barely moves it, where it shrinks the fill of the bounding box (the
+    earlier rule read such squares, plainly square to the eye, as circles)."""
+    ys, xs = np.nonzero(filled)
+    yy, xx = np.mgrid[0 : filled.shape[0], 0 : filled.shape[1]]
+    shape = ideal(yy - ys.mean(), xx - xs.mean(), float(len(ys)))
+    return float((shape & filled).sum() / (shape | filled).sum())
 
 
 def _stripe_score(pixels: np.ndarray, region: np.ndarray) -> float:
