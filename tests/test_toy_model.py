@@ -59,12 +59,16 @@ def _sha(out: Path) -> dict[str, str]:
     return {name: entry["sha256"] for name, entry in manifest["files"].items()}
 
 
-def test_pretraining_runs_resumes_and_repeats_itself(tmp_path: Path, capsys: Any) -> None:
+# With the token read-out too: its weights and optimizer state travel in the checkpoint.
+@pytest.mark.parametrize("extra", [[], ["--token-identity", "0.5"]], ids=["plain", "readout"])
+def test_pretraining_runs_resumes_and_repeats_itself(
+    tmp_path: Path, capsys: Any, extra: list[str]
+) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
-    main(["--out", str(whole), *SMOKE])
-    main(["--out", str(split), *SMOKE, "--max-steps-this-run", "4"])  # all VAE steps + 1
+    main(["--out", str(whole), *SMOKE, *extra])
+    main(["--out", str(split), *SMOKE, *extra, "--max-steps-this-run", "4"])  # VAE + 1 step
     assert (split / CHECKPOINT).is_file() and not (split / toy.MANIFEST).exists()
-    main(["--out", str(split), *SMOKE])
+    main(["--out", str(split), *SMOKE, *extra])
     log = capsys.readouterr().out
     assert "resumed at VAE step 3, UNet step 1" in log
     assert not (split / CHECKPOINT).exists()
