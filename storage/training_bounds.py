@@ -58,5 +58,8 @@ REAL_BOUNDS: dict[str, tuple[float, float]] = {
     "weight_decay": (0.0, 0.5),
     # Crosslabs' offset noise (kohya's --noise_offset): 0.05-0.1 is the range trainers use.
     "noise_offset": (0.0, 0.2),
+    # Output preservation's weight (gpu_runner/training/config.py); ai-toolkit's differential
+    # output preservation uses 1. 0 turns it off.
+    "output_preservation": (0.0, 4.0),
 }
 BOUNDS: dict[str, tuple[float, float]] = {**WHOLE_BOUNDS, **REAL_BOUNDS}

@@ -198,6 +198,7 @@ def test_chat_takes_the_recipe_options_and_refuses_bad_ones(rig: Any) -> None:
         "accumulate": ("40", "between 1 and 16"),
         "optimizer": ("sgd", "Optimizer must be one of adamw, adamw8bit, prodigy"),
         "layers": ("everything", "Layers must be one of attention, full, locon"),
+        "preserve": ("9", "between 0 and 4"),
     }
     for option, (value, told) in cases.items():
         assert told in rig.text("style train", {"name": "ink", option: value}), option
@@ -205,13 +206,14 @@ def test_chat_takes_the_recipe_options_and_refuses_bad_ones(rig: Any) -> None:
     assert "Prodigy sets its own learning rate; leave lr out" in prodigy
     assert rig.jobs() == []
     asked = {"flip": "off", "noise_offset": "0.05", "accumulate": "2", "optimizer": "prodigy",
-             "layers": "locon"}  # fmt: skip
+             "layers": "locon", "preserve": "0.5"}  # fmt: skip
     assert "Training **ink**" in rig.text("style train", {"name": "ink", **asked})
     with rig.db.session() as s:
         (run,) = s.scalars(select(TrainingRun))
     assert run.params["flip"] is False and run.params["noise_offset"] == 0.05
     assert run.params["gradient_accumulation"] == 2 and run.params["layers"] == "locon"
     assert run.params["optimizer"] == "prodigy" and "learning_rate" not in run.params
+    assert run.params["output_preservation"] == 0.5
     # A transformer family has no convolutions for LoCon: said before anything is queued.
     rig.clock.advance(60)  # past the per-person command rate limit
     approved_chat_style(rig, "fx", "fxs", base="tiny-flux1")

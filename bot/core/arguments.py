@@ -321,6 +321,7 @@ class StyleTrainArgs(Args):
     keep_tags: Annotated[int | None, _whole("keep_tags", *WHOLE_BOUNDS["keep_tags"])] = None
     epochs: Annotated[int | None, _whole("epochs", *WHOLE_BOUNDS["epochs"])] = None
     text_encoder: Annotated[str | None, _choice("text_encoder", _ON_OFF)] = None
+    preserve: Annotated[float | None, _real("preserve", *REAL_BOUNDS["output_preservation"])] = None
 
 
 class StyleUseArgs(Args):

@@ -119,6 +119,7 @@ COMMANDS: dict[str, CommandSpec] = {
                     positional=False,
                 ),
                 _p("text_encoder", "on: a LoRA on the text encoder too (SD)", positional=False),
+                _p("preserve", "0-4: prompts without the trigger stay plain", positional=False),
             ),
         ),
         CommandSpec("style list", "the team's styles"),

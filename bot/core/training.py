@@ -106,6 +106,7 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
                 "train_text_encoder": (
                     None if args.text_encoder is None else args.text_encoder == "on"
                 ),
+                "output_preservation": args.preserve,
             }.items()
             if v is not None
         }

@@ -50,6 +50,7 @@ _STEPS = WHOLE_BOUNDS["steps"]
 _RANK = WHOLE_BOUNDS["rank"]
 _LR = REAL_BOUNDS["learning_rate"]
 _OFFSET = REAL_BOUNDS["noise_offset"]
+_PRESERVE = REAL_BOUNDS["output_preservation"]
 _KEEP = WHOLE_BOUNDS["keep_tags"]
 _EPOCHS = WHOLE_BOUNDS["epochs"]
 _ACCUMULATE = WHOLE_BOUNDS["gradient_accumulation"]
@@ -156,6 +157,7 @@ class StyleGroup(app_commands.Group):
         epochs="passes over the images (sets the steps from their count)",
         accumulate="micro-batches a step: a bigger batch in the same memory",
         text_encoder="on: a LoRA on the text encoder too (SD1.5, SDXL)",
+        preserve="0-4: prompts without the trigger keep the base model's look (0: off)",
     )
     async def train(
         self,
@@ -176,6 +178,7 @@ class StyleGroup(app_commands.Group):
         epochs: app_commands.Range[int, _EPOCHS[0], _EPOCHS[1]] | None = None,
         accumulate: app_commands.Range[int, _ACCUMULATE[0], _ACCUMULATE[1]] | None = None,
         text_encoder: OnOff | None = None,
+        preserve: app_commands.Range[float, _PRESERVE[0], _PRESERVE[1]] | None = None,
     ) -> None:
         args = {
             "name": name,
@@ -194,6 +197,7 @@ class StyleGroup(app_commands.Group):
             "epochs": epochs,
             "accumulate": accumulate,
             "text_encoder": text_encoder,
+            "preserve": preserve,
         }
         await self._dispatch(interaction, "style train", args, [])
 

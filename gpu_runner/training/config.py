@@ -155,7 +155,7 @@ class LoraConfig(TrainConfigBase):
     # same noisy latents, the adapter's prediction for the caption without the trigger (or
     # the empty one CFG uses) must match the base model's. 0 turns it off. It keeps the style
     # to its trigger, and so lets CFG amplify it instead of cancelling it.
-    output_preservation: float = Field(0.0, ge=0.0, le=4.0)
+    output_preservation: float = 0.0
     # The frozen base as loaded, or quantized to NF4 under the adapter (QLoRA): about a
     # quarter of the denoiser's memory, for FLUX.1 / FLUX.2 9B / Qwen-Image on 24 GB cards.
     quantize: Quantization = "none"
