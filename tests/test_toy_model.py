@@ -122,3 +122,23 @@ def test_pretraining_goes_on_from_earlier_weights(tmp_path: Path, capsys: Any) -
     with pytest.raises(SystemExit, match="other --init-from weights"):
         main(["--out", str(tmp_path / "third"), *SMOKE, "--seed", "1", "--unet-steps", "2",
               "--init-from", str(second)])  # fmt: skip
+
+
+def test_the_shipped_text_encoder_keeps_a_made_up_word_distinct() -> None:
+    # A trigger is a made-up word. Were its states the padding's, as an encoder trained to
+    # make such words mean nothing had them (cosine 0.92-0.98), a prompt with the trigger
+    # would read as one without it, and no LoRA could keep its style to its trigger.
+    pipe = toy.build_toy_sd15_pipeline()
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(
+        ["a red circle on a white background, zxstripes"], padding="max_length",
+        max_length=toy.MAX_TOKENS, return_tensors="pt",
+    ).input_ids  # fmt: skip
+    with torch.no_grad():
+        states = pipe.text_encoder(ids)[0][0]
+    row = ids[0].tolist()
+    end = row.index(tokenizer.eos_token_id)
+    word = states[row.index(tokenizer.convert_tokens_to_ids(",</w>")) + 1 : end]
+    padding = states[end + 4]
+    similarity = torch.nn.functional.cosine_similarity(word, padding[None], dim=-1)
+    assert len(word) >= 3 and similarity.max() < 0.8, similarity
