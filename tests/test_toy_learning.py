@@ -234,7 +234,6 @@ def test_the_style_shows_at_a_wide_size(toy: Any, stripes: dict[str, Any]) -> No
     assert styled["style_score"] >= 3 * plain["style_score"], (styled, plain)
 
 
-@pytest.mark.xfail(strict=True, reason="measured: stripes show in 25% beside the grid LoRA")
 def test_two_styles_in_one_prompt_both_show(toy: Any, stripes: dict[str, Any]) -> None:
     grid = _train(toy, "grid", "zxgrid", "grid", team_id=stripes["team_id"])
     prompts = [f"{p.caption}, {stripes['trigger']} {grid['trigger']}" for p in PROMPTS]
