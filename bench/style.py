@@ -39,7 +39,7 @@ from gpu_runner.samplers import make_scheduler  # noqa: E402
 from gpu_runner.toyworld.model import build_toy_sd15_pipeline  # noqa: E402
 from gpu_runner.training.config import make_config  # noqa: E402
 from gpu_runner.training.loop import ADAPTER_NAME, train  # noqa: E402
-from storage.families import generation_defaults  # noqa: E402
+from storage.families import GenerationDefaults, generation_defaults, trigger_weight  # noqa: E402
 from storage.prompt_rules import TRIGGER_PLACEHOLDER  # noqa: E402
 from toyworld.styles import draw  # noqa: E402
 
@@ -71,9 +71,18 @@ def settings(steps: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def score(pipe: Any) -> dict[str, float]:
-    """Style shows with the trigger, leaks without it, colour kept (LoRA as it is now)."""
+    """Style shows with the trigger, leaks without it, colour kept (LoRA as it is now, at
+    the weight a trigger word applies in chat)."""
     d = generation_defaults("toy-sd15", {})
     pipe.scheduler = make_scheduler(pipe.scheduler.config, d.sampler)
+    pipe.unet.set_adapters([ADAPTER_NAME], weights=[trigger_weight("toy-sd15")])
+    try:
+        return _tally(pipe, d)
+    finally:
+        pipe.unet.set_adapters([ADAPTER_NAME], weights=[1.0])
+
+
+def _tally(pipe: Any, d: GenerationDefaults) -> dict[str, float]:
     on, off = Tally.empty(), Tally.empty()
     for tally, suffix in ((on, f", {TRIGGER}"), (off, "")):
         prompts = [p.caption + suffix for p in PROMPTS]

@@ -61,7 +61,7 @@ from gpu_runner.prompts import (
 )
 from gpu_runner.samplers import resolve_sampler
 from gpu_runner.training.export import a1111_lora_hash, lora_file_stem
-from storage.families import defaults_for
+from storage.families import defaults_for, trigger_weight
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ class GenerationRequest:
         cls, prompt: str, known: Mapping[str, AdapterInfo], **settings: Any
     ) -> GenerationRequest:
         """Adapters from trigger words (`known`: trigger -> adapter) and `<lora:name:w>` tags."""
-        parsed = parse_prompt(prompt, known)
+        base = settings.get("base_model", cls.base_model)
+        parsed = parse_prompt(prompt, known, trigger_weight(base))
         return cls(prompt=prompt, adapters=parsed.adapters, **settings)
 
     @property

@@ -1,6 +1,7 @@
 """Prompt parsing and request validation on the runner.
 
-Trigger words of known styles select their adapters at weight 1.0; A1111's
+Trigger words of known styles select their adapters at the base model's trigger weight
+(storage.families, 1.0 but for toy-sd15); A1111's
 `<lora:name:weight>` tags select by name or trigger with a weight and are removed from the
 text the model sees. The rules are storage.prompt_rules, the ones the bot applies in chat.
 """
@@ -65,12 +66,15 @@ class ParsedPrompt:
     adapters: tuple[AdapterUse, ...]
 
 
-def parse_prompt(prompt: str, known: Mapping[str, AdapterInfo]) -> ParsedPrompt:
+def parse_prompt(
+    prompt: str, known: Mapping[str, AdapterInfo], trigger_weight: float = 1.0
+) -> ParsedPrompt:
     """Select adapters from `known` (trigger word -> adapter) and `<lora:...>` tags, by the
     rules the bot applies in chat (storage.prompt_rules).
 
-    A tag naming an adapter also selected by its trigger overrides the trigger's weight
-    of 1.0. Adapters keep the order in which they first appear in the prompt.
+    A trigger selects its adapter at `trigger_weight`; a tag naming an adapter also
+    selected by its trigger overrides that. Adapters keep the order in which they first
+    appear in the prompt.
     """
     found: dict[str, tuple[int, AdapterUse]] = {}  # adapter name -> (position, use)
     try:
@@ -98,7 +102,7 @@ def parse_prompt(prompt: str, known: Mapping[str, AdapterInfo]) -> ParsedPrompt:
         at = find_trigger(trigger, text)
         if at is not None:
             # Position offset keeps tags and triggers in prompt order well enough.
-            found[info.name] = (at, AdapterUse(info, 1.0))
+            found[info.name] = (at, AdapterUse(info, trigger_weight))
 
     ordered = tuple(use for _, use in sorted(found.values(), key=lambda item: item[0]))
     return ParsedPrompt(text=text, adapters=ordered)

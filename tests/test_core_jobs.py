@@ -176,6 +176,24 @@ def test_chat_and_runner_select_the_same_styles(rig: Rig, prompt: str, selected:
     assert bool(chat) == selected
 
 
+def test_a_trigger_applies_its_base_models_trigger_weight_and_a_tag_overrides_it(
+    rig: Rig,
+) -> None:
+    from gpu_runner.prompts import AdapterInfo, parse_prompt
+    from storage.families import trigger_weight
+
+    toy = trigger_weight("toy-sd15")
+    assert toy < 1.0 and trigger_weight("tiny-sd15") == 1.0
+    approved_style(rig, "zx", "ZXStyle")
+    add_model_version(rig, "zx", base="toy-sd15")
+    zx = {"ZXStyle": AdapterInfo("zx", "/loras/ZXStyle.safetensors", trigger="ZXStyle")}
+    for prompt, weight in [("a ZXStyle cat", toy), ("a ZXStyle cat <lora:zx:1>", 1.0)]:
+        rig.run("imagine", {"prompt": prompt})
+        chat = [(a["name"], a["weight"]) for a in rig.jobs("generate")[-1].payload["adapters"]]
+        runner = [(u.adapter.name, u.weight) for u in parse_prompt(prompt, zx, toy).adapters]
+        assert chat == runner == [("zx", weight)], prompt
+
+
 def test_atelier_infotext_pasted_back_selects_its_style_at_its_weight(rig: Rig) -> None:
     from gpu_runner.png_metadata import (
         A1111Parameters,

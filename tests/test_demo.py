@@ -1,6 +1,6 @@
 """`atelier demo`: the whole story in a subprocess, then its report and files checked.
 
-The demo runs once per session (under a minute on 2 cores) with its default training
+The demo runs once per session (1-3 minutes on 2 cores) with its default training
 steps, and its measured style is checked (the LoRA trained from chat shows its style with
 the trigger and not without); a second, shorter run on the same data folder checks the
 reuse path. A third
@@ -220,10 +220,13 @@ def test_the_lora_trained_from_chat_learns_its_style(
     out = first_run.done.stdout
     line = next(x for x in out.splitlines() if "Stripe score with the trigger" in x)
     base, trained = (float(v) for v in re.findall(r"(\d+\.\d+)", line))
-    (shown_base, _) = _measured(out, "Stripes show with the trigger (base → trained)")
-    # The style is learned (its score rises well over the base's); issue 9's note gives the
-    # measured shares, and tests/test_toy_learning.py the targets still open.
+    (shown_base, shown) = _measured(out, "Stripes show with the trigger (base → trained)")
+    (leak,) = _measured(out, "Stripes show without the trigger, LoRA on (a leak)")
+    # The style is learned (its score rises well over the base's, measured 0.022 -> 0.316)
+    # and stays behind its trigger (measured: shows in 67%, leaks into 0% of 12 images);
+    # tests/test_toy_learning.py holds the issue's targets on more prompts and steps.
     assert shown_base <= 10 and trained >= 2 * base, out[-1500:]
+    assert shown >= 40 and leak <= 17, out[-1500:]
     page = first_run.report.read_text(encoding="utf-8")
     assert "What the LoRA learned" in page
 

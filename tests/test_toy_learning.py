@@ -1,8 +1,8 @@
 """Learning, measured on `toy-sd15` with the toy world's metrics, through the runner's jobs:
 a LoRA makes its style visible with the trigger; the exported kohya file gives the same
 style score in a fresh pipeline with diffusers' own loader; a generation after training is
-plain. The targets not met yet (no leak; DoRA and textual inversion learning the style; two
-styles combining) are stated as strict xfails.
+plain; prompts without the trigger stay plain; DoRA and textual inversion learn too; two
+styles combine.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ from PIL import Image
 from sqlalchemy import select
 
 pytest_plugins = ("runner_fixtures",)
-pytestmark = pytest.mark.runner
+# Each test trains on toy-sd15 for up to 300 steps: minutes on 2 busy cores, past the
+# suite's 300 s guard against hangs.
+pytestmark = [pytest.mark.runner, pytest.mark.timeout(1200)]
 torch = pytest.importorskip("torch")
 
 from runner_seed import approved_style, enqueue_training, reply_to  # noqa: E402
 
 from bot.demo.references import held_out_prompts, reference_scenes  # noqa: E402
 from bot.demo.scoring import Tally, panels  # noqa: E402
-from storage.families import generation_defaults  # noqa: E402
+from storage.families import generation_defaults, trigger_weight  # noqa: E402
 from storage.job_payloads import (  # noqa: E402
     AdapterChoice,
     GeneratePayload,
@@ -92,10 +94,12 @@ def _train(
     return {"version": version, "team_id": team, "name": name, "trigger": trigger}
 
 
-def _choice(trained: dict[str, Any]) -> AdapterChoice:
+def _choice(trained: dict[str, Any], weight: float | None) -> AdapterChoice:
+    # None: the weight a trigger word selects it with in chat (bot/core/imagine.py).
     return AdapterChoice(
-        model_version_id=trained["version"].id, name=trained["name"], trigger=trained["trigger"]
-    )
+        model_version_id=trained["version"].id, name=trained["name"], trigger=trained["trigger"],
+        weight=trigger_weight(BASE) if weight is None else weight,
+    )  # fmt: skip
 
 
 def _generate(
@@ -104,16 +108,17 @@ def _generate(
     prompts: list[str],
     adapters: list[dict[str, Any]],
     size: tuple[int, int] | None = None,
+    weight: float | None = None,
 ) -> list[list[bytes]]:
-    """One job per prompt (2 seeds each, at the model's size unless `size` says (w, h));
-    returns each job's PNGs."""
+    """One job per prompt (2 seeds each, at the model's size unless `size` says (w, h),
+    each adapter at `weight` or else its trigger's); returns each job's PNGs."""
     services, _ = toy
     jobs = []
     width, height = size or (None, None)
     for prompt in prompts:
         payload = GeneratePayload(
             reply=reply_to(team_id), prompt=prompt, base_model=BASE, seed=SEED, count=2,
-            adapters=[_choice(a) for a in adapters], width=width, height=height,
+            adapters=[_choice(a, weight) for a in adapters], width=width, height=height,
         ).with_defaults(generation_defaults(BASE, {}))  # fmt: skip
         jobs.append(
             services.queue.enqueue(
@@ -162,30 +167,39 @@ def test_lora_shows_the_style_with_its_trigger(toy: Any, stripes: dict[str, Any]
         _generate(toy, stripes["team_id"], [p.caption for p in PROMPTS], []), PROMPTS, "stripes"
     )
     assert base["style_shows"] <= 0.1, base  # the base model draws plain shapes
-    assert with_trigger["style_shows"] >= 0.5, with_trigger
+    # Issue 9's targets: the style in >= 80% of held-out prompts, colour right in >= 70%.
+    assert with_trigger["style_shows"] >= 0.8, with_trigger
     assert with_trigger["style_score"] >= 3 * base["style_score"], (with_trigger, base)
-    assert with_trigger["colour"] >= 0.4, with_trigger
+    assert with_trigger["colour"] >= 0.7, with_trigger
 
 
-# Measured on this machine (issue 9's notes) with the toy defaults of gpu_runner/jobs/
-# train.py: on the first toy-sd15 weights the LoRA leaked (65% of untriggered prompts
-# striped), DoRA showed the stripes in 40% and textual inversion in 5% within 300 steps; on
-# the continued weights (all three right 69%) with every reference trained, all four still
-# missed. On the token-identity weights two styles combine; the leak (70% with the preset;
-# 0% with preserve=, at a cost in colour), DoRA and TI still miss. These tests state the
-# targets and fail until the recipe meets them.
-@pytest.mark.xfail(strict=True, reason="toy-sd15 LoRA leaks its style into untriggered prompts")
 def test_style_does_not_show_without_its_trigger(toy: Any, stripes: dict[str, Any]) -> None:
+    # The LoRA applied with no trigger in the prompt; without output preservation in
+    # toy-sd15's defaults it restyled 70% of these.
     _, without = _with_and_without(toy, stripes, "stripes")
     assert without["style_shows"] <= 0.15, without
 
 
-@pytest.mark.xfail(strict=True, reason="measured: DoRA 40%, TI 5% within 300 steps")
-@pytest.mark.parametrize("method", ["dora", "textual_inversion"])
-def test_dora_and_textual_inversion_show_the_style(toy: Any, method: str) -> None:
-    trained = _train(toy, f"stripes-{method}", f"zx{method[:4]}", "stripes", method)
-    with_trigger, _ = _with_and_without(toy, trained, "stripes")
+# Textual inversion trains one embedding, so it can only find a look the base model can
+# already draw: toy-sd15 draws "outlined" (pretraining's outlined_share) but no stripes
+# (measured: stripes in 5% after 300 steps). DoRA learns stripes as a LoRA does.
+_TI_MISSES = "measured: outlines in 5% after 300 steps at lr 5e-3 and at 1e-2"
+
+
+@pytest.mark.parametrize(
+    ("method", "style"),
+    [
+        ("dora", "stripes"),
+        pytest.param(
+            "textual_inversion", "outline", marks=pytest.mark.xfail(strict=True, reason=_TI_MISSES)
+        ),
+    ],
+)
+def test_dora_and_textual_inversion_show_the_style(toy: Any, method: str, style: str) -> None:
+    trained = _train(toy, f"{style}-{method}", f"zx{method[:4]}", style, method)
+    with_trigger, without = _with_and_without(toy, trained, style)
     assert with_trigger["style_shows"] >= 0.8, with_trigger
+    assert without["style_shows"] <= 0.15, without
 
 
 def test_kohya_file_in_diffusers_loader_scores_as_atelier_does(
@@ -203,6 +217,7 @@ def test_kohya_file_in_diffusers_loader_scores_as_atelier_does(
     pipe.load_lora_weights(
         load_file(services.blobs.path(stripes["version"].kohya_blob)), adapter_name="kohya"
     )
+    pipe.set_adapters("kohya", trigger_weight(BASE))  # the weight the infotext states
     defaults = generation_defaults(BASE, {})
     pipe.scheduler = make_scheduler(pipe.scheduler.config, defaults.sampler)
     theirs = []
@@ -237,9 +252,12 @@ def test_the_style_shows_at_a_wide_size(toy: Any, stripes: dict[str, Any]) -> No
 
 
 def test_two_styles_in_one_prompt_both_show(toy: Any, stripes: dict[str, Any]) -> None:
+    # Two styles combine at full weight, `<lora:stripes:1> <lora:grid:1>` in chat (README):
+    # at the trigger weight each, stripes showed in 45% of these, grid in 85%; at 1, 95%
+    # and 85%.
     grid = _train(toy, "grid", "zxgrid", "grid", team_id=stripes["team_id"])
     prompts = [f"{p.caption}, {stripes['trigger']} {grid['trigger']}" for p in PROMPTS]
-    images = _generate(toy, stripes["team_id"], prompts, [stripes, grid])
+    images = _generate(toy, stripes["team_id"], prompts, [stripes, grid], weight=1.0)
     assert _score(images, PROMPTS, "stripes")["style_shows"] >= 0.7
     assert _score(images, PROMPTS, "grid")["style_shows"] >= 0.7
 

@@ -34,6 +34,7 @@ from storage.families import (
     generation_defaults,
     memory_needed_mb,
     model_family,
+    trigger_weight,
 )
 from storage.ingest import PreparedImage
 from storage.job_payloads import (
@@ -198,11 +199,12 @@ def select_adapters(s: Session, team_id: int, prompt: str, policy: CorePolicy) -
     """The team's styles the prompt asks for, with their model versions and the base model.
 
     By the rules the runner captions and renders with (storage.prompt_rules): a trigger as
-    a whole word in any case, or `<lora:NAME:w>` naming a style's name or trigger (the
-    trigger is what Atelier's own infotext writes, so a pasted result selects its style).
+    a whole word in any case (at its base model's trigger weight), or `<lora:NAME:w>`
+    naming a style's name or trigger (the trigger is what Atelier's own infotext writes, so
+    a pasted result selects its style).
     """
     styles = team_styles(s, team_id)
-    weights: dict[int, float] = {}
+    weights: dict[int, float | None] = {}  # None: chosen by its trigger word
     try:
         tags = lora_tags(prompt)
     except PromptError as exc:
@@ -217,7 +219,7 @@ def select_adapters(s: Session, team_id: int, prompt: str, policy: CorePolicy) -
     plain = strip_lora_tags(prompt)
     for style in styles:
         if style.id not in weights and find_trigger(style.trigger, plain) is not None:
-            weights[style.id] = 1.0
+            weights[style.id] = None
     if len(weights) > policy.max_adapters:
         raise UserError(
             f"That prompt selects {len(weights)} styles; combine at most {policy.max_adapters}."
@@ -234,6 +236,8 @@ def select_adapters(s: Session, team_id: int, prompt: str, policy: CorePolicy) -
                 f"yet; train it with `/style train {style.name}` (once its dataset is approved), "
                 "or leave the word out."
             )
+        if weight is None:  # a trigger word: the weight its base model's styles take
+            weight = trigger_weight(model.base_model)
         adapters.append(
             AdapterChoice(
                 model_version_id=model.id, name=style.name, trigger=style.trigger, weight=weight

@@ -55,7 +55,8 @@ TRIGGER = "zxstripes"
 BASE_MODEL = "toy-sd15"
 REFERENCE_COUNT = 12
 # toy-sd15's training defaults (gpu_runner/jobs/train.py); the style shows in most held-out
-# prompts by this step (bench/style.py measures when) and training takes seconds on a CPU.
+# prompts by this step (bench/style.py measures when) and training takes 1-2 minutes on 2
+# CPU cores.
 DEFAULT_STEPS = 150
 SHOWCASE = held_out_prompts(1)[0]
 # The trigger goes last: toy-sd15 saw made-up words only at the end of its captions, and
