@@ -21,6 +21,10 @@ from throwaway_db import throwaway_postgres
 from storage.db import Database
 from storage.models import Base
 
+# Test modules import its helpers before pytest loads it as their plugin: rewrite its
+# asserts all the same.
+pytest.register_assert_rewrite("toy_learning_fixtures")
+
 POSTGRES_URL = os.environ.get(
     "ATELIER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
