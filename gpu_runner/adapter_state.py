@@ -29,6 +29,8 @@ class AdapterState:
         # What is active now: () none, a tuple of (style adapter, weight), or None when
         # the training adapter is the active one.
         self._active: Wanted | None = ()
+        # peft's layers that carry the training adapter (found once: see base_pass).
+        self._training_layers: list[Any] = []
         self._adopt_existing()
 
     @property
@@ -143,6 +145,14 @@ class AdapterState:
         self._training = name
         self._training_encoders = tuple(text_encoders) if text_config is not None else ()
         self._active = ()  # add_adapter leaves the activation to us
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._training_layers = [
+            layer
+            for _, module in self._trained_modules()
+            for layer in module.modules()
+            if isinstance(layer, BaseTunerLayer)
+        ]
         params = {
             prefix + n: p
             for prefix, module in self._trained_modules()
@@ -195,6 +205,24 @@ class AdapterState:
             if was_training:
                 self.train_on()
 
+    @contextmanager
+    def base_pass(self) -> Iterator[None]:
+        """The base model's prediction in the middle of a training step (output
+        preservation): the training adapter's layers off, then on again as they were.
+
+        `base()` goes through diffusers' disable_lora/set_adapter, which walk every submodule
+        several times; per step, on toy-sd15, that was a third of the step. Here each of
+        peft's layers found at the start of training is switched itself."""
+        if not self.training:
+            raise RuntimeError("base_pass is for a training step: no training adapter is on")
+        for layer in self._training_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self._training_layers:
+                layer.enable_adapters(True)  # peft re-enables the active one: ours
+
     def end_training(self) -> None:
         """Remove the training adapter (after success, cancel or crash); nothing is active
         afterwards. Safe to call when no training adapter is on."""
@@ -209,5 +237,6 @@ class AdapterState:
             getattr(encoder, "peft_config", {}).pop(self._training, None)
         self._training = None
         self._training_encoders = ()
+        self._training_layers = []
         self._active = None  # peft picks some remaining adapter as active: turn all off
         self.show(())

@@ -128,3 +128,41 @@ def test_generation_served_mid_training_sees_no_training_adapter(
     assert all(p == plain_before and s == styled_before for p, s in served)
     # Training went on with its own adapter after each pause: the LoRA learned something.
     assert result.val_loss is not None and result.val_loss < result.base_val_loss
+
+
+def test_base_pass_predicts_as_the_base_and_leaves_the_training_adapter_trainable(
+    tiny_builders: Any,
+) -> None:
+    from peft import LoraConfig
+
+    from gpu_runner.adapter_state import AdapterState
+
+    pipe = tiny_builders["sd15"](0)
+    unet = pipe.unet
+    gen = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    noisy = torch.randn((2, unet.config.in_channels, size, size), generator=gen)
+    text = torch.randn((2, 5, unet.config.cross_attention_dim), generator=gen)
+    t = torch.tensor([100, 700])
+
+    def predict() -> torch.Tensor:
+        with torch.no_grad():
+            return unet(noisy, t, encoder_hidden_states=text).sample
+
+    base = predict()
+    state = AdapterState(pipe)
+    with pytest.raises(RuntimeError, match="no training adapter"), state.base_pass():
+        pass
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"])
+    params = state.start_training(config, "style_training", seed=0)
+    with torch.no_grad():  # lora_B starts at zero: make the adapter change the output
+        for p in params.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    trained = predict()
+    assert (trained - base).abs().max() > 1e-3
+    with state.base_pass():
+        assert torch.equal(predict(), base)
+    assert torch.equal(predict(), trained)
+    assert all(p.requires_grad for p in params.values())
+    state.end_training()
+    assert torch.equal(predict(), base)

@@ -82,7 +82,8 @@ def test_pretraining_runs_resumes_and_repeats_itself(
 
 
 def test_pretraining_pool_knows_one_style_word_and_ignores_made_up_ones() -> None:
-    from gpu_runner.toyworld.pretrain import OUTLINED_WORD, Recipe, pool_captions
+    from gpu_runner.toyworld.model import OUTLINED_WORD
+    from gpu_runner.toyworld.pretrain import Recipe, pool_captions
     from toyworld.metrics import read
     from toyworld.scenes import random_scenes
     from toyworld.styles import draw
@@ -142,3 +143,22 @@ def test_the_shipped_text_encoder_keeps_a_made_up_word_distinct() -> None:
     padding = states[end + 4]
     similarity = torch.nn.functional.cosine_similarity(word, padding[None], dim=-1)
     assert len(word) >= 3 and similarity.max() < 0.8, similarity
+
+
+def test_a_word_added_to_the_vocabulary_starts_as_what_its_pieces_meant() -> None:
+    from gpu_runner.toyworld.pretrain import grown_token_table
+
+    before = toy.build_tokenizer(toy.FIRST_VOCABULARY)
+    after = toy.build_tokenizer()
+    assert after.tokenize(f"a red circle, {toy.OUTLINED_WORD}")[-1] == f"{toy.OUTLINED_WORD}</w>"
+    table = torch.randn(len(before), 8)
+    grown = grown_token_table(table, before, after)
+    assert grown.shape == (len(after), 8)
+    old, new = before.get_vocab(), after.get_vocab()
+    # Known tokens keep their rows even where their ids moved (the end-of-text token did).
+    assert new[after.eos_token] != old[before.eos_token]
+    for token in (after.eos_token, "red</w>", "o", "d</w>"):
+        assert torch.equal(grown[new[token]], table[old[token]])
+    pieces = before.convert_tokens_to_ids(before.tokenize(toy.OUTLINED_WORD))
+    assert len(pieces) > 1
+    assert torch.allclose(grown[new[f"{toy.OUTLINED_WORD}</w>"]], table[pieces].mean(dim=0))

@@ -24,6 +24,18 @@ if TYPE_CHECKING:
 TinyBuilder = Callable[[int], Any]  # seed -> a pipeline built in code (or shipped)
 
 
+def compute_dtype(denoiser: torch.nn.Module) -> torch.dtype:
+    """The dtype a denoiser computes in, by diffusers' own rule for `ModelMixin.dtype`: its
+    first floating-point parameter outside `_keep_in_fp32_modules`. The property also walks
+    every submodule for layerwise-casting hooks (Atelier adds none) on each call: 33 ms on
+    toy-sd15 with a LoRA, a twentieth of a training step."""
+    keep = getattr(denoiser, "_keep_in_fp32_modules", None) or ()
+    for name, param in denoiser.named_parameters():
+        if param.is_floating_point() and not any(m in name for m in keep):
+            return param.dtype
+    return denoiser.dtype  # type: ignore[no-any-return]
+
+
 class BuiltinBuildError(RuntimeError):
     """A built-in model cannot be built (its shipped weights are missing or damaged);
     str() says what to do."""

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gpu_runner.families.base import TinyBuilder
+from gpu_runner.families.base import TinyBuilder, compute_dtype
 from gpu_runner.families.bfl_lora import (
     BFL_NAMING,
     DIFFUSERS_PREFIX,
@@ -153,7 +153,7 @@ class Flux1(FlowMatchingFamily):
     ) -> torch.Tensor:
         from diffusers import FluxPipeline as P
 
-        dtype = denoiser.dtype  # type: ignore[attr-defined]
+        dtype = compute_dtype(denoiser)
         n, c, h, w = noisy.shape
         guidance = None
         if denoiser.config.guidance_embeds:  # type: ignore[attr-defined]  # dev, not schnell

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gpu_runner.families.base import TinyBuilder
+from gpu_runner.families.base import TinyBuilder, compute_dtype
 from gpu_runner.families.bfl_lora import (
     BFL_NAMING,
     DIFFUSERS_PREFIX,
@@ -157,7 +157,7 @@ class Flux2Klein(FlowMatchingFamily):
     ) -> torch.Tensor:
         from diffusers import Flux2KleinPipeline as P
 
-        dtype = denoiser.dtype  # type: ignore[attr-defined]
+        dtype = compute_dtype(denoiser)
         n, c, h, w = noisy.shape
         out = denoiser(
             hidden_states=P._pack_latents(noisy).to(dtype),

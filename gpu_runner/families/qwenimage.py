@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gpu_runner.families.base import TinyBuilder
+from gpu_runner.families.base import TinyBuilder, compute_dtype
 from gpu_runner.families.flow_matching import MAX_SEQUENCE_LENGTH, FlowMatchingFamily
 from gpu_runner.families.lora_signs import HeaderSign, LoraSigns
 from gpu_runner.training.dataset import TextCond, encode_latent_dist
@@ -121,7 +121,7 @@ class QwenImage(FlowMatchingFamily):
     ) -> torch.Tensor:
         from diffusers import QwenImagePipeline as P
 
-        dtype = denoiser.dtype  # type: ignore[attr-defined]
+        dtype = compute_dtype(denoiser)
         n, c, h, w = noisy.shape
         out = denoiser(
             hidden_states=P._pack_latents(noisy.to(dtype), n, c, h, w),

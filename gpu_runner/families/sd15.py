@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gpu_runner.families.base import ModelFamily, TinyBuilder
+from gpu_runner.families.base import ModelFamily, TinyBuilder, compute_dtype
 from gpu_runner.families.lora_signs import HeaderSign, LoraSigns
 from gpu_runner.training.dataset import TextCond
 from gpu_runner.training.objective import DiffusionObjective, Objective
@@ -108,7 +108,7 @@ class StableDiffusion15(ModelFamily):
         cond: TextCond,
         extra: torch.Tensor | None,
     ) -> torch.Tensor:
-        dtype = denoiser.dtype  # type: ignore[attr-defined]
+        dtype = compute_dtype(denoiser)
         kwargs = self._added_cond(cond, extra)
         return denoiser(  # type: ignore[no-any-return]
             noisy.to(dtype), timesteps, encoder_hidden_states=cond.hidden.to(dtype), **kwargs

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gpu_runner.families.base import TinyBuilder
+from gpu_runner.families.base import TinyBuilder, compute_dtype
 from gpu_runner.families.flow_matching import (
     MAX_SEQUENCE_LENGTH,
     FlowMatchingFamily,
@@ -131,7 +131,7 @@ class ZImage(FlowMatchingFamily):
         cond: TextCond,
         extra: torch.Tensor | None,
     ) -> torch.Tensor:
-        dtype = denoiser.dtype  # type: ignore[attr-defined]
+        dtype = compute_dtype(denoiser)
         mask = cond.token_mask
         assert mask is not None, "Z-Image captions carry their token mask"
         # As ZImagePipeline calls it: one (C, frames=1, h, w) latent and one caption of its

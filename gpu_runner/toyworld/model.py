@@ -29,9 +29,14 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 MANIFEST = "manifest.json"
 COMPONENTS = ("unet", "vae", "text_encoder")
 LATENT_CHANNELS = 16
+# The word pretraining captions outlined scenes with: a look the base knows by name, as
+# real models know "line art" (textual inversion can only find looks the base can draw).
+OUTLINED_WORD = "outlined"
 # Every word of the toy world's captions is one token; anything else (trigger words
 # included) falls back to byte-level symbols, as rare words do in real CLIP.
-VOCABULARY = ("a", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS)
+VOCABULARY = ("a", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS, OUTLINED_WORD)
+# Weights made before OUTLINED_WORD was one token (their manifests name no vocabulary).
+FIRST_VOCABULARY = VOCABULARY[:-1]
 # SD1.5's betas (its model repo's scheduler_config.json), rescaled to zero terminal SNR with
 # v-prediction and trailing timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and
 # Sample Steps are Flawed"): with 8x8x16 latents SD's last step still carries enough signal
@@ -73,8 +78,8 @@ def build_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
     )
 
 
-def build_tokenizer() -> CLIPTokenizer:
-    return build_tiny_tokenizer(words=VOCABULARY)
+def build_tokenizer(words: tuple[str, ...] = VOCABULARY) -> CLIPTokenizer:
+    return build_tiny_tokenizer(words=words)
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
@@ -132,10 +137,15 @@ def verify(folder: Path = WEIGHTS_DIR) -> dict:
     return manifest
 
 
+def vocabulary_of(manifest: dict) -> tuple[str, ...]:
+    """The whole words the weights' text encoder was trained with (its token table's)."""
+    return tuple(manifest.get("vocabulary", FIRST_VOCABULARY))
+
+
 def build_toy_sd15_pipeline(folder: Path = WEIGHTS_DIR) -> StableDiffusionPipeline:
     """The pretrained toy model, in fp32 on the CPU (weights are shipped as fp16)."""
     manifest = verify(folder)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocabulary_of(manifest))
     unet = build_unet()
     vae = build_vae(scaling_factor=float(manifest["vae_scaling_factor"]))
     text_encoder = build_text_encoder(tokenizer)

@@ -65,9 +65,7 @@ class Recipe:
     warmup_steps: int = 200
     min_snr_gamma: float = 0.0  # off: min-SNR's v weights would mute the steps text decides
     caption_dropout: float = 0.1
-    # Pool scenes drawn outlined and captioned "..., outlined": a look the base model knows
-    # by a word, as real models know "line art" (textual inversion can only find looks the
-    # model can already draw).
+    # Pool scenes drawn outlined and captioned "..., outlined" (model.OUTLINED_WORD).
     outlined_share: float = 0.0
     # Plain pool scenes captioned with a made-up word appended: unknown words must mean
     # nothing, so a fresh trigger starts plain and only "outlined" outlines.
@@ -104,7 +102,6 @@ def _vae_batch(recipe: Recipe, step: int, device: torch.device) -> torch.Tensor:
     return images_to_tensor(images, device)
 
 
-OUTLINED_WORD = "outlined"
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -119,7 +116,7 @@ def pool_captions(scenes: list[Any], recipe: Recipe) -> tuple[list[tuple[str, ..
         word = "".join(rng.choice(list(_LETTERS), int(rng.integers(4, 10))))
         if roll < recipe.outlined_share:
             styles.append(("outline",))
-            captions.append(f"{scene.caption}, {OUTLINED_WORD}")
+            captions.append(f"{scene.caption}, {toy.OUTLINED_WORD}")
         elif roll < recipe.outlined_share + recipe.nonsense_share:
             styles.append(())
             captions.append(f"{scene.caption}, {word}")
@@ -127,6 +124,23 @@ def pool_captions(scenes: list[Any], recipe: Recipe) -> tuple[list[tuple[str, ..
             styles.append(())
             captions.append(scene.caption)
     return styles, captions
+
+
+def grown_token_table(table: torch.Tensor, before: Any, after: Any) -> torch.Tensor:
+    """`table` (rows in tokenizer `before`'s order) as rows of tokenizer `after`: a token both
+    know keeps its row; a new one (a word added to the vocabulary) starts as the mean of the
+    rows of the pieces `before` split it into, so the word means at first what it meant."""
+    rows = []
+    old_vocab = before.get_vocab()
+    for token, _ in sorted(after.get_vocab().items(), key=lambda item: item[1]):
+        if token in old_vocab:
+            rows.append(table[old_vocab[token]])
+        else:
+            text = token.removesuffix("</w>")
+            # A word's start (no end mark) is its letters; a whole word, how `before` split it.
+            pieces = before.tokenize(text) if token.endswith("</w>") else list(text)
+            rows.append(table[before.convert_tokens_to_ids(pieces)].mean(dim=0))
+    return torch.stack(rows)
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -262,6 +276,11 @@ class Pretrainer:
         ):
             state = load_file(self.init_from / earlier["files"][name]["file"])
             weights = {k: v.to(self.device, torch.float32) for k, v in state.items()}
+            if name == "text_encoder":
+                key = "embeddings.token_embedding.weight"
+                weights[key] = grown_token_table(
+                    weights[key], toy.build_tokenizer(toy.vocabulary_of(earlier)), self.tokenizer
+                )
             live.load_state_dict(weights, strict=True)
             if ema is not None:
                 ema.load_state_dict(weights, strict=True)
@@ -500,6 +519,7 @@ class Pretrainer:
             "commands": commands,
             "earlier": earlier or None,
             "recipe": asdict(self.recipe),
+            "vocabulary": list(toy.VOCABULARY),
             "vae_scaling_factor": self.state["scaling_factor"],
             "seconds": round(self.state["seconds"], 1),
             "total_seconds": round(seconds, 1),

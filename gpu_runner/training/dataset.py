@@ -194,6 +194,20 @@ class TextCond:
         mask = torch.cat([mask, mask.new_zeros((n, tokens - have))], dim=1)
         return TextCond(hidden, self.pooled, mask)
 
+    def cat(self, other: TextCond) -> TextCond:
+        """Both batches as one (self's samples first), padded to the longer text."""
+        this = self
+        masked = self.token_mask is not None or other.token_mask is not None
+        if masked or self.hidden.shape[1] != other.hidden.shape[1]:
+            tokens = max(self.hidden.shape[1], other.hidden.shape[1])
+            this, other = self.padded(tokens), other.padded(tokens)
+        pooled = token_mask = None
+        if this.pooled is not None and other.pooled is not None:
+            pooled = torch.cat([this.pooled, other.pooled])
+        if this.token_mask is not None and other.token_mask is not None:
+            token_mask = torch.cat([this.token_mask, other.token_mask])
+        return TextCond(torch.cat([this.hidden, other.hidden]), pooled, token_mask)
+
     def where(self, mask: torch.Tensor, other: TextCond) -> TextCond:
         """Per sample: `other` (e.g. the empty caption) where mask is True, else self."""
         m = mask.to(self.hidden.device)

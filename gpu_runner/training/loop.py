@@ -451,6 +451,7 @@ class _Trainer:
         noisy = self.objective.add_noise(latents, noise, t)
         target = self.objective.target(latents, noise, t)
         weights = self.objective.weights(t)
+        keep = getattr(cfg, "output_preservation", 0.0)
         with self.precision.autocast():
             cond = self._text(
                 batch,
@@ -458,20 +459,30 @@ class _Trainer:
                 grad=self.is_ti or self.trains_text,
                 shuffle=True,
             )
-            pred = self._predict(noisy, t, cond, batch)
-        loss = weighted_mse(pred, target, weights)
+        if keep:
+            plain, want = self._preservation_target(noisy, t, batch)
+            # The adapter's two predictions (captions as trained, and without the trigger)
+            # in one pass: on toy-sd15 a batch of 16 costs 0.7 of two batches of 8.
+            with self.precision.autocast():
+                both = self._predict(
+                    torch.cat([noisy, noisy]), torch.cat([t, t]), cond.cat(plain), batch + batch
+                )
+            pred, kept = both.chunk(2)
+            loss = weighted_mse(pred, target, weights) + keep * weighted_mse(kept, want, None)
+        else:
+            with self.precision.autocast():
+                pred = self._predict(noisy, t, cond, batch)
+            loss = weighted_mse(pred, target, weights)
         if self.priors is not None:
             loss = loss + self.config.prior_preservation * self._prior_loss(len(batch))  # type: ignore[union-attr]
-        keep = getattr(cfg, "output_preservation", 0.0)
-        if keep:
-            loss = loss + keep * self._preservation_loss(noisy, t, batch)
         return loss
 
-    def _preservation_loss(
+    def _preservation_target(
         self, noisy: torch.Tensor, t: torch.Tensor, batch: list[int]
-    ) -> torch.Tensor:
-        """The adapter's prediction without the trigger against the base model's, on this
-        step's noisy latents; half the captions are the empty one CFG's other pass uses."""
+    ) -> tuple[TextCond, torch.Tensor]:
+        """Output preservation's side of a step: the captions without the trigger (half of
+        them the empty one CFG's other pass uses) and the base model's prediction for them on
+        this step's noisy latents, which the adapter's must match."""
         data = self.data
         assert data is not None
         empty = torch.rand(len(batch), generator=self.noise_gen) < 0.5
@@ -480,15 +491,14 @@ class _Trainer:
         cond = cond.where(
             empty, text.select(torch.tensor([len(data.captions)], device=text.hidden.device))
         )
-        with torch.no_grad(), self.adapters.base(), self.precision.autocast():
+        with torch.no_grad(), self.adapters.base_pass(), self.precision.autocast():
             want = self._predict(noisy, t, cond, batch)
-        with self.precision.autocast():
-            if self.trains_text:  # the adapter's side reads the plain text through its own
-                plain = [without_trigger(data.captions[i], self.config.trigger) for i in batch]
-                live = ["" if e else c for c, e in zip(plain, empty.tolist(), strict=True)]
+        if self.trains_text:  # the adapter's side reads the plain text through its own
+            plain = [without_trigger(data.captions[i], self.config.trigger) for i in batch]
+            live = ["" if e else c for c, e in zip(plain, empty.tolist(), strict=True)]
+            with self.precision.autocast():
                 cond = encode_text(self.train_pipe, live, self.device, grad=True)
-            pred = self._predict(noisy, t, cond, batch)
-        return weighted_mse(pred, want.detach(), None)
+        return cond, want.detach()
 
     def _plain_text(self) -> TextCond:
         """The captions without the trigger, then "": the base text encoder's encoding,
