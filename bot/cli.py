@@ -119,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the whole story on the built-in tiny model",
+        help="the whole story on the built-in toy model (toy-sd15), on the CPU",
         description=(
             "Create a style, add 12 images, approve them as an art lead, train a LoRA, "
-            "generate and export it, all on the CPU with the built-in tiny model; then write "
+            "generate and export it, all on the CPU with the built-in toy-sd15; then write "
             "an HTML report. A second run reuses the style and its approved images and trains "
             "a new version."
         ),
@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the demo's own data folder (default: ATELIER_DATA_DIR/demo: ./atelier-data/demo)",
     )
     demo.add_argument(
-        "--steps", type=_positive, help="training steps (default 120: under a minute on 2 cores)"
+        "--steps",
+        type=_positive,
+        help="training steps (default: a short run that shows the style in about a minute)",
     )
     demo.set_defaults(run=_demo)
     return parser

@@ -154,6 +154,7 @@ class BuiltinModel:
     # Its own sampler and CFG where the family's do not suit it (None: the family's).
     sampler: str | None = None
     cfg: float | None = None
+    steps: int | None = None
     # The LoRA weight a trigger word applies (a `<lora:NAME:w>` tag says its own).
     trigger_weight: float = 1.0
 
@@ -201,6 +202,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             # Zero terminal SNR with trailing timesteps (gpu_runner/toyworld/model.py): plain
             # DPM++ 2M, whose sigmas end where the schedule does, not Karras' re-spacing.
             sampler="DPM++ 2M",
+            # All three of shape, colour and background right in 96.7% of 90 samples at 12
+            # steps, 93.3% at 25 (gpu_runner/toyworld/evaluate.py): more steps add nothing.
+            steps=12,
             # Its styles train with output preservation (gpu_runner/jobs/train.py), so the
             # trigger is their only path and CFG 7 multiplies it: at weight 1 the stripes
             # wash out colour and shape (measured: colour right 30%), at 0.8 they show in
@@ -412,7 +416,7 @@ def defaults_for(base_model: str, family: str) -> GenerationDefaults:
         return GenerationDefaults(
             side,
             side,
-            defaults.steps,
+            builtin.steps or defaults.steps,
             builtin.sampler or defaults.sampler,
             builtin.cfg if builtin.cfg is not None else defaults.cfg,
         )

@@ -1,4 +1,4 @@
-"""`atelier demo`: the whole story on the built-in tiny model, ending in an HTML report."""
+"""`atelier demo`: the whole story on the built-in toy-sd15, ending in an HTML report."""
 
 from bot.demo.story import (
     DEFAULT_STEPS,

@@ -54,9 +54,9 @@ STYLE = "stripes"
 TRIGGER = "zxstripes"
 BASE_MODEL = "toy-sd15"
 REFERENCE_COUNT = 12
-# toy-sd15's training defaults (gpu_runner/jobs/train.py); the style shows in most held-out
-# prompts by this step (bench/style.py measures when) and training takes 1-2 minutes on 2
-# CPU cores.
+# toy-sd15's training defaults (gpu_runner/jobs/train.py). Measured on 10 held-out prompts x
+# 2 seeds: 150 steps show the stripes in 85% (leak 0%, colour 85%); 100 steps at a learning
+# rate of 7.5e-3 in 80% there but in 58% of the demo's own 12, so the demo keeps 150.
 DEFAULT_STEPS = 150
 SHOWCASE = held_out_prompts(1)[0]
 # The trigger goes last: toy-sd15 saw made-up words only at the end of its captions, and
