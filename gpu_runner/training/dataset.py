@@ -194,13 +194,17 @@ class TextCond:
         mask = torch.cat([mask, mask.new_zeros((n, tokens - have))], dim=1)
         return TextCond(hidden, self.pooled, mask)
 
-    def cat(self, other: TextCond) -> TextCond:
-        """Both batches as one (self's samples first), padded to the longer text."""
-        this = self
+    def _aligned(self, other: TextCond) -> tuple[TextCond, TextCond]:
+        """Both padded to the longer text where their lengths or masks differ."""
         masked = self.token_mask is not None or other.token_mask is not None
         if masked or self.hidden.shape[1] != other.hidden.shape[1]:
             tokens = max(self.hidden.shape[1], other.hidden.shape[1])
-            this, other = self.padded(tokens), other.padded(tokens)
+            return self.padded(tokens), other.padded(tokens)
+        return self, other
+
+    def cat(self, other: TextCond) -> TextCond:
+        """Both batches as one (self's samples first), padded to the longer text."""
+        this, other = self._aligned(other)
         pooled = token_mask = None
         if this.pooled is not None and other.pooled is not None:
             pooled = torch.cat([this.pooled, other.pooled])
@@ -211,11 +215,7 @@ class TextCond:
     def where(self, mask: torch.Tensor, other: TextCond) -> TextCond:
         """Per sample: `other` (e.g. the empty caption) where mask is True, else self."""
         m = mask.to(self.hidden.device)
-        this = self
-        masked = self.token_mask is not None or other.token_mask is not None
-        if masked or self.hidden.shape[1] != other.hidden.shape[1]:
-            tokens = max(self.hidden.shape[1], other.hidden.shape[1])
-            this, other = self.padded(tokens), other.padded(tokens)
+        this, other = self._aligned(other)
         hidden = torch.where(m[:, None, None], other.hidden.expand_as(this.hidden), this.hidden)
         pooled = token_mask = None
         if this.pooled is not None and other.pooled is not None:
