@@ -45,6 +45,18 @@ def _image(pipe: Any, prompt: str = "zxq, blue and red stripes", seed: int = 4) 
     return pipe(prompt, num_inference_steps=2, generator=g, output_type="np").images[0]
 
 
+def _noise_prediction(pipe: Any, prompt: str = "zxq, blue and red stripes") -> np.ndarray:
+    unet, tokenizer = pipe.unet, pipe.tokenizer
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    latents = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(4))
+    ids = tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        text = pipe.text_encoder(ids)[0]
+        return unet(latents, 500, encoder_hidden_states=text).sample.numpy()
+
+
 def test_kohya_keys_follow_sd15_names(trained_lora: Any) -> None:
     tensors = load_file(trained_lora.result.kohya_path)
     assert all(k.startswith("lora_unet_") for k in tensors)
@@ -284,7 +296,7 @@ def test_prediction_type_is_written_as_modelspec_names_it(
     assert meta["modelspec.prediction_type"] == spec
 
 
-def test_locon_files_load_every_layer_and_render_as_trained(
+def test_locon_files_load_every_layer_and_predict_as_trained(
     tiny_builders: Builders, tmp_path: Path
 ) -> None:
     # LoCon targets (conv, ff, proj beside attention), as toy-sd15 trains: diffusers' loader
@@ -310,12 +322,13 @@ def test_locon_files_load_every_layer_and_render_as_trained(
     diffusers_file = export_diffusers(
         tmp_path / "diffusers", StableDiffusionPipeline, state, config.to_dict()
     )
-    want = _image(trained)
+    want = _noise_prediction(trained)
     for source in (kohya, diffusers_file):
         fresh = tiny_builders["sd15"](0)
         fresh.load_lora_weights(str(source), adapter_name="loaded")
         loaded = {n.split(".lora_")[0] for n, _ in fresh.unet.named_parameters() if "lora_" in n}
         assert loaded == layers, (source.name, sorted(layers - loaded)[:5])
-        # Float rounding moved pixels by up to 3.1e-4 in a loaded CI run (2e-5 mostly); a
-        # dropped layer moves them by more than 1e-2.
-        np.testing.assert_allclose(_image(fresh), want, atol=2e-3, err_msg=source.name)
+        # One UNet step, not a decoded image: the random tiny VAE magnified float rounding
+        # (7e-7 here) to 4e-3 in pixels on CI. Measured: one dropped attention layer moves
+        # this prediction by 1.5e-2, a 1% scale error by 2.9e-2.
+        np.testing.assert_allclose(_noise_prediction(fresh), want, atol=1e-4, err_msg=source.name)
