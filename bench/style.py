@@ -2,10 +2,10 @@
 in 80% of held-out prompts, for Atelier's trainer and for a plain loop written without
 caching (it encodes every batch through the VAE and the text encoder), in the same run.
 
-Both train the same LoRA (same targets, rank, lr, batch, seed) on the demo's 12 references;
-every `--every` steps the adapter is scored on held-out prompts with the trigger (style
-shows) and without it, LoRA on (leak), with the toy world's metrics. Training time excludes
-the scoring.
+Both train the same LoRA (same targets, rank, lr, batch, timesteps, seed; the plain loop
+without output preservation) on the demo's 12 references; every `--every` steps the
+adapter is scored on held-out prompts with the trigger (style shows) and without it, LoRA
+on (leak), with the toy world's metrics. Training time excludes the scoring.
 
     .venv/bin/python bench/style.py [--steps 300] [--every 25] [--threads 1]
 """
@@ -62,9 +62,9 @@ OVERRIDES: dict[str, Any] = {}  # from the command line (--lr, --prior)
 
 def settings(steps: int) -> dict[str, Any]:
     # toy-sd15's training defaults (gpu_runner/jobs/train.py) with only the run length set.
-    from gpu_runner.jobs.train import BUILTIN_TRAINING
+    from gpu_runner.jobs.train import builtin_training
 
-    base = dict(BUILTIN_TRAINING["toy-sd15"])
+    base = builtin_training("toy-sd15", "lora")
     base.update(steps=steps, sample_seeds=[1], **OVERRIDES)
     return base
 
@@ -132,7 +132,7 @@ def plain_loop(steps: int, every: int) -> tuple[list[tuple[int, float, dict]], f
     torch.manual_seed(0)
     pipe.unet.add_adapter(
         LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], init_lora_weights="gaussian",
-                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                   target_modules=cfg["target_modules"]),
         adapter_name=ADAPTER_NAME,
     )  # fmt: skip
     params = [p for n, p in pipe.unet.named_parameters() if ADAPTER_NAME in n]
@@ -160,7 +160,7 @@ def plain_loop(steps: int, every: int) -> tuple[list[tuple[int, float, dict]], f
             ).input_ids  # fmt: skip
             hidden = pipe.text_encoder(ids)[0]
         noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, 1000, (batch,), generator=gen)
+        t = torch.randint(cfg["min_timestep"], cfg["max_timestep"], (batch,), generator=gen)
         pred = pipe.unet(noise_sched.add_noise(latents, noise, t), t, hidden).sample
         loss = F.mse_loss(pred, noise)
         loss.backward()

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps",
         type=_positive,
-        help="training steps (default: a short run that shows the style in about a minute)",
+        help="training steps (default: a short run that shows the style)",
     )
     demo.set_defaults(run=_demo)
     return parser

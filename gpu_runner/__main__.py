@@ -8,6 +8,7 @@ and the runner exits. A second signal ends it at once.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -87,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gpu_runner.services import open_services
 
         services = open_services(settings, device=args.device)
+        # torch, diffusers and transformers leave millions of long-lived objects: frozen, the
+        # collector stops walking them in every full pass and at exit (measured: a stop took
+        # 3.4 s, most of it the exit's collection).
+        gc.freeze()
     except (ConfigError, SchemaOutOfDate, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2

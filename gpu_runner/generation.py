@@ -281,6 +281,10 @@ def _group_key(render: _Render) -> tuple[Any, ...]:
     )
 
 
+# The most images one pipeline call draws, however small (see Generator.images_per_call).
+MAX_IMAGES_PER_CALL = 64
+
+
 class Generator:
     """Generates images for requests on a PipelineCache's warm pipelines."""
 
@@ -455,6 +459,14 @@ class Generator:
 
     # -- running -------------------------------------------------------------------------
 
+    def images_per_call(self, width: int, height: int) -> int:
+        """`max_batch` images per pipeline call at 512x512 and above; smaller ones share a
+        call up to the same pixel count (at most MAX_IMAGES_PER_CALL): a CPU draws 64 px
+        images far faster together (measured on toy-sd15: 0.25 s each in eights, 0.1 s in
+        a batch of 90)."""
+        share = self.max_batch * 512 * 512 // max(1, width * height)
+        return max(self.max_batch, min(MAX_IMAGES_PER_CALL, share))
+
     def _scheduler(self, loaded: LoadedPipeline, sampler: str) -> Any:
         # A fresh scheduler per call: they keep per-run state between steps.
         return loaded.model_family.make_scheduler(loaded.scheduler_config, sampler)
@@ -468,8 +480,9 @@ class Generator:
         self._activate_loras(loaded, first.adapters)
         self._sync_embeddings(loaded, first.adapters, [m.text for m in members])
         slots: list[tuple[_Render, int]] = [(m, s) for m in members for s in m.request.seeds]
-        for start in range(0, len(slots), self.max_batch):
-            chunk = slots[start : start + self.max_batch]
+        per_call = self.images_per_call(request.width, request.height)
+        for start in range(0, len(slots), per_call):
+            chunk = slots[start : start + per_call]
             images = self._call_with_oom_retry(loaded, chunk, on_step)
             for (render, _), image in zip(chunk, images, strict=True):
                 render.images.append(image)

@@ -47,6 +47,8 @@ WHOLE_BOUNDS: dict[str, tuple[int, int]] = {
     "gradient_accumulation": (1, 16),
     "keep_tags": (0, 32),
     "epochs": (1, 1_000),
+    "min_timestep": (0, 999),
+    "max_timestep": (1, 1_000),
 }
 REAL_BOUNDS: dict[str, tuple[float, float]] = {
     "alpha": (0.5, 256),

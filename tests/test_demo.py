@@ -222,8 +222,8 @@ def test_the_lora_trained_from_chat_learns_its_style(
     base, trained = (float(v) for v in re.findall(r"(\d+\.\d+)", line))
     (shown_base, shown) = _measured(out, "Stripes show with the trigger (base → trained)")
     (leak,) = _measured(out, "Stripes show without the trigger, LoRA on (a leak)")
-    # The style is learned (its score rises well over the base's, measured 0.022 -> 0.316)
-    # and stays behind its trigger (measured: shows in 67%, leaks into 0% of 12 images);
+    # The style is learned (its score rises well over the base's, measured 0.022 -> 0.406)
+    # and stays behind its trigger (measured: shows in 83%, leaks into 0% of 12 images);
     # tests/test_toy_learning.py holds the targets on more prompts and steps.
     assert shown_base <= 10 and trained >= 2 * base, out[-1500:]
     assert shown >= 40 and leak <= 17, out[-1500:]

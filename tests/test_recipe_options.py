@@ -39,6 +39,28 @@ def test_offset_noise_moves_each_channels_mean_by_the_offset() -> None:
 
 
 @pytest.mark.runner
+@pytest.mark.parametrize("family", ["sd15", "flux2-klein"])  # DDPM, flow matching
+def test_a_timestep_range_trains_only_the_steps_inside_it(tiny_builders: Any, family: str) -> None:
+    import torch
+
+    from gpu_runner.families import get_family
+    from gpu_runner.training.config import make_config
+
+    pipe = tiny_builders[family](0)
+
+    def drawn(**settings: Any) -> Any:
+        cfg = make_config("lora", family, "style", trigger="zxq", **settings)
+        objective = get_family(family).objective(pipe, cfg, torch.device("cpu"))
+        return objective.sample_timesteps(4000, torch.Generator().manual_seed(0))
+
+    everywhere, low = drawn(), drawn(max_timestep=700)
+    assert float(everywhere.max()) > 950 and float(everywhere.min()) < 50
+    assert float(low.max()) <= 700 and float(low.max()) > 650 and float(low.min()) < 50
+    middle = drawn(min_timestep=300, max_timestep=600)
+    assert 300 <= float(middle.min()) < 320 and 580 < float(middle.max()) <= 600
+
+
+@pytest.mark.runner
 def test_flip_caches_both_orientations_and_trains_on_both(
     tiny_builders: Any, demo_items: Any, fast: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -199,6 +221,7 @@ def test_chat_takes_the_recipe_options_and_refuses_bad_ones(rig: Any) -> None:
         "optimizer": ("sgd", "Optimizer must be one of adamw, adamw8bit, prodigy"),
         "layers": ("everything", "Layers must be one of attention, full, locon"),
         "preserve": ("9", "between 0 and 4"),
+        "max_timestep": ("0", "between 1 and 1000"),
     }
     for option, (value, told) in cases.items():
         assert told in rig.text("style train", {"name": "ink", option: value}), option
@@ -206,14 +229,14 @@ def test_chat_takes_the_recipe_options_and_refuses_bad_ones(rig: Any) -> None:
     assert "Prodigy sets its own learning rate; leave lr out" in prodigy
     assert rig.jobs() == []
     asked = {"flip": "off", "noise_offset": "0.05", "accumulate": "2", "optimizer": "prodigy",
-             "layers": "locon", "preserve": "0.5"}  # fmt: skip
+             "layers": "locon", "preserve": "0.5", "max_timestep": "700"}  # fmt: skip
     assert "Training **ink**" in rig.text("style train", {"name": "ink", **asked})
     with rig.db.session() as s:
         (run,) = s.scalars(select(TrainingRun))
     assert run.params["flip"] is False and run.params["noise_offset"] == 0.05
     assert run.params["gradient_accumulation"] == 2 and run.params["layers"] == "locon"
     assert run.params["optimizer"] == "prodigy" and "learning_rate" not in run.params
-    assert run.params["output_preservation"] == 0.5
+    assert run.params["output_preservation"] == 0.5 and run.params["max_timestep"] == 700
     # A transformer family has no convolutions for LoCon: said before anything is queued.
     rig.clock.advance(60)  # past the per-person command rate limit
     approved_chat_style(rig, "fx", "fxs", base="tiny-flux1")

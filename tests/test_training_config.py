@@ -61,6 +61,11 @@ def test_overrides_apply_and_none_is_ignored() -> None:
         ({"rank": "lots"}, "rank must be a whole number (got 'lots')"),
         ({"warmup_steps": 900, "steps": 100}, "warmup_steps (900) must not exceed steps (100)"),
         ({"ranks": 4}, "unknown setting 'ranks'"),
+        ({"max_timestep": 1200}, "max_timestep must be between 1 and 1000 (got 1200)"),
+        (
+            {"min_timestep": 600, "max_timestep": 400},
+            "min_timestep (600) must be below max_timestep (400)",
+        ),
     ],
 )
 def test_bad_overrides_are_refused_with_one_clear_line(

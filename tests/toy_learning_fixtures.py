@@ -29,11 +29,12 @@ from toyworld.scenes import Scene
 from toyworld.styles import draw
 
 BASE = "toy-sd15"
-STEPS = 300  # the issue's budget: the style must show within this many steps
+# toy-sd15's own default (gpu_runner/jobs/train.py); the issue's budget is 300 steps.
+STEPS = 60
 PROMPTS = held_out_prompts(10)
 SEED = 500
-# Each test trains on toy-sd15 for up to 300 steps: minutes on 2 busy cores, past the
-# suite's 300 s guard against hangs.
+# Each test trains on toy-sd15 for up to 300 steps (DoRA and textual inversion more than
+# STEPS): minutes on 2 busy cores, past the suite's 300 s guard against hangs.
 LEARNING = [pytest.mark.runner, pytest.mark.timeout(1200)]
 
 
@@ -69,14 +70,20 @@ def drain(toy: Any) -> None:
 
 
 def train_style(
-    toy: Any, name: str, trigger: str, style: str, method: str = "lora", team_id: int | None = None
+    toy: Any,
+    name: str,
+    trigger: str,
+    style: str,
+    method: str = "lora",
+    team_id: int | None = None,
+    steps: int = STEPS,
 ) -> dict[str, Any]:
     services, _ = toy
     style_id = approved_style(
         services, reference_items(style), team=f"team-{name}", name=name, trigger=trigger,
         base_model=BASE, team_id=team_id,
     )  # fmt: skip
-    _, job_id = enqueue_training(services, style_id, method=method, steps=STEPS)
+    _, job_id = enqueue_training(services, style_id, method=method, steps=steps)
     drain(toy)
     job = services.queue.get(job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error
@@ -100,17 +107,20 @@ def generate(
     prompts: list[str],
     adapters: list[dict[str, Any]],
     size: tuple[int, int] | None = None,
-    weight: float | None = None,
+    weight: float | list[float] | None = None,
 ) -> list[list[bytes]]:
     """One job per prompt (2 seeds each, at the model's size unless `size` says (w, h),
-    each adapter at `weight` or else its trigger's); returns each job's PNGs."""
+    each adapter at `weight` (one for all, or one each) or else its trigger's); returns
+    each job's PNGs."""
+    weights = weight if isinstance(weight, list) else [weight] * len(adapters)
     services, _ = toy
     jobs = []
     width, height = size or (None, None)
     for prompt in prompts:
         payload = GeneratePayload(
             reply=reply_to(team_id), prompt=prompt, base_model=BASE, seed=SEED, count=2,
-            adapters=[choice(a, weight) for a in adapters], width=width, height=height,
+            adapters=[choice(a, w) for a, w in zip(adapters, weights, strict=True)],
+            width=width, height=height,
         ).with_defaults(generation_defaults(BASE, {}))  # fmt: skip
         jobs.append(
             services.queue.enqueue(

@@ -322,6 +322,12 @@ class StyleTrainArgs(Args):
     epochs: Annotated[int | None, _whole("epochs", *WHOLE_BOUNDS["epochs"])] = None
     text_encoder: Annotated[str | None, _choice("text_encoder", _ON_OFF)] = None
     preserve: Annotated[float | None, _real("preserve", *REAL_BOUNDS["output_preservation"])] = None
+    min_timestep: Annotated[int | None, _whole("min_timestep", *WHOLE_BOUNDS["min_timestep"])] = (
+        None
+    )
+    max_timestep: Annotated[int | None, _whole("max_timestep", *WHOLE_BOUNDS["max_timestep"])] = (
+        None
+    )
 
 
 class StyleUseArgs(Args):

@@ -120,6 +120,12 @@ COMMANDS: dict[str, CommandSpec] = {
                 ),
                 _p("text_encoder", "on: a LoRA on the text encoder too (SD)", positional=False),
                 _p("preserve", "0-4: prompts without the trigger stay plain", positional=False),
+                _p("min_timestep", "0-999: train from this noise level up", positional=False),
+                _p(
+                    "max_timestep",
+                    "1-1000: train up to this noise level (lower: textures learn faster)",
+                    positional=False,
+                ),
             ),
         ),
         CommandSpec("style list", "the team's styles"),

@@ -107,6 +107,8 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
                     None if args.text_encoder is None else args.text_encoder == "on"
                 ),
                 "output_preservation": args.preserve,
+                "min_timestep": args.min_timestep,
+                "max_timestep": args.max_timestep,
             }.items()
             if v is not None
         }

@@ -49,15 +49,16 @@ from storage.datasets import images_of, latest_approved, latest_version
 from storage.models import DatasetStatus, Job, JobStatus
 from storage.queue import JobView
 from storage.settings import Settings, load_settings
+from toyworld.scenes import Scene
 
 STYLE = "stripes"
 TRIGGER = "zxstripes"
 BASE_MODEL = "toy-sd15"
 REFERENCE_COUNT = 12
-# toy-sd15's training defaults (gpu_runner/jobs/train.py). Measured on 10 held-out prompts x
-# 2 seeds: 150 steps show the stripes in 85% (leak 0%, colour 85%); 100 steps at a learning
-# rate of 7.5e-3 in 80% there but in 58% of the demo's own 12, so the demo keeps 150.
-DEFAULT_STEPS = 150
+# toy-sd15's training defaults (gpu_runner/jobs/train.py) show the stripes in 83% of 30
+# held-out prompts after 50 steps (bench/style.py: 83% at 100 too): 60 keep the demo under a
+# minute on 2 cores.
+DEFAULT_STEPS = 60
 SHOWCASE = held_out_prompts(1)[0]
 # The trigger goes last: toy-sd15 saw made-up words only at the end of its captions, and
 # with CLIP's causal attention the words after one would read differently (with the first
@@ -151,17 +152,21 @@ class Demo:
         session = open_console(self.settings, out_dir=self.data_dir / "console")
         session.base_dir = self.data_dir / "references"
         self.session = session
-        refs = write_references(session.base_dir, REFERENCE_COUNT)
         self._cancel_leftovers()
         self.runner = RunnerProcess(runner_environment(self.settings), self.data_dir / "runner.log")
         try:
+            # First: its imports (about 9 s) run while the references are drawn and approved.
             self.runner.start()
             self._print(f"Started the runner as its own process (pid {self.runner.pid}).")
+            refs = write_references(session.base_dir, REFERENCE_COUNT)
             self._style()
             self._dataset(refs)
             train_job, train_s = self._train()
-            jobs = self._generate()
-            measurement = self._measure()
+            # All queued before any is drawn, so the runner batches them into a few calls.
+            jobs, queued_at = self._generate()
+            scenes, with_trigger, without = self._queue_measurements()
+            self._show_generations(jobs, queued_at)
+            measurement = self._measure(scenes, with_trigger, without)
             export = self._export()
         except BaseException:
             self._cancel_active()
@@ -221,49 +226,56 @@ class Demo:
         self._print(f"(Training took {_duration(seconds)}.)")
         return job_id, seconds
 
-    def _generate(self) -> list[int]:
+    def _generate(self) -> tuple[list[int], float]:
         self._note("Anyone can now generate with the trigger word; every result carries its seed.")
         jobs = [self._one_new_job(f"/imagine {PROMPT} {IMAGE_OPTIONS} count=4", wait=False)]
         self._note("The same seed with and without the style, side by side.")
         jobs.append(self._one_new_job(f"/imagine {PROMPT} {IMAGE_OPTIONS} compare=yes", wait=False))
+        return jobs, time.monotonic()
+
+    def _show_generations(self, jobs: list[int], queued_at: float) -> None:
         self._print("Waiting for the runner to draw them…")
-        started = time.monotonic()
         self._show(self._wait(jobs, None))
         self._check_succeeded(jobs, "generating images")
-        self._print(f"(Generating took {_duration(time.monotonic() - started)}.)")
-        return jobs
+        self._print(f"(Generating took {_duration(time.monotonic() - queued_at)}.)")
 
-    def _measure(self) -> Measurement:
+    def _queue_measurements(self) -> tuple[list[Scene], list[int], list[int]]:
         """Held-out prompts with the trigger (compare: base and style on the same seeds) and
-        with the LoRA on but no trigger word; scored with the toy world's metrics."""
+        with the LoRA on but no trigger word, 2 seeds each."""
         scenes = held_out_prompts(MEASURE_PROMPTS)
         self._note(
             f"Measure the style on {len(scenes)} prompts no reference shows: with the trigger "
             "(base and style side by side), and with the LoRA on but no trigger word."
         )
         with_trigger = [
-            (scene, self._one_new_job(
+            self._one_new_job(
                 f"/imagine {scene.caption}, {TRIGGER} {MEASURE_OPTIONS} compare=yes", wait=False
-            ))
+            )
             for scene in scenes
-        ]  # fmt: skip
+        ]
         without = [
-            (scene, self._one_new_job(
+            self._one_new_job(
                 f"/imagine <lora:{TRIGGER}:1> {scene.caption} {MEASURE_OPTIONS}", wait=False
-            ))
+            )
             for scene in scenes
-        ]  # fmt: skip
-        jobs = [job for _, job in with_trigger + without]
+        ]
+        return scenes, with_trigger, without
+
+    def _measure(
+        self, scenes: list[Scene], with_trigger: list[int], without: list[int]
+    ) -> Measurement:
+        """The queued measurements' images, scored with the toy world's metrics."""
+        jobs = with_trigger + without
         self._show(self._wait(jobs, None))
         self._check_succeeded(jobs, "measuring the style")
         services = self._session().core.services
         base, styled, leak = Tally.empty(), Tally.empty(), Tally.empty()
-        for scene, job in with_trigger:
+        for scene, job in zip(scenes, with_trigger, strict=True):
             for image in collect.generation(services.db, services.blobs, job).images:
                 halves = panels(image.data)
                 base.add(halves["base"], scene, "stripes")
                 styled.add(halves["style"], scene, "stripes")
-        for scene, job in without:
+        for scene, job in zip(scenes, without, strict=True):
             for image in collect.generation(services.db, services.blobs, job).images:
                 leak.add(panels(image.data)["style"], scene, "stripes")
         measurement = Measurement(

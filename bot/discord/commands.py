@@ -54,6 +54,8 @@ _PRESERVE = REAL_BOUNDS["output_preservation"]
 _KEEP = WHOLE_BOUNDS["keep_tags"]
 _EPOCHS = WHOLE_BOUNDS["epochs"]
 _ACCUMULATE = WHOLE_BOUNDS["gradient_accumulation"]
+_MIN_T = WHOLE_BOUNDS["min_timestep"]
+_MAX_T = WHOLE_BOUNDS["max_timestep"]
 OnOff = Literal["on", "off"]
 
 
@@ -158,6 +160,8 @@ class StyleGroup(app_commands.Group):
         accumulate="micro-batches a step: a bigger batch in the same memory",
         text_encoder="on: a LoRA on the text encoder too (SD1.5, SDXL)",
         preserve="0-4: prompts without the trigger keep the base model's look (0: off)",
+        min_timestep="0-999: train from this noise level up (of 1000)",
+        max_timestep="1-1000: train up to this noise level (lower: textures learn faster)",
     )
     async def train(
         self,
@@ -179,6 +183,8 @@ class StyleGroup(app_commands.Group):
         accumulate: app_commands.Range[int, _ACCUMULATE[0], _ACCUMULATE[1]] | None = None,
         text_encoder: OnOff | None = None,
         preserve: app_commands.Range[float, _PRESERVE[0], _PRESERVE[1]] | None = None,
+        min_timestep: app_commands.Range[int, _MIN_T[0], _MIN_T[1]] | None = None,
+        max_timestep: app_commands.Range[int, _MAX_T[0], _MAX_T[1]] | None = None,
     ) -> None:
         args = {
             "name": name,
@@ -198,6 +204,8 @@ class StyleGroup(app_commands.Group):
             "accumulate": accumulate,
             "text_encoder": text_encoder,
             "preserve": preserve,
+            "min_timestep": min_timestep,
+            "max_timestep": max_timestep,
         }
         await self._dispatch(interaction, "style train", args, [])
 

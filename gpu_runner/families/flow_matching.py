@@ -64,7 +64,9 @@ class FlowMatchingFamily(ModelFamily):
     def objective(self, pipe: Any, config: Any, device: torch.device) -> Objective:
         # Uniform draws on the scheduler's table and a velocity target, as diffusers' LoRA
         # examples for these families train (weighting_scheme "none").
-        return FlowMatchObjective(pipe.scheduler.config)
+        return FlowMatchObjective(
+            pipe.scheduler.config, timesteps=(config.min_timestep, config.max_timestep)
+        )
 
     def make_scheduler(self, base_config: Mapping[str, Any], sampler: str) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler

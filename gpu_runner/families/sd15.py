@@ -119,8 +119,9 @@ class StableDiffusion15(ModelFamily):
 
     def objective(self, pipe: Any, config: Any, device: torch.device) -> Objective:
         return DiffusionObjective(
-            pipe.scheduler.config, config.prediction_type, config.min_snr_gamma, device
-        )
+            pipe.scheduler.config, config.prediction_type, config.min_snr_gamma, device,
+            timesteps=(config.min_timestep, config.max_timestep),
+        )  # fmt: skip
 
     def kohya_state(
         self, peft_state: Mapping[str, torch.Tensor], alpha: float

@@ -20,7 +20,9 @@ from storage.result_buttons import result_buttons
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_JOBS = 4
+# Queued requests that share one pipeline call's settings (their batch key) run together,
+# at most this many: a burst of /imagine requests is drawn in one go.
+MAX_BATCH_JOBS = 8
 
 
 def run_generate(services: RunnerServices, ctx: JobContext) -> dict[str, Any]:

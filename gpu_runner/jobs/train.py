@@ -59,16 +59,25 @@ _TINY: dict[str, Any] = {
     # The demo's stripes are diagonal: a mirror turns them the other way.
     "flip": False,
 }
-# toy-sd15: pretrained, 64 px. Measured in runs of 300 steps on the demo's 12
-# stripe references, scored on 10 held-out prompts (issue 9's note): attention-only LoRA
-# did not show the stripes (0-10%); with the resnet convs, feed-forwards and projections
-# too (LoCon) at lr 5e-3 they showed in 60% at batch 8 and 65% at batch 16.
-# No caption dropout: trigger-less captions only taught the look to every prompt.
+# toy-sd15: pretrained, 64 px; no caption dropout (trigger-less captions only taught the
+# look to every prompt).
 _TOY: dict[str, Any] = {
     "resolution": 64,
     "batch_size": 8,
     "learning_rate": 5e-3,
     "caption_dropout": 0.0,
+    "steps": 300,
+    "warmup_steps": 0,
+    "validate_every": 50,
+    "checkpoint_every": 100,
+    "sample_steps": 12,  # its generation default (storage/families.py)
+    # The toy world's stripes run one diagonal: a mirror would teach both.
+    "flip": False,
+}
+# LoRA and DoRA on toy-sd15 (textual inversion trains no layers). Measured on the demo's 12
+# stripe references (issue 9's note): attention-only LoRA did not show the stripes (0-10% in
+# 300 steps); with the resnet convs, feed-forwards and projections too (LoCon) they did.
+_TOY_ADAPTER: dict[str, Any] = {
     # Without it the LoRA restyles every prompt (measured: stripes in 70% of untriggered
     # prompts); with it in 0%. CFG then multiplies the trigger's path: see storage/families
     # (toy-sd15's trigger_weight).
@@ -85,13 +94,19 @@ _TOY: dict[str, Any] = {
         "conv1",
         "conv2",
     ],
-    "steps": 300,
-    "warmup_steps": 0,
-    "validate_every": 50,
-    "checkpoint_every": 100,
-    "sample_steps": 12,  # its generation default (storage/families.py)
-    # The toy world's stripes run one diagonal: a mirror would teach both.
-    "flip": False,
+}
+# LoRA on toy-sd15, scored on 30 held-out prompts (bench/style.py): on timesteps below 700
+# at a constant lr 7.5e-3 the stripes show in 83% after 50 steps (leak 0%, colour 87%); on
+# every timestep at lr 5e-3, cosine, in 43% (leak 27%), 83% after 100. Longer runs wash out
+# colour (47% after 300), and the style preset's cosine decay left 50% after 60 steps.
+# DoRA learned slower this way (75% after 200 steps), so it keeps the settings above.
+_TOY_LORA: dict[str, Any] = {
+    "learning_rate": 7.5e-3,
+    "max_timestep": 700,
+    "lr_scheduler": "constant_with_warmup",
+    "steps": 60,
+    "validate_every": 30,
+    "checkpoint_every": 30,
 }
 BUILTIN_TRAINING: dict[str, dict[str, Any]] = {
     "tiny-sd15": _TINY,
@@ -102,6 +117,19 @@ BUILTIN_TRAINING: dict[str, dict[str, Any]] = {
     "tiny-zimage": _TINY,
     "toy-sd15": _TOY,
 }
+# What LoRA and DoRA runs on a built-in model take on top of BUILTIN_TRAINING, then LoRA's.
+BUILTIN_ADAPTER_TRAINING: dict[str, dict[str, Any]] = {"toy-sd15": _TOY_ADAPTER}
+BUILTIN_LORA_TRAINING: dict[str, dict[str, Any]] = {"toy-sd15": _TOY_LORA}
+
+
+def builtin_training(source: str, method: str) -> dict[str, Any]:
+    """A built-in model's training defaults for `method` (chat's settings still win)."""
+    defaults = dict(BUILTIN_TRAINING.get(source, {}))
+    if method != "textual_inversion":  # it trains the trigger's embedding, no layers
+        defaults.update(BUILTIN_ADAPTER_TRAINING.get(source, {}))
+    if method == "lora":
+        defaults.update(BUILTIN_LORA_TRAINING.get(source, {}))
+    return defaults
 
 
 @dataclass(frozen=True)
@@ -244,14 +272,9 @@ def _config(inputs: RunInputs, loaded: LoadedPipeline) -> Any:
     params = dict(inputs.params)
     preset = params.pop("preset", None) or "style"
     defaults = (
-        dict(BUILTIN_TRAINING.get(loaded.spec.source, {})) if loaded.spec.kind == "builtin" else {}
+        builtin_training(loaded.spec.source, inputs.method) if loaded.spec.kind == "builtin" else {}
     )
-    if inputs.method == "textual_inversion":
-        # It trains the trigger's embedding alone: no target layers, and a prompt without
-        # the trigger is the base model's already.
-        defaults.pop("target_modules", None)
-        defaults.pop("output_preservation", None)
-    else:
+    if inputs.method != "textual_inversion":
         # The layer set asked for in chat; else the family's own layers unless the built-in
         # model's defaults name others (SD's equal LoraConfig's default, so their runs and
         # fingerprints are unchanged).

@@ -82,6 +82,11 @@ class TrainConfigBase(BaseModel):
     # A per-image, per-channel constant added to the noise (offset noise): lets the model
     # move an image's mean brightness, so very dark and very bright styles train. 0: off.
     noise_offset: float = 0.0
+    # The timesteps a step trains on, of the schedule's 1000 (kohya's --min_timestep and
+    # --max_timestep): a texture drawn in the low-noise steps learns faster without the
+    # noisiest, which decide composition and colour and stay the base model's.
+    min_timestep: int = 0
+    max_timestep: int = 1000
     # Micro-batches per optimizer step: a batch of batch_size x this, in batch_size's memory.
     gradient_accumulation: int = 1
     optimizer: Optimizer = "adamw"
@@ -118,6 +123,11 @@ class TrainConfigBase(BaseModel):
         if self.warmup_steps > self.steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})"
+            )
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(
+                f"min_timestep ({self.min_timestep}) must be below max_timestep "
+                f"({self.max_timestep})"
             )
         if any(c.isspace() for c in self.trigger):
             raise ValueError(f"trigger must be one word without spaces (got {self.trigger!r})")

@@ -81,7 +81,7 @@ class DiffusionObjective(Objective):
 
     def __init__(
         self, scheduler_config: Any, prediction_type: str | None, min_snr_gamma: float | None,
-        device: torch.device,
+        device: torch.device, timesteps: tuple[int, int] = (0, 1000),
     ) -> None:  # fmt: skip
         from diffusers import DDPMScheduler
 
@@ -90,9 +90,12 @@ class DiffusionObjective(Objective):
         self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         self.min_snr_gamma = min_snr_gamma
+        low, high = timesteps
+        self.trained = (min(low, self.num_timesteps - 1), min(high, self.num_timesteps))
 
     def sample_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.num_timesteps, (count,), generator=generator)
+        low, high = self.trained
+        return torch.randint(low, high, (count,), generator=generator)
 
     def validation_timesteps(self, count: int) -> torch.Tensor:
         k = count
@@ -125,19 +128,26 @@ class FlowMatchObjective(Objective):
 
     prediction_type = "flow_matching"
 
-    def __init__(self, scheduler_config: Any) -> None:
+    def __init__(self, scheduler_config: Any, timesteps: tuple[int, int] = (0, 1000)) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
         self.table = scheduler.timesteps.float().cpu()
+        low, high = timesteps
+        inside = self.table[(self.table >= low) & (self.table <= high)]
+        # A range narrower than the table's spacing keeps the entry nearest its middle.
+        nearest = self.table[(self.table - (low + high) / 2).abs().argmin()].view(1)
+        self.trained_table = inside if len(inside) else nearest
 
     def _at(self, u: torch.Tensor) -> torch.Tensor:
         idx = (u * self.num_timesteps).long().clamp(0, len(self.table) - 1)
         return self.table[idx]
 
     def sample_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        return self._at(torch.rand(count, generator=generator))
+        table = self.trained_table
+        idx = (torch.rand(count, generator=generator) * len(table)).long().clamp(0, len(table) - 1)
+        return table[idx]
 
     def validation_timesteps(self, count: int) -> torch.Tensor:
         return self._at((torch.arange(count, dtype=torch.float64) + 0.5) / count)
