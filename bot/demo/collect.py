@@ -112,6 +112,7 @@ def training(db: Database, blobs: BlobStore, job_id: int, seconds: float) -> Rep
         seconds=seconds,
         loss_curve=blob("loss_curve"),
         grid=blob("grid"),
+        held_out=bool(metrics.get("held_out", True)),
     )
 
 

@@ -64,6 +64,12 @@ class ReportTraining:
     seconds: float
     loss_curve: bytes | None = None
     grid: bytes | None = None
+    # False: too few images to hold any out, so validation ran on the training images.
+    held_out: bool = True
+
+    @property
+    def loss_label(self) -> str:
+        return "held-out loss" if self.held_out else "loss on the training images"
 
 
 @dataclass(frozen=True)
@@ -201,9 +207,8 @@ class _Page:
             trained = f"trained <b>{_esc(t.style)}</b> v{t.version} in {t.steps} steps"
             if t.val_loss is not None and t.base_val_loss:
                 better = 1 - t.val_loss / t.base_val_loss
-                trained += (
-                    f" (held-out loss {t.base_val_loss:.3f} → {t.val_loss:.3f}, {better:.0%} lower)"
-                )
+                losses = f"{t.base_val_loss:.3f} → {t.val_loss:.3f}"
+                trained += f" ({t.loss_label} {losses}, {better:.0%} lower)"
             lines.append(
                 "<p class=lede>A team's whole story in one chat, on this machine's CPU: "
                 f"a style with the trigger word <code>{_esc(t.trigger)}</code>, 12 reference "
@@ -269,9 +274,9 @@ class _Page:
             return ""
         rows = [("steps", str(t.steps)), ("time", _duration(t.seconds))]
         if t.base_val_loss is not None:
-            rows.append(("held-out loss, base model", f"{t.base_val_loss:.4f}"))
+            rows.append((f"{t.loss_label}, base model", f"{t.base_val_loss:.4f}"))
         if t.val_loss is not None:
-            rows.append(("held-out loss, trained", f"{t.val_loss:.4f}"))
+            rows.append((f"{t.loss_label}, trained", f"{t.val_loss:.4f}"))
         table = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
         pictures = ""
         if t.loss_curve:
