@@ -162,7 +162,12 @@ def plain_loop(steps: int, every: int) -> tuple[list[tuple[int, float, dict]], f
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(cfg["min_timestep"], cfg["max_timestep"], (batch,), generator=gen)
         pred = pipe.unet(noise_sched.add_noise(latents, noise, t), t, hidden).sample
-        loss = F.mse_loss(pred, noise)
+        # toy-sd15 predicts v (zero terminal SNR), as diffusers' training examples handle it.
+        if noise_sched.config.prediction_type == "v_prediction":
+            target = noise_sched.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        loss = F.mse_loss(pred, target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
