@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from bot.demo.progress import ProgressBar, Snapshot, render_bar
+from bot.demo.progress import ProgressBar, Snapshot, Validation, render_bar
 from bot.demo.story import DEFAULT_STEPS, STYLE, TRIGGER
 from bot.demo.transcript import Transcript, parse_block
 from storage.db import Database
@@ -383,9 +383,10 @@ def test_console_blocks_parse_into_messages_and_edits_replace_in_place() -> None
 
 def test_progress_bar_draws_steps_loss_and_held_out_loss() -> None:
     snap = Snapshot.of(60, 120, {"loss": 0.7123, "steps_per_s": 3.0, "lr": 1e-3})
-    line = render_bar("Training ink", snap, held_out=(0.82, 1.13))
+    line = render_bar("Training ink", snap, Validation(0.82, 1.13))
     assert line.startswith("Training ink [" + "#" * 15 + "." * 15 + "] 60/120")
-    assert "loss 0.712" in line and "held-out 0.820 (base 1.130)" in line and "ETA 20 s" in line
+    assert "loss 0.712" in line and "val held-out 0.820 (base 1.130)" in line
+    assert "ETA 20 s" in line
     log = io.StringIO()  # not a terminal: a line per tenth of the way, not per step
     bar = ProgressBar("Training ink", log)
     for step in range(1, 121):
@@ -393,7 +394,13 @@ def test_progress_bar_draws_steps_loss_and_held_out_loss() -> None:
         bar.update(Snapshot.of(step, 120, data))
     bar.finish()
     lines = log.getvalue().splitlines()
-    assert len(lines) == 11 and lines[-1].endswith("120/120 · held-out 0.500 (base 1.000)")
+    assert len(lines) == 11 and lines[-1].endswith("120/120 · val held-out 0.500 (base 1.000)")
+    # A small set validates on its training images (the runner's event says), and so does
+    # the bar.
+    log = io.StringIO()
+    bar = ProgressBar("Training ink", log)
+    bar.update(Snapshot.of(60, 60, {"val_loss": 0.4, "base_val_loss": 0.5, "held_out": False}))
+    assert log.getvalue().rstrip().endswith("val on the training images 0.400 (base 0.500)")
 
 
 def test_the_demo_module_loads_neither_torch_nor_the_runner() -> None:

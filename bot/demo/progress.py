@@ -1,6 +1,6 @@
 """A text progress bar for a training job, drawn on stderr from the job's progress events.
 
-The runner appends a progress event (step, total, loss, held-out loss) to the database as it
+The runner appends a progress event (step, total, loss, validation loss) to the database as it
 trains; the demo reads them, as any front end may. At a terminal the bar redraws in place;
 in a log (CI) it prints a line at every tenth of the way so logs stay short.
 """
@@ -21,6 +21,8 @@ class Snapshot:
     val_loss: float | None = None
     base_val_loss: float | None = None
     steps_per_s: float | None = None
+    # False: a small set's validation ran on the training images (none held out).
+    held_out: bool = True
 
     @classmethod
     def of(cls, step: int, total: int, data: dict[str, Any]) -> Snapshot:
@@ -35,18 +37,30 @@ class Snapshot:
             number("val_loss"),
             number("base_val_loss"),
             number("steps_per_s"),
+            data.get("held_out") is not False,
         )
 
 
-def render_bar(label: str, snap: Snapshot, held_out: tuple[float, float] | None = None) -> str:
-    """`label [#####.....] 60/120 · loss 0.712 · held-out 0.82 (base 1.13) · ETA 20 s`."""
+@dataclass(frozen=True)
+class Validation:
+    loss: float
+    base: float
+    held_out: bool = True
+
+    def text(self) -> str:
+        where = "held-out" if self.held_out else "on the training images"
+        return f"val {where} {self.loss:.3f} (base {self.base:.3f})"
+
+
+def render_bar(label: str, snap: Snapshot, validation: Validation | None = None) -> str:
+    """`label [#####.....] 60/120 · loss 0.712 · val held-out 0.82 (base 1.13) · ETA 20 s`."""
     total = max(snap.total, 1)
     filled = min(WIDTH, round(WIDTH * snap.step / total))
     parts = [f"{label} [{'#' * filled}{'.' * (WIDTH - filled)}] {snap.step}/{snap.total}"]
     if snap.loss is not None:
         parts.append(f"loss {snap.loss:.3f}")
-    if held_out is not None:
-        parts.append(f"held-out {held_out[0]:.3f} (base {held_out[1]:.3f})")
+    if validation is not None:
+        parts.append(validation.text())
     if snap.steps_per_s and snap.step < snap.total:
         parts.append(f"ETA {round((snap.total - snap.step) / snap.steps_per_s)} s")
     return " · ".join(parts)
@@ -58,15 +72,15 @@ class ProgressBar:
         self.out = out
         self.interactive = bool(getattr(out, "isatty", lambda: False)())
         self.last: Snapshot | None = None
-        self.held_out: tuple[float, float] | None = None
+        self.validation: Validation | None = None
         self._printed_tenth = -1
         self._width = 0
 
     def update(self, snap: Snapshot) -> None:
         self.last = snap
         if snap.val_loss is not None and snap.base_val_loss is not None:
-            self.held_out = (snap.val_loss, snap.base_val_loss)
-        line = render_bar(self.label, snap, self.held_out)
+            self.validation = Validation(snap.val_loss, snap.base_val_loss, snap.held_out)
+        line = render_bar(self.label, snap, self.validation)
         if self.interactive:
             pad = max(0, self._width - len(line))
             self.out.write("\r" + line + " " * pad)

@@ -347,7 +347,12 @@ def _progress_reporter(services: RunnerServices, ctx: JobContext, inputs: RunInp
             step,
             total,
             text,
-            data={"loss": loss, **{k: v for k, v in extras.items() if isinstance(v, float)}},
+            data={
+                "loss": loss,
+                **{k: v for k, v in extras.items() if isinstance(v, float)},
+                # Whether the validation loss is on held-out images (front ends say which).
+                **({"held_out": bool(extras["held_out"])} if "held_out" in extras else {}),
+            },
             attachments=samples,
             force=bool(samples) or step == total,
         )
