@@ -140,17 +140,16 @@ class FlowMatchObjective(Objective):
         nearest = self.table[(self.table - (low + high) / 2).abs().argmin()].view(1)
         self.trained_table = inside if len(inside) else nearest
 
-    def _at(self, u: torch.Tensor) -> torch.Tensor:
-        idx = (u * self.num_timesteps).long().clamp(0, len(self.table) - 1)
-        return self.table[idx]
+    @staticmethod
+    def _at(table: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The entries of `table` at shares `u` (0-1) of its length."""
+        return table[(u * len(table)).long().clamp(0, len(table) - 1)]
 
     def sample_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        table = self.trained_table
-        idx = (torch.rand(count, generator=generator) * len(table)).long().clamp(0, len(table) - 1)
-        return table[idx]
+        return self._at(self.trained_table, torch.rand(count, generator=generator))
 
     def validation_timesteps(self, count: int) -> torch.Tensor:
-        return self._at((torch.arange(count, dtype=torch.float64) + 0.5) / count)
+        return self._at(self.table, (torch.arange(count, dtype=torch.float64) + 0.5) / count)
 
     def _sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         sigma = timesteps.to(like.device, torch.float32) / self.num_timesteps
