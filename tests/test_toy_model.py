@@ -59,10 +59,19 @@ def _sha(out: Path) -> dict[str, str]:
     return {name: entry["sha256"] for name, entry in manifest["files"].items()}
 
 
-# With the token read-out too: its weights and optimizer state travel in the checkpoint.
-@pytest.mark.parametrize("extra", [[], ["--token-identity", "0.5"]], ids=["plain", "readout"])
+# With the token read-out too: its weights and optimizer state travel in the checkpoint;
+# with a decoder phase, the split falls inside it.
+@pytest.mark.parametrize(
+    ("extra", "resumed"),
+    [
+        ([], "decoder step 0, UNet step 1"),
+        (["--token-identity", "0.5"], "decoder step 0, UNet step 1"),
+        (["--decoder-steps", "2"], "decoder step 1, UNet step 0"),
+    ],
+    ids=["plain", "readout", "decoder"],
+)
 def test_pretraining_runs_resumes_and_repeats_itself(
-    tmp_path: Path, capsys: Any, extra: list[str]
+    tmp_path: Path, capsys: Any, extra: list[str], resumed: str
 ) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
     main(["--out", str(whole), *SMOKE, *extra])
@@ -70,7 +79,7 @@ def test_pretraining_runs_resumes_and_repeats_itself(
     assert (split / CHECKPOINT).is_file() and not (split / toy.MANIFEST).exists()
     main(["--out", str(split), *SMOKE, *extra])
     log = capsys.readouterr().out
-    assert "resumed at VAE step 3, UNet step 1" in log
+    assert f"resumed at VAE step 3, {resumed}" in log
     assert not (split / CHECKPOINT).exists()
     assert _sha(split) == _sha(whole)  # deterministic, interrupted or not
     manifest = json.loads((split / toy.MANIFEST).read_text())
@@ -123,6 +132,25 @@ def test_pretraining_goes_on_from_earlier_weights(tmp_path: Path, capsys: Any) -
     with pytest.raises(SystemExit, match="other --init-from weights"):
         main(["--out", str(tmp_path / "third"), *SMOKE, "--seed", "1", "--unet-steps", "2",
               "--init-from", str(second)])  # fmt: skip
+
+
+def test_the_decoder_phase_trains_the_decoder_and_leaves_the_latents(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    main(["--out", str(first), *SMOKE])
+    more = ["--init-from", str(first), "--decoder-steps", "3", "--unet-steps", "0"]
+    main(["--out", str(second), *SMOKE, *more])
+    before, after = (load_file(folder / "vae.safetensors") for folder in (first, second))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # The encoder, and so every latent a UNet was trained on, is the earlier run's.
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert any(k.startswith("decoder.") for k in changed)
+    manifest = json.loads((second / toy.MANIFEST).read_text())
+    assert manifest["recipe"]["decoder_steps"] == 3
+    # Its UNet is the earlier run's: no UNet step was taken.
+    earlier = json.loads((first / toy.MANIFEST).read_text())
+    assert manifest["files"]["unet"]["sha256"] == earlier["files"]["unet"]["sha256"]
 
 
 def test_the_shipped_text_encoder_keeps_a_made_up_word_distinct() -> None:
