@@ -237,6 +237,21 @@ def test_chat_takes_the_recipe_options_and_refuses_bad_ones(rig: Any) -> None:
     assert run.params["gradient_accumulation"] == 2 and run.params["layers"] == "locon"
     assert run.params["optimizer"] == "prodigy" and "learning_rate" not in run.params
     assert run.params["output_preservation"] == 0.5 and run.params["max_timestep"] == 700
+    # A textual inversion's token starts from a word the person names; other methods have no
+    # token, and a phrase or a number is not a word.
+    rig.clock.advance(60)  # past the per-person command rate limit
+    lora_init = rig.text("style train", {"name": "ink", "init_word": "sketch"})
+    assert "init_word is the word a textual inversion's new token starts from" in lora_init
+    phrase = rig.text("style train", {"name": "ink", "method": "ti", "init_word": "line art"})
+    assert "'line art' must be one word of 1-32 letters" in phrase
+    assert len(rig.jobs()) == 1
+    rig.clock.advance(60)
+    assert "Canceled job" in rig.text("cancel", {"job": str(rig.jobs()[0].id)})
+    ti = {"name": "ink", "method": "ti", "init_word": "sketch"}
+    assert "Training **ink**" in rig.text("style train", ti)
+    with rig.db.session() as s:
+        newest = s.scalars(select(TrainingRun).order_by(TrainingRun.id.desc())).first()
+    assert newest.method == "textual_inversion" and newest.params["initializer_token"] == "sketch"
     # A transformer family has no convolutions for LoCon: said before anything is queued.
     rig.clock.advance(60)  # past the per-person command rate limit
     approved_chat_style(rig, "fx", "fxs", base="tiny-flux1")

@@ -30,6 +30,7 @@ from storage.training_bounds import (
 MAX_SEED = 2**32 - 1
 _NAME = re.compile(r"\w[\w-]{0,39}")
 _TRIGGER = re.compile(r"[\w-]{2,32}")
+_INIT_WORD = re.compile(r"[^\W\d_]{1,32}")
 _BASE = re.compile(r"[\w./:@-]{1,200}")
 # NUL (PostgreSQL text cannot hold it) and lone surrogates (broken UTF-8 let through by JSON
 # escapes or a terminal): no database, chat platform or tokenizer takes them.
@@ -90,6 +91,17 @@ def trigger_word(value: Any) -> str:
         raise ValueError(f"trigger '{word[:32]}' may only hold letters, digits, _ or -")
     if not any(c.isalpha() for c in word):
         raise ValueError(f"trigger '{word}' needs at least one letter")
+    return word
+
+
+def _init_word(value: Any) -> str | None:
+    word = unicodedata.normalize("NFC", _text(value))
+    if not word:
+        return None
+    if not _INIT_WORD.fullmatch(word):
+        raise ValueError(
+            f"init_word '{word[:32]}' must be one word of 1-32 letters (e.g. sketch)"
+        )
     return word
 
 
@@ -328,6 +340,7 @@ class StyleTrainArgs(Args):
     max_timestep: Annotated[int | None, _whole("max_timestep", *WHOLE_BOUNDS["max_timestep"])] = (
         None
     )
+    init_word: Annotated[str | None, BeforeValidator(_init_word)] = None
 
 
 class StyleUseArgs(Args):

@@ -126,6 +126,7 @@ COMMANDS: dict[str, CommandSpec] = {
                     "1-1000: train up to this noise level (lower: textures learn faster)",
                     positional=False,
                 ),
+                _p("init_word", "ti: the word its new token starts from", positional=False),
             ),
         ),
         CommandSpec("style list", "the team's styles"),

@@ -47,6 +47,11 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
         raise UserError("layers applies to LoRA and DoRA only; leave it out for method=ti.")
     if method == TrainingMethod.TEXTUAL_INVERSION and args.text_encoder is not None:
         raise UserError("text_encoder applies to LoRA and DoRA only; leave it out for method=ti.")
+    if method != TrainingMethod.TEXTUAL_INVERSION and args.init_word is not None:
+        raise UserError(
+            "init_word is the word a textual inversion's new token starts from: use it with "
+            "method=ti, or leave it out."
+        )
     if args.steps is not None and args.epochs is not None:
         raise UserError("Give steps or epochs, not both: epochs sets the steps from the images.")
     if args.optimizer == "prodigy" and args.lr is not None:
@@ -109,6 +114,7 @@ def train(ctx: Context, args: StyleTrainArgs) -> list[Reply]:
                 "output_preservation": args.preserve,
                 "min_timestep": args.min_timestep,
                 "max_timestep": args.max_timestep,
+                "initializer_token": args.init_word,
             }.items()
             if v is not None
         }

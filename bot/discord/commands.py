@@ -162,6 +162,7 @@ class StyleGroup(app_commands.Group):
         preserve="0-4: prompts without the trigger keep the base model's look (0: off)",
         min_timestep="0-999: train from this noise level up (of 1000)",
         max_timestep="1-1000: train up to this noise level (lower: textures learn faster)",
+        init_word="method=ti: the word its new token starts from, one near the look (sketch)",
     )
     async def train(
         self,
@@ -185,6 +186,7 @@ class StyleGroup(app_commands.Group):
         preserve: app_commands.Range[float, _PRESERVE[0], _PRESERVE[1]] | None = None,
         min_timestep: app_commands.Range[int, _MIN_T[0], _MIN_T[1]] | None = None,
         max_timestep: app_commands.Range[int, _MAX_T[0], _MAX_T[1]] | None = None,
+        init_word: app_commands.Range[str, 1, 32] | None = None,
     ) -> None:
         args = {
             "name": name,
@@ -206,6 +208,7 @@ class StyleGroup(app_commands.Group):
             "preserve": preserve,
             "min_timestep": min_timestep,
             "max_timestep": max_timestep,
+            "init_word": init_word,
         }
         await self._dispatch(interaction, "style train", args, [])
 

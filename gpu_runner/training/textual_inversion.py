@@ -168,7 +168,7 @@ def attach_token(
         init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
         if not init_ids:
             raise TextualInversionError(
-                f"initializer_token {initializer_token!r} has no tokens: use a word"
+                f"init_word {initializer_token!r} has no tokens: use a word"
             )
         encoder.resize_token_embeddings(len(tokenizer))
         table = encoder.get_input_embeddings().weight
