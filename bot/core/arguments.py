@@ -99,9 +99,7 @@ def _init_word(value: Any) -> str | None:
     if not word:
         return None
     if not _INIT_WORD.fullmatch(word):
-        raise ValueError(
-            f"init_word '{word[:32]}' must be one word of 1-32 letters (e.g. sketch)"
-        )
+        raise ValueError(f"init_word '{word[:32]}' must be one word of 1-32 letters (e.g. sketch)")
     return word
 
 
