@@ -9,10 +9,9 @@ valid. The run stops unless the reconstructions keep shape, colour and backgroun
 metrics decide, before any UNet time is spent). Phase 2 encodes a pool of scenes once (plain,
 and a share outlined and captioned so) and trains the UNet and the text encoder jointly on
 it (v-prediction on SD1.5's betas at zero terminal SNR, caption dropout for classifier-free
-guidance, EMA). A
-checkpoint is written every `--checkpoint-every` steps; rerunning the same command resumes
-from it. The end writes fp16 safetensors and a manifest with recipe, command, time,
-hardware, metrics and sha256 of each file.
+guidance, EMA). A checkpoint is written every `--checkpoint-every` steps; rerunning the
+same command resumes from it. The end writes fp16 safetensors and a manifest with recipe,
+command, time, hardware, metrics and sha256 of each file.
 
 `--init-from DIR` goes on from an earlier run's weights (checked against its manifest):
 its VAE is kept (its decoder trains on for `--decoder-steps`) and the UNet phase runs again
@@ -62,12 +61,12 @@ class Recipe:
     kl_weight: float = 1e-6
     styled_share: float = 0.5  # of VAE training images drawn in a random style
     # The decoder phase. Measured on the shipped VAE: the joint phase kept outlines (3 px
-    # lines) in 77% of reconstructions, and 300 decoder-only steps took them to 96% with
-    # the other styles unchanged, so the lines were in the latents and lost in decoding.
+    # lines) in 77% of reconstructions, and 400 decoder-only steps took them to 94%, stripes
+    # and grid kept in 100%: the lines were in the latents and lost in decoding.
     decoder_steps: int = 0
     decoder_lr: float = 5e-4
     decoder_outline_share: float = 0.4  # of its images outlined alone; the rest as phase 1
-    pool_size: int = 12288  # plain scenes encoded once for the UNet phase
+    pool_size: int = 12288  # scenes encoded once for the UNet phase
     unet_steps: int = 2000
     unet_batch: int = 32
     unet_lr: float = 1e-3
