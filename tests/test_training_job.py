@@ -66,7 +66,7 @@ def test_a_trigger_textual_inversion_cannot_take_ends_the_job_once(
     with services.db.session(write=True) as s:
         s.get(TrainingRun, run_id).method = "textual_inversion"
     assert make_runner(services).run_once()
-    _assert_failed_once(services, run_id, job_id, "initializer_token ''")
+    _assert_failed_once(services, run_id, job_id, "init_word '' has no tokens: use a word")
 
 
 def _strip(size: tuple[int, int], shade: int = 0) -> Image.Image:
