@@ -316,6 +316,23 @@ class Pretrainer:
         )
         self.log(f"going on from {self.init_from} ({earlier['recipe']['unet_steps']} UNet steps)")
 
+    def _sample(self, posterior: Any) -> torch.Tensor:
+        """A latent drawn from the VAE's posterior on the run's own generator."""
+        noise = torch.randn(posterior.mean.shape, generator=self.generator, device=self.device)
+        return posterior.mean + posterior.std * noise
+
+    def _step_done(self, phase: str, done: int, total: int, loss: torch.Tensor, t0: float) -> float:
+        """A progress line every 50 steps and a checkpoint every `checkpoint_every`; returns
+        when the next rate's window started."""
+        if done % 50 == 0:
+            rate = 50 / (time.monotonic() - t0)
+            t0 = time.monotonic()
+            self.log(f"{phase} step {done}/{total} loss {loss.item():.4f} {rate:.2f} steps/s")
+        if done % self.recipe.checkpoint_every == 0:
+            self._tick()
+            self.save_checkpoint()
+        return t0
+
     # ---- phase 1: VAE -----------------------------------------------------------------
     def train_vae(self) -> None:
         r = self.recipe
@@ -329,24 +346,14 @@ class Pretrainer:
                 group["lr"] = r.vae_lr * _lr_factor(step, 100, r.vae_steps)
             x = _vae_batch(r, step, self.device)
             posterior = self.vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(
-                posterior.mean.shape, generator=self.generator, device=self.device
-            )
-            rec = self.vae.decode(z).sample
+            rec = self.vae.decode(self._sample(posterior)).sample
             loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + r.kl_weight * posterior.kl().mean()
             self.vae_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
             self.vae_opt.step()
             self.state["vae_step"] = step + 1
-            if (step + 1) % 50 == 0:
-                rate = 50 / (time.monotonic() - t0)
-                t0 = time.monotonic()
-                self.log(f"vae step {step + 1}/{r.vae_steps} loss {loss.item():.4f} "
-                         f"{rate:.2f} steps/s")  # fmt: skip
-            if (step + 1) % r.checkpoint_every == 0:
-                self._tick()
-                self.save_checkpoint()
+            t0 = self._step_done("vae", step + 1, r.vae_steps, loss, t0)
         self.vae.eval()
 
     def train_decoder(self) -> None:
@@ -368,10 +375,7 @@ class Pretrainer:
                 group["lr"] = r.decoder_lr * _lr_factor(step, 50, r.decoder_steps)
             x = _vae_batch(r, step, self.device, outline_share=r.decoder_outline_share)
             with torch.no_grad():
-                posterior = self.vae.encode(x).latent_dist
-                z = posterior.mean + posterior.std * torch.randn(
-                    posterior.mean.shape, generator=self.generator, device=self.device
-                )
+                z = self._sample(self.vae.encode(x).latent_dist)
             rec = self.vae.decode(z).sample
             loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
             self.decoder_opt.zero_grad(set_to_none=True)
@@ -381,14 +385,7 @@ class Pretrainer:
             self.state["decoder_step"] = step + 1
             if step + 1 == r.decoder_steps:
                 self.state["vae_report"] = None  # the decoder changed: measure it again
-            if (step + 1) % 50 == 0:
-                rate = 50 / (time.monotonic() - t0)
-                t0 = time.monotonic()
-                self.log(f"decoder step {step + 1}/{r.decoder_steps} loss {loss.item():.4f} "
-                         f"{rate:.2f} steps/s")  # fmt: skip
-            if (step + 1) % r.checkpoint_every == 0:
-                self._tick()
-                self.save_checkpoint()
+            t0 = self._step_done("decoder", step + 1, r.decoder_steps, loss, t0)
         self.vae.eval()
 
     def check_vae(self) -> None:
@@ -490,14 +487,7 @@ class Pretrainer:
             _ema_update(self.ema_unet, self.unet, decay)
             _ema_update(self.ema_text, self.text_encoder, decay)
             self.state["unet_step"] = step + 1
-            if (step + 1) % 50 == 0:
-                rate = 50 / (time.monotonic() - t0)
-                t0 = time.monotonic()
-                self.log(f"unet step {step + 1}/{r.unet_steps} loss {loss.item():.4f} "
-                         f"{rate:.2f} steps/s")  # fmt: skip
-            if (step + 1) % r.checkpoint_every == 0:
-                self._tick()
-                self.save_checkpoint()
+            t0 = self._step_done("unet", step + 1, r.unet_steps, loss, t0)
             if (step + 1) % r.eval_every == 0 and step + 1 < r.unet_steps:
                 report = adherence_report(self.pipeline(), seeds=1)
                 self.state["evals"].append({"step": step + 1, **report["rates"]})
